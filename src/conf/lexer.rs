@@ -1,0 +1,1 @@
+//! Tokenizer for nginx.conf (stub: filled in by the parser work).

@@ -1,0 +1,19 @@
+//! tidegate: an nginx-compatible reverse proxy that runs OpenResty Lua unchanged.
+//!
+//! Rooms (see docs/ARCHITECTURE.md): `conf` reads nginx.conf, `server` owns sockets and workers,
+//! `http` runs the nginx phases, `lua` embeds LuaJIT with the `ngx` API, `shdict` holds the
+//! shared dict zones.
+
+pub mod conf;
+pub mod http;
+pub mod log;
+pub mod lua;
+pub mod server;
+pub mod shdict;
+
+/// Version string printed by `-v`, matching nginx's shape.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// What `ngx.config.ngx_lua_version` reports: the lua-nginx-module release whose API we follow.
+pub const NGX_LUA_VERSION: i64 = 10026;
+/// What `ngx.config.nginx_version` reports: the nginx release whose behaviour we follow.
+pub const NGINX_VERSION: i64 = 1_025_003;

@@ -1,0 +1,7 @@
+//! ngx API family: exit (stub).
+
+use mlua::{Lua, Table};
+
+pub fn register(_lua: &Lua, _ngx: &Table) -> mlua::Result<()> {
+    Ok(())
+}

@@ -1,0 +1,19 @@
+//! The `ngx` API, one file per family as lua-nginx-module has one C file per family.
+//! Each file has one `register` entry point that adds its functions to the `ngx` table.
+
+pub mod cjson;
+pub mod consts;
+pub mod ctx;
+pub mod exit;
+pub mod header;
+pub mod log;
+pub mod misc;
+pub mod output;
+pub mod re;
+pub mod req;
+pub mod shdict;
+pub mod sleep;
+pub mod string;
+pub mod time;
+pub mod var;
+pub mod worker;

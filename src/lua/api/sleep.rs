@@ -1,0 +1,21 @@
+//! `ngx.sleep`: an async wait that yields the request's coroutine to the worker's event loop.
+
+use std::time::Duration;
+
+use mlua::{Lua, Table};
+
+pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
+    let sleep = lua.create_async_function(|_, secs: f64| async move {
+        if !(secs >= 0.0) || !secs.is_finite() {
+            return Err(mlua::Error::runtime("invalid sleep duration"));
+        }
+        // tokio timers tick in whole milliseconds; 0 still yields once, as in OpenResty.
+        if secs == 0.0 {
+            tokio::task::yield_now().await;
+        } else {
+            tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+        }
+        Ok(())
+    })?;
+    ngx.set("sleep", sleep)
+}
