@@ -6,6 +6,10 @@
 
 pub mod ast;
 pub mod build;
+pub mod directives;
+pub mod model;
+pub mod template;
+pub mod values;
 pub mod error;
 pub mod lexer;
 pub mod parser;

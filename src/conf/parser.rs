@@ -24,3 +24,12 @@ pub fn parse_str(src: &str, file: &str, conf_dir: &Path) -> Result<Vec<Directive
     let _ = (src, file, conf_dir);
     Err(ConfError::Plain("parser not implemented".into()))
 }
+
+/// `nginx -T`: every file read, each under a `# configuration file NAME:` header.
+pub fn dump(parsed: &Parsed) -> String {
+    let mut out = String::new();
+    for (name, text) in &parsed.files {
+        out.push_str(&format!("# configuration file {}:\n{}\n", name, text));
+    }
+    out
+}

@@ -1,1 +1,14 @@
-//! stub
+//! The nginx request walk: find server and location, run the rewrite/access/content phases,
+//! the header and body filters and the log phase, with nginx's rules for each. Variables,
+//! rewrite-module scripts, static files, special responses and the access log live here too.
+
+pub mod body;
+pub mod engine;
+pub mod filter;
+pub mod location;
+pub mod request;
+pub mod rewrite;
+pub mod special;
+pub mod static_files;
+pub mod variables;
+pub mod accesslog;

@@ -90,3 +90,41 @@ fn set_package_paths(lua: &Lua, opts: &VmOptions) -> mlua::Result<()> {
     package.set("cpath", cpath)?;
     Ok(())
 }
+
+/// A worker's Lua state with its code cache (`lua_code_cache on`: each chunk compiled once).
+pub struct LuaVm {
+    pub lua: Lua,
+    cache: std::cell::RefCell<std::collections::HashMap<usize, mlua::Function>>,
+}
+
+impl LuaVm {
+    /// Make a worker's state and install the current-request slot.
+    pub fn new(opts: &VmOptions) -> mlua::Result<LuaVm> {
+        let lua = new_state(opts)?;
+        lua.set_app_data(crate::lua::request::Current::default());
+        Ok(LuaVm { lua, cache: Default::default() })
+    }
+
+    /// The compiled function of a configuration chunk (compiled on first use).
+    pub fn handler(&self, chunk: &crate::conf::model::LuaChunk) -> mlua::Result<mlua::Function> {
+        use crate::conf::model::LuaSource;
+        if !chunk.reload {
+            if let Some(f) = self.cache.borrow().get(&chunk.id) {
+                return Ok(f.clone());
+            }
+        }
+        let f = match &chunk.source {
+            LuaSource::Inline(src) => self.lua.load(src.as_str()).set_name(&chunk.name).into_function()?,
+            LuaSource::File(path) => {
+                let src = std::fs::read(path).map_err(|e| {
+                    mlua::Error::runtime(format!("failed to load external Lua file \"{}\": cannot open {}: {}", path.display(), path.display(), e))
+                })?;
+                self.lua.load(src).set_name(format!("@{}", path.display())).into_function()?
+            }
+        };
+        if !chunk.reload {
+            self.cache.borrow_mut().insert(chunk.id, f.clone());
+        }
+        Ok(f)
+    }
+}

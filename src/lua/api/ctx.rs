@@ -1,7 +1,134 @@
-//! ngx API family: ctx (stub).
+//! The per-request fields of the `ngx` table: `ngx.ctx`, `ngx.status`, `ngx.headers_sent`,
+//! and `ngx.arg` (set_by_lua arguments, body_filter chunk and eof). They live behind a
+//! metatable because their value depends on the request of the running coroutine.
 
-use mlua::{Lua, Table};
+use bytes::Bytes;
+use mlua::{Lua, Table, Value};
 
-pub fn register(_lua: &Lua, _ngx: &Table) -> mlua::Result<()> {
+use crate::http::request::{LuaArgs, Phase};
+use crate::lua::request::{current, phase, try_current};
+
+pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
+    let mt = lua.create_table()?;
+    mt.set(
+        "__index",
+        lua.create_function(|lua, (_t, key): (Table, Value)| {
+            let Value::String(k) = key else { return Ok(Value::Nil) };
+            match &*k.as_bytes() {
+                b"ctx" => {
+                    let rc = current(lua)?;
+                    let mut st = rc.st.borrow_mut();
+                    if let Some(key) = &st.ctx_table {
+                        return lua.registry_value::<Value>(key);
+                    }
+                    let t = lua.create_table()?;
+                    st.ctx_table = Some(lua.create_registry_value(&t)?);
+                    Ok(Value::Table(t))
+                }
+                b"status" => {
+                    let Some(rc) = try_current(lua) else { return Ok(Value::Integer(0)) };
+                    let st = rc.st.borrow();
+                    Ok(Value::Integer(st.status as i64))
+                }
+                b"headers_sent" => {
+                    let Some(rc) = try_current(lua) else { return Ok(Value::Boolean(false)) };
+                    let st = rc.st.borrow();
+                    Ok(Value::Boolean(st.headers_sent))
+                }
+                _ => Ok(Value::Nil),
+            }
+        })?,
+    )?;
+    mt.set(
+        "__newindex",
+        lua.create_function(|lua, (t, key, value): (Table, Value, Value)| {
+            let is = |name: &str| matches!(&key, Value::String(s) if *s.as_bytes() == *name.as_bytes());
+            if is("ctx") {
+                let rc = current(lua)?;
+                let Value::Table(tbl) = value else {
+                    return Err(mlua::Error::runtime("ctx should be a table while getting a ".to_string() + value.type_name()));
+                };
+                rc.st.borrow_mut().ctx_table = Some(lua.create_registry_value(&tbl)?);
+                return Ok(());
+            }
+            if is("status") {
+                let rc = current(lua)?;
+                let code = match value {
+                    Value::Integer(i) => i,
+                    Value::Number(n) => n as i64,
+                    Value::String(s) => s.to_str()?.trim().parse().map_err(|_| mlua::Error::runtime("bad status"))?,
+                    _ => return Err(mlua::Error::runtime("attempt to set ngx.status to a non-number")),
+                };
+                let mut st = rc.st.borrow_mut();
+                if st.headers_sent && st.phase != Phase::HeaderFilter {
+                    drop(st);
+                    crate::log::request_error(&rc, crate::log::Level::Error, "attempt to set ngx.status after sending out response headers");
+                    return Ok(());
+                }
+                if !(100..=999).contains(&code) {
+                    return Err(mlua::Error::runtime(format!("invalid HTTP status code {}", code)));
+                }
+                st.status = code as u16;
+                return Ok(());
+            }
+            t.raw_set(key, value)
+        })?,
+    )?;
+    ngx.set_metatable(Some(mt))?;
+
+    let arg = lua.create_table()?;
+    let amt = lua.create_table()?;
+    amt.set(
+        "__index",
+        lua.create_function(|lua, (_t, idx): (Table, i64)| {
+            let rc = current(lua)?;
+            let st = rc.st.borrow();
+            match &st.arg {
+                LuaArgs::Set(v) => match v.get((idx - 1).max(0) as usize).filter(|_| idx >= 1) {
+                    Some(b) => Ok(Value::String(lua.create_string(b)?)),
+                    None => Ok(Value::Nil),
+                },
+                LuaArgs::Body { chunk, eof } => match idx {
+                    1 => Ok(Value::String(lua.create_string(chunk)?)),
+                    2 => Ok(Value::Boolean(*eof)),
+                    _ => Ok(Value::Nil),
+                },
+                LuaArgs::None => Ok(Value::Nil),
+            }
+        })?,
+    )?;
+    amt.set(
+        "__newindex",
+        lua.create_function(|lua, (_t, idx, value): (Table, i64, Value)| {
+            if phase(lua) != Phase::BodyFilter {
+                return Err(mlua::Error::runtime("attempt to write to ngx.arg outside body_filter_by_lua*"));
+            }
+            let rc = current(lua)?;
+            let mut st = rc.st.borrow_mut();
+            if let LuaArgs::Body { chunk, eof } = &mut st.arg {
+                match idx {
+                    1 => {
+                        *chunk = match value {
+                            Value::Nil => Bytes::new(),
+                            Value::String(s) => Bytes::copy_from_slice(&s.as_bytes()),
+                            Value::Table(t) => {
+                                let mut out = Vec::new();
+                                super::output::render(&mut out, &Value::Table(t), 0)?;
+                                Bytes::from(out)
+                            }
+                            Value::Integer(i) => Bytes::from(i.to_string()),
+                            Value::Number(n) => Bytes::from(super::output::format_number(n)),
+                            other => return Err(mlua::Error::runtime(format!("bad chunk data type: {}", other.type_name()))),
+                        }
+                    }
+                    2 => *eof = value.as_boolean().unwrap_or(false),
+                    _ => return Err(mlua::Error::runtime("bad index")),
+                }
+            }
+            Ok(())
+        })?,
+    )?;
+    arg.set_metatable(Some(amt))?;
+    ngx.raw_set("arg", arg)?;
     Ok(())
 }

@@ -1,7 +1,142 @@
-//! ngx API family: header (stub).
+//! `ngx.header` (response headers: case-insensitive, `_` as `-`, multi-value tables) and
+//! `ngx.resp.get_headers`.
 
-use mlua::{Lua, Table};
+use http::{HeaderName, HeaderValue};
+use mlua::{Lua, Table, Value};
 
-pub fn register(_lua: &Lua, _ngx: &Table) -> mlua::Result<()> {
+use crate::http::request::Phase;
+use crate::lua::request::{check_phase, current};
+
+/// The header name a Lua key means: `content_type` -> `content-type`.
+fn header_name(key: &str) -> mlua::Result<HeaderName> {
+    let n = key.replace('_', "-");
+    HeaderName::from_bytes(n.as_bytes()).map_err(|_| mlua::Error::runtime(format!("invalid header name \"{}\"", key)))
+}
+
+fn value_bytes(v: &Value) -> mlua::Result<Option<Vec<u8>>> {
+    Ok(match v {
+        Value::Nil => None,
+        Value::String(s) => Some(s.as_bytes().to_vec()),
+        Value::Integer(i) => Some(i.to_string().into_bytes()),
+        Value::Number(n) => Some(super::output::format_number(*n).into_bytes()),
+        Value::Boolean(b) => Some(if *b { b"true".to_vec() } else { b"false".to_vec() }),
+        other => return Err(mlua::Error::runtime(format!("bad header value type \"{}\"", other.type_name()))),
+    })
+}
+
+/// Multi-valued headers OpenResty returns as a table even with one value are the ones set
+/// from a table; we return a table whenever there is more than one value.
+fn get_value(lua: &Lua, headers: &http::HeaderMap, name: &HeaderName) -> mlua::Result<Value> {
+    let vals: Vec<&HeaderValue> = headers.get_all(name).iter().collect();
+    match vals.len() {
+        0 => Ok(Value::Nil),
+        1 => Ok(Value::String(lua.create_string(vals[0].as_bytes())?)),
+        _ => {
+            let t = lua.create_table()?;
+            for v in vals {
+                t.raw_push(lua.create_string(v.as_bytes())?)?;
+            }
+            Ok(Value::Table(t))
+        }
+    }
+}
+
+pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
+    let header = lua.create_table()?;
+    let mt = lua.create_table()?;
+    mt.set(
+        "__index",
+        lua.create_function(|lua, (_t, key): (Table, mlua::LuaString)| {
+            let rc = current(lua)?;
+            let name = header_name(&key.to_str()?)?;
+            let st = rc.st.borrow();
+            get_value(lua, &st.resp_headers, &name)
+        })?,
+    )?;
+    mt.set(
+        "__newindex",
+        lua.create_function(|lua, (_t, key, value): (Table, mlua::LuaString, Value)| {
+            check_phase(lua, &[Phase::Rewrite, Phase::ServerRewrite, Phase::Access, Phase::Content, Phase::HeaderFilter])?;
+            let rc = current(lua)?;
+            let key = key.to_str()?.to_string();
+            let name = header_name(&key)?;
+            let mut st = rc.st.borrow_mut();
+            if st.headers_sent && st.phase != Phase::HeaderFilter {
+                crate::log::request_error(&rc, crate::log::Level::Error, &format!("attempt to set ngx.header.HEADER after sending out response headers"));
+                return Ok(());
+            }
+            st.resp_headers.remove(&name);
+            let values: Vec<Vec<u8>> = match &value {
+                Value::Table(t) => {
+                    let mut vs = Vec::new();
+                    for v in t.clone().sequence_values::<Value>() {
+                        if let Some(b) = value_bytes(&v?)? {
+                            vs.push(b);
+                        }
+                    }
+                    vs
+                }
+                v => value_bytes(v)?.into_iter().collect(),
+            };
+            for v in values {
+                // A CR or LF would split the header: OpenResty escapes them; we reject them.
+                let v = HeaderValue::from_bytes(&v).map_err(|_| mlua::Error::runtime(format!("invalid value for header \"{}\"", key)))?;
+                st.resp_headers.append(name.clone(), v);
+            }
+            Ok(())
+        })?,
+    )?;
+    header.set_metatable(Some(mt))?;
+    ngx.set("header", header)?;
+
+    let resp = lua.create_table()?;
+    resp.set(
+        "get_headers",
+        lua.create_function(|lua, (max, raw): (Option<i64>, Option<bool>)| {
+            let rc = current(lua)?;
+            let st = rc.st.borrow();
+            headers_table(lua, &st.resp_headers, max.unwrap_or(100), raw.unwrap_or(false))
+        })?,
+    )?;
+    ngx.set("resp", resp)?;
     Ok(())
+}
+
+/// A headers table as `ngx.req.get_headers` / `ngx.resp.get_headers` return it: lower-case keys
+/// (unless raw), repeated headers as arrays, and a metatable that finds `Foo_Bar` as `foo-bar`.
+pub fn headers_table(lua: &Lua, headers: &http::HeaderMap, max: i64, raw: bool) -> mlua::Result<(Table, Option<String>)> {
+    let t = lua.create_table()?;
+    let mut count = 0i64;
+    let mut truncated = None;
+    for (name, value) in headers.iter() {
+        if max > 0 && count >= max {
+            truncated = Some("truncated".to_string());
+            break;
+        }
+        count += 1;
+        let k = name.as_str();
+        let v = lua.create_string(value.as_bytes())?;
+        match t.raw_get::<Value>(k)? {
+            Value::Nil => t.raw_set(k, v)?,
+            Value::Table(arr) => arr.raw_push(v)?,
+            prev => {
+                let arr = lua.create_table()?;
+                arr.raw_push(prev)?;
+                arr.raw_push(v)?;
+                t.raw_set(k, arr)?;
+            }
+        }
+    }
+    if !raw {
+        let mt = lua.create_table()?;
+        mt.set(
+            "__index",
+            lua.create_function(|_, (t, k): (Table, mlua::LuaString)| {
+                let norm = k.to_str()?.to_ascii_lowercase().replace('_', "-");
+                t.raw_get::<Value>(norm)
+            })?,
+        )?;
+        t.set_metatable(Some(mt))?;
+    }
+    Ok((t, truncated))
 }

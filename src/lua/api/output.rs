@@ -1,7 +1,124 @@
-//! ngx API family: output (stub).
+//! `ngx.say`, `ngx.print`, `ngx.flush`, `ngx.eof`: output goes into the request's buffer and
+//! through the filters on flush or at the end of the content phase.
 
-use mlua::{Lua, Table};
+use mlua::{Lua, Table, Value};
 
-pub fn register(_lua: &Lua, _ngx: &Table) -> mlua::Result<()> {
+use crate::http::request::Phase;
+use crate::lua::request::{check_phase, current};
+
+/// Lua's `%.14g` number formatting (what `tostring` and `ngx.say` print).
+pub fn format_number(n: f64) -> String {
+    if n.is_nan() {
+        return if n.is_sign_negative() { "-nan".into() } else { "nan".into() };
+    }
+    if n.is_infinite() {
+        return if n > 0.0 { "inf".into() } else { "-inf".into() };
+    }
+    if n == n.trunc() && n.abs() < 1e15 {
+        return format!("{}", n as i64);
+    }
+    let sci = format!("{:.13e}", n);
+    let (mant, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    if !(-4..14).contains(&exp) {
+        let mant = trim_zeros(mant);
+        format!("{}e{}{:02}", mant, if exp < 0 { '-' } else { '+' }, exp.abs())
+    } else {
+        let prec = (13 - exp).max(0) as usize;
+        trim_zeros(&format!("{:.*}", prec, n)).to_string()
+    }
+}
+
+fn trim_zeros(s: &str) -> &str {
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.')
+    } else {
+        s
+    }
+}
+
+/// Append a value as ngx.print renders it (strings, numbers, booleans, nil, ngx.null, and
+/// arrays of those, nested).
+pub fn render(out: &mut Vec<u8>, v: &Value, depth: usize) -> mlua::Result<()> {
+    match v {
+        Value::String(s) => out.extend_from_slice(&s.as_bytes()),
+        Value::Integer(i) => out.extend_from_slice(i.to_string().as_bytes()),
+        Value::Number(n) => out.extend_from_slice(format_number(*n).as_bytes()),
+        Value::Boolean(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+        Value::Nil => out.extend_from_slice(b"nil"),
+        Value::LightUserData(p) if p.0.is_null() => out.extend_from_slice(b"null"),
+        Value::Table(t) if depth < 100 => {
+            for item in t.clone().sequence_values::<Value>() {
+                render(out, &item?, depth + 1)?;
+            }
+        }
+        other => {
+            return Err(mlua::Error::runtime(format!("bad argument #1 to 'say' (non-array table found)") .replace("non-array table found", &format!("{} not allowed", other.type_name()))));
+        }
+    }
     Ok(())
+}
+
+const OUTPUT_PHASES: &[Phase] = &[Phase::Rewrite, Phase::ServerRewrite, Phase::Access, Phase::Content];
+
+fn emit(lua: &Lua, args: mlua::Variadic<Value>, newline: bool) -> mlua::Result<(i64,)> {
+    check_phase(lua, OUTPUT_PHASES)?;
+    let rc = current(lua)?;
+    let mut buf = Vec::new();
+    for a in args.iter() {
+        render(&mut buf, a, 0)?;
+    }
+    if newline {
+        buf.push(b'\n');
+    }
+    let mut st = rc.st.borrow_mut();
+    if st.eof_sent {
+        return Ok((0,));
+    }
+    st.out.extend_from_slice(&buf);
+    Ok((1,))
+}
+
+pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
+    ngx.set("say", lua.create_function(|lua, args: mlua::Variadic<Value>| emit(lua, args, true))?)?;
+    ngx.set("print", lua.create_function(|lua, args: mlua::Variadic<Value>| emit(lua, args, false))?)?;
+    ngx.set(
+        "flush",
+        lua.create_async_function(|lua, _wait: Option<bool>| async move {
+            check_phase(&lua, OUTPUT_PHASES)?;
+            let rc = current(&lua)?;
+            match crate::http::filter::send(&rc, false).await {
+                Ok(()) => Ok((Value::Integer(1), Value::Nil)),
+                Err(e) => Ok((Value::Nil, Value::String(lua.create_string(&e)?))),
+            }
+        })?,
+    )?;
+    ngx.set(
+        "eof",
+        lua.create_async_function(|lua, ()| async move {
+            check_phase(&lua, OUTPUT_PHASES)?;
+            let rc = current(&lua)?;
+            match crate::http::filter::send(&rc, true).await {
+                Ok(()) => Ok((Value::Integer(1), Value::Nil)),
+                Err(e) => Ok((Value::Nil, Value::String(lua.create_string(&e)?))),
+            }
+        })?,
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::format_number;
+
+    #[test]
+    fn numbers_like_lua() {
+        assert_eq!(format_number(1.0), "1");
+        assert_eq!(format_number(1.5), "1.5");
+        assert_eq!(format_number(0.1), "0.1");
+        assert_eq!(format_number(1e20), "1e+20");
+        assert_eq!(format_number(3.14159265358979), "3.1415926535898");
+        assert_eq!(format_number(1e-5), "1e-05");
+        assert_eq!(format_number(-2.0), "-2");
+    }
 }

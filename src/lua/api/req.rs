@@ -1,7 +1,355 @@
-//! ngx API family: req (stub).
+//! `ngx.req.*`: the request line, arguments, headers and body as Lua sees them.
 
-use mlua::{Lua, Table};
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Method};
+use mlua::{Lua, Table, Value};
 
-pub fn register(_lua: &Lua, _ngx: &Table) -> mlua::Result<()> {
-    Ok(())
+use crate::http::request::{Exit, Phase, ReqBody};
+use crate::lua::request::{check_phase, current};
+
+/// `ngx.HTTP_*` method constants and their names.
+pub const METHODS: &[(&str, i64)] = &[
+    ("GET", 2),
+    ("HEAD", 4),
+    ("POST", 8),
+    ("PUT", 16),
+    ("DELETE", 32),
+    ("MKCOL", 64),
+    ("COPY", 128),
+    ("MOVE", 256),
+    ("OPTIONS", 512),
+    ("PROPFIND", 1024),
+    ("PROPPATCH", 2048),
+    ("LOCK", 4096),
+    ("UNLOCK", 8192),
+    ("PATCH", 16384),
+    ("TRACE", 32768),
+];
+
+/// `%XX` and `+` decoding of a query component.
+pub fn unescape(s: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        match s[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < s.len() => {
+                let hex = |c: u8| (c as char).to_digit(16);
+                match (hex(s[i + 1]), hex(s[i + 2])) {
+                    (Some(a), Some(b)) => {
+                        out.push((a * 16 + b) as u8);
+                        i += 3;
+                        continue;
+                    }
+                    _ => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    out
+}
+
+/// Decode `a=1&b&c=2&c=3` into a Lua table as lua-nginx-module does: a key without `=` is
+/// `true`, repeated keys become arrays, at most `max` arguments (0 = unlimited).
+pub fn decode_args(lua: &Lua, args: &[u8], max: i64) -> mlua::Result<(Table, Option<String>)> {
+    let t = lua.create_table()?;
+    let mut n = 0;
+    for pair in args.split(|b| *b == b'&') {
+        if pair.is_empty() {
+            continue;
+        }
+        if max > 0 && n >= max {
+            return Ok((t, Some("truncated".into())));
+        }
+        n += 1;
+        let (k, v) = match pair.iter().position(|b| *b == b'=') {
+            Some(i) => (unescape(&pair[..i]), Some(unescape(&pair[i + 1..]))),
+            None => (unescape(pair), None),
+        };
+        if k.is_empty() {
+            continue;
+        }
+        let key = lua.create_string(&k)?;
+        let val = match v {
+            Some(v) => Value::String(lua.create_string(&v)?),
+            None => Value::Boolean(true),
+        };
+        match t.raw_get::<Value>(key.clone())? {
+            Value::Nil => t.raw_set(key, val)?,
+            Value::Table(arr) => arr.raw_push(val)?,
+            prev => {
+                let arr = lua.create_table()?;
+                arr.raw_push(prev)?;
+                arr.raw_push(val)?;
+                t.raw_set(key, arr)?;
+            }
+        }
+    }
+    Ok((t, None))
+}
+
+fn escape_component(s: &[u8]) -> String {
+    const SET: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+    percent_encoding::percent_encode(s, SET).to_string()
+}
+
+fn arg_value(v: &Value) -> mlua::Result<Option<Vec<u8>>> {
+    Ok(match v {
+        Value::String(s) => Some(s.as_bytes().to_vec()),
+        Value::Integer(i) => Some(i.to_string().into_bytes()),
+        Value::Number(n) => Some(super::output::format_number(*n).into_bytes()),
+        _ => None,
+    })
+}
+
+/// Encode a Lua table as a query string (`ngx.encode_args` semantics).
+pub fn encode_args(t: &Table) -> mlua::Result<String> {
+    let mut parts = Vec::new();
+    for pair in t.clone().pairs::<Value, Value>() {
+        let (k, v) = pair?;
+        let key = match &k {
+            Value::String(s) => escape_component(&s.as_bytes()),
+            Value::Integer(i) => i.to_string(),
+            other => return Err(mlua::Error::runtime(format!("bad argument #1 to 'encode_args' (bad key type \"{}\")", other.type_name()))),
+        };
+        match &v {
+            Value::Boolean(true) => parts.push(key),
+            Value::Boolean(false) => {}
+            Value::Table(arr) => {
+                for item in arr.clone().sequence_values::<Value>() {
+                    match item? {
+                        Value::Boolean(true) => parts.push(key.clone()),
+                        Value::Boolean(false) => {}
+                        item => match arg_value(&item)? {
+                            Some(b) => parts.push(format!("{}={}", key, escape_component(&b))),
+                            None => return Err(mlua::Error::runtime(format!("attempt to use {} as query arg value", item.type_name()))),
+                        },
+                    }
+                }
+            }
+            other => match arg_value(other)? {
+                Some(b) => parts.push(format!("{}={}", key, escape_component(&b))),
+                None => return Err(mlua::Error::runtime(format!("attempt to use {} as query arg value", other.type_name()))),
+            },
+        }
+    }
+    Ok(parts.join("&"))
+}
+
+fn header_name(name: &str) -> mlua::Result<HeaderName> {
+    HeaderName::from_bytes(name.replace('_', "-").as_bytes()).map_err(|_| mlua::Error::runtime(format!("invalid header name \"{}\"", name)))
+}
+
+const BODY_PHASES: &[Phase] = &[Phase::Rewrite, Phase::ServerRewrite, Phase::Access, Phase::Content];
+
+pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
+    let req = lua.create_table()?;
+    req.set(
+        "get_method",
+        lua.create_function(|lua, ()| {
+            let rc = current(lua)?;
+            let st = rc.st.borrow();
+            Ok(st.method.as_str().to_string())
+        })?,
+    )?;
+    req.set(
+        "set_method",
+        lua.create_function(|lua, m: i64| {
+            let rc = current(lua)?;
+            let name = METHODS.iter().find(|(_, v)| *v == m).map(|(n, _)| *n).ok_or_else(|| mlua::Error::runtime(format!("unsupported HTTP method: {}", m)))?;
+            rc.st.borrow_mut().method = Method::from_bytes(name.as_bytes()).map_err(|e| mlua::Error::runtime(e.to_string()))?;
+            Ok(())
+        })?,
+    )?;
+    req.set(
+        "get_uri_args",
+        lua.create_function(|lua, max: Option<i64>| {
+            let rc = current(lua)?;
+            let args = rc.st.borrow().args.clone().unwrap_or_default();
+            decode_args(lua, args.as_bytes(), max.unwrap_or(100))
+        })?,
+    )?;
+    req.set(
+        "set_uri_args",
+        lua.create_function(|lua, v: Value| {
+            let rc = current(lua)?;
+            let s = match v {
+                Value::String(s) => s.to_str()?.to_string(),
+                Value::Table(t) => encode_args(&t)?,
+                Value::Integer(i) => i.to_string(),
+                other => return Err(mlua::Error::runtime(format!("bad argument #1 to 'set_uri_args' (string or table expected, got {})", other.type_name()))),
+            };
+            rc.st.borrow_mut().args = Some(s);
+            Ok(())
+        })?,
+    )?;
+    req.set(
+        "get_headers",
+        lua.create_function(|lua, (max, raw): (Option<i64>, Option<bool>)| {
+            let rc = current(lua)?;
+            let st = rc.st.borrow();
+            super::header::headers_table(lua, &st.headers, max.unwrap_or(100), raw.unwrap_or(false))
+        })?,
+    )?;
+    req.set(
+        "set_header",
+        lua.create_function(|lua, (name, value): (mlua::LuaString, Value)| {
+            let rc = current(lua)?;
+            let name = header_name(&name.to_str()?)?;
+            let mut st = rc.st.borrow_mut();
+            st.headers.remove(&name);
+            let vals: Vec<Value> = match value {
+                Value::Table(t) => t.sequence_values::<Value>().collect::<mlua::Result<_>>()?,
+                v => vec![v],
+            };
+            for v in vals {
+                if let Some(b) = arg_value(&v)? {
+                    let hv = HeaderValue::from_bytes(&b).map_err(|_| mlua::Error::runtime("invalid header value"))?;
+                    st.headers.append(name.clone(), hv);
+                }
+            }
+            Ok(())
+        })?,
+    )?;
+    req.set(
+        "clear_header",
+        lua.create_function(|lua, name: mlua::LuaString| {
+            let rc = current(lua)?;
+            let name = header_name(&name.to_str()?)?;
+            rc.st.borrow_mut().headers.remove(&name);
+            Ok(())
+        })?,
+    )?;
+    req.set(
+        "read_body",
+        lua.create_async_function(|lua, ()| async move {
+            check_phase(&lua, BODY_PHASES)?;
+            let rc = current(&lua)?;
+            if let Err(code) = crate::http::engine::read_body(&rc).await {
+                // As in OpenResty, a failed read finalizes the request with the status.
+                rc.st.borrow_mut().exit = Some(Exit::Status(code as i32));
+                std::future::pending::<()>().await;
+            }
+            Ok(())
+        })?,
+    )?;
+    req.set(
+        "discard_body",
+        lua.create_function(|lua, ()| {
+            let rc = current(lua)?;
+            crate::http::engine::discard_body(&rc);
+            Ok(())
+        })?,
+    )?;
+    req.set(
+        "get_body_data",
+        lua.create_function(|lua, ()| {
+            let rc = current(lua)?;
+            let st = rc.st.borrow();
+            match &st.body {
+                ReqBody::Read(b) if !b.is_empty() => Ok(Value::String(lua.create_string(b)?)),
+                _ => Ok(Value::Nil),
+            }
+        })?,
+    )?;
+    // Bodies are kept in memory (bounded by client_max_body_size): there is never a file.
+    req.set("get_body_file", lua.create_function(|_, ()| Ok(Value::Nil))?)?;
+    req.set(
+        "set_body_data",
+        lua.create_function(|lua, data: mlua::LuaString| {
+            let rc = current(lua)?;
+            let b = Bytes::copy_from_slice(&data.as_bytes());
+            let mut st = rc.st.borrow_mut();
+            if let Ok(v) = HeaderValue::from_str(&b.len().to_string()) {
+                st.headers.insert("content-length", v);
+            }
+            st.body = ReqBody::Read(b);
+            Ok(())
+        })?,
+    )?;
+    req.set(
+        "get_post_args",
+        lua.create_function(|lua, max: Option<i64>| {
+            let rc = current(lua)?;
+            let st = rc.st.borrow();
+            match &st.body {
+                ReqBody::Read(b) => {
+                    let (t, e) = decode_args(lua, b, max.unwrap_or(100))?;
+                    let err = match e {
+                        Some(e) => Value::String(lua.create_string(&e)?),
+                        None => Value::Nil,
+                    };
+                    Ok((Value::Table(t), err))
+                }
+                ReqBody::Unread(_) => Err(mlua::Error::runtime("request body not read")),
+                ReqBody::Discarded => Ok((Value::Table(lua.create_table()?), Value::Nil)),
+            }
+        })?,
+    )?;
+    req.set(
+        "http_version",
+        lua.create_function(|lua, ()| {
+            let rc = current(lua)?;
+            let v = match rc.st.borrow().version {
+                http::Version::HTTP_09 => 0.9,
+                http::Version::HTTP_10 => 1.0,
+                http::Version::HTTP_2 => 2.0,
+                http::Version::HTTP_3 => 3.0,
+                _ => 1.1,
+            };
+            Ok(v)
+        })?,
+    )?;
+    req.set(
+        "raw_header",
+        lua.create_function(|lua, no_request_line: Option<bool>| {
+            let rc = current(lua)?;
+            let st = rc.st.borrow();
+            let mut out = Vec::new();
+            if !no_request_line.unwrap_or(false) {
+                let v = match st.version {
+                    http::Version::HTTP_10 => "HTTP/1.0",
+                    _ => "HTTP/1.1",
+                };
+                out.extend_from_slice(format!("{} {} {}\r\n", st.method, st.request_uri, v).as_bytes());
+            }
+            for (k, v) in st.headers.iter() {
+                out.extend_from_slice(k.as_str().as_bytes());
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(v.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+            out.extend_from_slice(b"\r\n");
+            lua.create_string(&out)
+        })?,
+    )?;
+    req.set("start_time", lua.create_function(|lua, ()| Ok(current(lua)?.start_time))?)?;
+    req.set(
+        "is_internal",
+        lua.create_function(|lua, ()| Ok(current(lua)?.st.borrow().internal))?,
+    )?;
+    req.set(
+        "set_uri",
+        lua.create_async_function(|lua, (uri, jump): (mlua::LuaString, Option<bool>)| async move {
+            let rc = current(&lua)?;
+            let uri = uri.to_str()?.to_string();
+            if uri.is_empty() {
+                return Err(mlua::Error::runtime("attempt to use zero-length uri"));
+            }
+            if jump.unwrap_or(false) {
+                let p = crate::lua::request::phase(&lua);
+                if p != Phase::Rewrite && p != Phase::ServerRewrite {
+                    return Err(mlua::Error::runtime("API disabled in the current context"));
+                }
+                let args = rc.st.borrow().args.clone();
+                rc.st.borrow_mut().exit = Some(Exit::Exec(uri.clone(), args));
+                std::future::pending::<()>().await;
+            }
+            rc.st.borrow_mut().uri = uri;
+            Ok(())
+        })?,
+    )?;
+    ngx.set("req", req)
 }

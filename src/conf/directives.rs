@@ -1,0 +1,136 @@
+//! Every directive tidegate knows, one table per nginx module, as nginx's `ngx_command_t`
+//! arrays. `table::check` validates context/arity/duplicates from these rows; `build` turns the
+//! checked tree into typed settings.
+
+use super::table::{Arity::*, Command as C, *};
+
+/// Core and events module.
+pub const CORE: &[C] = &[
+    C::new("worker_processes", MAIN, Exactly(1)).unique(),
+    C::new("error_log", MAIN | HSL, AtLeast(1)),
+    C::new("pid", MAIN, Exactly(1)).unique(),
+    C::new("env", MAIN, Exactly(1)),
+    C::new("include", MAIN | EVENTS | HSL | UPSTREAM | TYPES | SERVER_IF | LOCATION_IF, Exactly(1)),
+    C::new("events", MAIN, Exactly(0)).block().unique(),
+    C::new("worker_connections", EVENTS, Exactly(1)).unique(),
+    C::new("http", MAIN, Exactly(0)).block().unique(),
+];
+
+/// ngx_http_core_module (the parts tidegate implements).
+pub const HTTP_CORE: &[C] = &[
+    C::new("server", HTTP, Exactly(0)).block(),
+    C::new("listen", SERVER, AtLeast(1)),
+    C::new("server_name", SERVER, AtLeast(1)),
+    C::new("location", SERVER | LOCATION, Range(1, 2)).block(),
+    C::new("root", HSL | LOCATION_IF, Exactly(1)).unique(),
+    C::new("index", HSL, AtLeast(1)),
+    C::new("default_type", HSL, Exactly(1)).unique(),
+    C::new("types", HSL, Exactly(0)).block(),
+    C::new("error_page", HSL | LOCATION_IF, AtLeast(2)),
+    C::new("internal", LOCATION, Exactly(0)).unique(),
+    C::new("keepalive_timeout", HSL, Range(1, 2)).unique(),
+    C::new("keepalive_requests", HSL, Exactly(1)).unique(),
+    C::new("client_max_body_size", HSL, Exactly(1)).unique(),
+    C::new("client_header_timeout", HTTP | SERVER, Exactly(1)).unique(),
+    C::new("client_body_timeout", HSL, Exactly(1)).unique(),
+    C::new("large_client_header_buffers", HTTP | SERVER, Exactly(2)).unique(),
+    C::new("server_tokens", HSL, Flag).unique(),
+];
+
+/// ngx_http_rewrite_module.
+pub const REWRITE: &[C] = &[
+    C::new("return", SERVER | LOCATION | SERVER_IF | LOCATION_IF, Range(1, 2)),
+    C::new("rewrite", SERVER | LOCATION | SERVER_IF | LOCATION_IF, Range(2, 3)),
+    C::new("set", SERVER | LOCATION | SERVER_IF | LOCATION_IF, Exactly(2)),
+    C::new("if", SERVER | LOCATION, AtLeast(1)).block(),
+    C::new("break", SERVER | LOCATION | SERVER_IF | LOCATION_IF, Exactly(0)),
+];
+
+/// ngx_http_headers_module and headers-more.
+pub const HEADERS: &[C] = &[
+    C::new("add_header", HSL | LOCATION_IF, Range(2, 3)),
+    C::new("more_set_headers", HSL | LOCATION_IF, AtLeast(1)),
+    C::new("more_clear_headers", HSL | LOCATION_IF, AtLeast(1)),
+    C::new("more_set_input_headers", HSL | LOCATION_IF, AtLeast(1)),
+    C::new("more_clear_input_headers", HSL | LOCATION_IF, AtLeast(1)),
+];
+
+/// ngx_http_log_module.
+pub const LOG: &[C] = &[
+    C::new("access_log", HSL | LOCATION_IF, Range(1, 4)),
+    C::new("log_format", HTTP, AtLeast(2)),
+];
+
+/// lua-nginx-module.
+pub const LUA: &[C] = &[
+    C::new("lua_package_path", HTTP, Exactly(1)).unique(),
+    C::new("lua_package_cpath", HTTP, Exactly(1)).unique(),
+    C::new("lua_code_cache", HSL, Flag).unique(),
+    C::new("lua_shared_dict", HTTP, Exactly(2)),
+    C::new("init_by_lua_block", HTTP, Exactly(1)).unique(),
+    C::new("init_by_lua_file", HTTP, Exactly(1)).unique(),
+    C::new("init_worker_by_lua_block", HTTP, Exactly(1)).unique(),
+    C::new("init_worker_by_lua_file", HTTP, Exactly(1)).unique(),
+    C::new("set_by_lua_block", SERVER | LOCATION | SERVER_IF | LOCATION_IF, AtLeast(2)),
+    C::new("set_by_lua_file", SERVER | LOCATION | SERVER_IF | LOCATION_IF, AtLeast(2)),
+    C::new("rewrite_by_lua_block", HSL | LOCATION_IF, Exactly(1)).unique(),
+    C::new("rewrite_by_lua_file", HSL | LOCATION_IF, Exactly(1)).unique(),
+    C::new("access_by_lua_block", HSL | LOCATION_IF, Exactly(1)).unique(),
+    C::new("access_by_lua_file", HSL | LOCATION_IF, Exactly(1)).unique(),
+    C::new("content_by_lua_block", LOCATION | LOCATION_IF, Exactly(1)).unique(),
+    C::new("content_by_lua_file", LOCATION | LOCATION_IF, Exactly(1)).unique(),
+    C::new("header_filter_by_lua_block", HSL | LOCATION_IF, Exactly(1)).unique(),
+    C::new("header_filter_by_lua_file", HSL | LOCATION_IF, Exactly(1)).unique(),
+    C::new("body_filter_by_lua_block", HSL | LOCATION_IF, Exactly(1)).unique(),
+    C::new("body_filter_by_lua_file", HSL | LOCATION_IF, Exactly(1)).unique(),
+    C::new("log_by_lua_block", HSL | LOCATION_IF, Exactly(1)).unique(),
+    C::new("log_by_lua_file", HSL | LOCATION_IF, Exactly(1)).unique(),
+];
+
+/// Directives that fill real nginx configs but mean nothing here: accepted, ignored, noticed.
+pub const IGNORED: &[C] = &[
+    C::new("daemon", MAIN, Flag).ignored(),
+    C::new("master_process", MAIN, Flag).ignored(),
+    C::new("user", MAIN, Range(1, 2)).ignored(),
+    C::new("worker_rlimit_nofile", MAIN, Exactly(1)).ignored(),
+    C::new("worker_cpu_affinity", MAIN, AtLeast(1)).ignored(),
+    C::new("worker_priority", MAIN, Exactly(1)).ignored(),
+    C::new("worker_shutdown_timeout", MAIN, Exactly(1)).ignored(),
+    C::new("pcre_jit", MAIN, Flag).ignored(),
+    C::new("load_module", MAIN, Exactly(1)).ignored(),
+    C::new("accept_mutex", EVENTS, Flag).ignored(),
+    C::new("accept_mutex_delay", EVENTS, Exactly(1)).ignored(),
+    C::new("multi_accept", EVENTS, Flag).ignored(),
+    C::new("use", EVENTS, Exactly(1)).ignored(),
+    C::new("sendfile", HSL | LOCATION_IF, Flag).ignored(),
+    C::new("tcp_nopush", HSL, Flag).ignored(),
+    C::new("tcp_nodelay", HSL, Flag).ignored(),
+    C::new("client_body_temp_path", HSL, Range(1, 4)).ignored(),
+    C::new("proxy_temp_path", HSL, Range(1, 4)).ignored(),
+    C::new("fastcgi_temp_path", HSL, Range(1, 4)).ignored(),
+    C::new("uwsgi_temp_path", HSL, Range(1, 4)).ignored(),
+    C::new("scgi_temp_path", HSL, Range(1, 4)).ignored(),
+    C::new("types_hash_max_size", HSL, Exactly(1)).ignored(),
+    C::new("types_hash_bucket_size", HSL, Exactly(1)).ignored(),
+    C::new("server_names_hash_bucket_size", HTTP, Exactly(1)).ignored(),
+    C::new("server_names_hash_max_size", HTTP, Exactly(1)).ignored(),
+    C::new("variables_hash_max_size", HTTP, Exactly(1)).ignored(),
+    C::new("variables_hash_bucket_size", HTTP, Exactly(1)).ignored(),
+    C::new("client_header_buffer_size", HTTP | SERVER, Exactly(1)).ignored(),
+    C::new("client_body_buffer_size", HSL, Exactly(1)).ignored(),
+    C::new("open_file_cache", HSL, Range(1, 2)).ignored(),
+    C::new("open_file_cache_valid", HSL, Exactly(1)).ignored(),
+    C::new("open_file_cache_min_uses", HSL, Exactly(1)).ignored(),
+    C::new("open_file_cache_errors", HSL, Flag).ignored(),
+    C::new("reset_timedout_connection", HSL, Flag).ignored(),
+    C::new("send_timeout", HSL, Exactly(1)).ignored(),
+    C::new("lua_socket_log_errors", HSL, Flag).ignored(),
+    C::new("lua_need_request_body", HSL, Flag).ignored(),
+    C::new("lua_transform_underscores_in_response_headers", HSL, Flag).ignored(),
+    C::new("lua_http10_buffering", HSL, Flag).ignored(),
+    C::new("lua_regex_cache_max_entries", HTTP, Exactly(1)).ignored(),
+    C::new("lua_regex_match_limit", HTTP, Exactly(1)).ignored(),
+];
+
+/// All tables, in the order `check` searches them.
+pub const ALL: &[&[C]] = &[CORE, HTTP_CORE, REWRITE, HEADERS, LOG, LUA, IGNORED];

@@ -1,0 +1,240 @@
+//! The typed configuration: what the server and the phase engine read at run time. Built once
+//! per load by [`super::build`], immutable afterwards, shared as `Arc<Config>`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::parser::Parsed;
+use super::template::Template;
+use crate::lua::api::re::Regex;
+
+/// A whole configuration snapshot.
+#[derive(Debug)]
+pub struct Config {
+    pub prefix: PathBuf,
+    pub conf_file: PathBuf,
+    pub worker_processes: usize,
+    /// (path, level name) of `error_log`; the path is already resolved against the prefix.
+    pub error_log: (PathBuf, String),
+    pub pid: PathBuf,
+    pub worker_connections: usize,
+    /// `env NAME[=value];` lines (kept for `os.getenv` parity; the process environment is shared).
+    pub env: Vec<(String, Option<String>)>,
+    pub http: Http,
+    /// Notices to log once the error log is open (ignored directives and the like).
+    pub notices: Vec<String>,
+    pub parsed: Parsed,
+}
+
+/// The `http { }` block.
+#[derive(Debug, Default)]
+pub struct Http {
+    pub servers: Vec<Arc<Server>>,
+    pub lua: LuaMain,
+    /// Every variable declared by `set` (or `set_by_lua`) anywhere: `ngx.var.x = v` needs one.
+    pub declared_vars: Vec<String>,
+    pub log_formats: HashMap<String, Arc<Template>>,
+}
+
+/// http-level Lua settings.
+#[derive(Debug, Default, Clone)]
+pub struct LuaMain {
+    pub package_path: Option<String>,
+    pub package_cpath: Option<String>,
+    pub code_cache: bool,
+    pub init: Option<Arc<LuaChunk>>,
+    pub init_worker: Option<Arc<LuaChunk>>,
+    /// `lua_shared_dict name size`.
+    pub shared_dicts: Vec<(String, usize)>,
+    /// Every chunk of the configuration, by id, so a VM can compile them all up front.
+    pub chunks: Vec<Arc<LuaChunk>>,
+}
+
+/// Where a Lua handler's code comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LuaSource {
+    Inline(String),
+    File(PathBuf),
+}
+
+/// One `*_by_lua_block` / `*_by_lua_file`: compiled once per VM (cached by `id`).
+#[derive(Debug, Clone)]
+pub struct LuaChunk {
+    pub id: usize,
+    pub source: LuaSource,
+    /// Chunk name for tracebacks: `=access_by_lua(nginx.conf:12)`.
+    pub name: String,
+    /// The directive name without `_block`/`_file`, e.g. `access_by_lua`.
+    pub directive: String,
+    /// `lua_code_cache off`: re-read `_file` sources on every run.
+    pub reload: bool,
+}
+
+/// One `listen`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listen {
+    pub addr: SocketAddr,
+    pub default_server: bool,
+    pub backlog: i32,
+}
+
+/// One `server_name` entry.
+#[derive(Debug)]
+pub enum ServerName {
+    Exact(String),
+    /// `*.example.com` stored as `.example.com`.
+    Suffix(String),
+    /// `www.example.*` stored as `www.example.`.
+    Prefix(String),
+    Regex(Regex),
+}
+
+/// A `server { }` block.
+#[derive(Debug)]
+pub struct Server {
+    pub listens: Vec<Listen>,
+    pub names: Vec<ServerName>,
+    /// The first name, for `$server_name`.
+    pub primary_name: String,
+    /// Rewrite-module directives at server level, run in the server rewrite phase.
+    pub rewrites: Vec<RewriteOp>,
+    /// Settings at server level (used when no location matches).
+    pub conf: Arc<LocConf>,
+    pub locations: Vec<Arc<Location>>,
+    pub named: HashMap<String, Arc<Location>>,
+}
+
+/// How a location matches.
+#[derive(Debug)]
+pub enum LocMatch {
+    Exact(String),
+    Prefix(String),
+    /// `^~ /prefix`: a longest-prefix hit stops the regex search.
+    PrefixNoRegex(String),
+    Regex(Regex),
+    Named(String),
+}
+
+/// A `location { }` block.
+#[derive(Debug)]
+pub struct Location {
+    pub matcher: LocMatch,
+    /// As written, for logs.
+    pub pattern: String,
+    pub rewrites: Vec<RewriteOp>,
+    pub conf: Arc<LocConf>,
+    pub children: Vec<Arc<Location>>,
+}
+
+/// What produces the response body in a location.
+#[derive(Debug, Clone, Default)]
+pub enum Content {
+    /// Static files under `root` (nginx's default handler).
+    #[default]
+    Static,
+    Lua(Arc<LuaChunk>),
+}
+
+/// `add_header name value [always]`.
+#[derive(Debug, Clone)]
+pub struct AddHeader {
+    pub name: String,
+    pub value: Template,
+    pub always: bool,
+}
+
+/// headers-more: `more_set_headers [-s statuses] [-t types] 'Name: value'...`.
+#[derive(Debug, Clone)]
+pub struct MoreHeaders {
+    /// (name, value); value `None` clears the header.
+    pub headers: Vec<(String, Option<Template>)>,
+    pub statuses: Vec<u16>,
+    pub types: Vec<String>,
+}
+
+/// `error_page codes [=[code]] uri`.
+#[derive(Debug, Clone)]
+pub struct ErrorPage {
+    pub codes: Vec<u16>,
+    /// `None`: keep the original status; `Some(None)`: `=` alone (the target's status);
+    /// `Some(Some(c))`: `=c`.
+    pub override_status: Option<Option<u16>>,
+    pub uri: Template,
+}
+
+/// `access_log`.
+#[derive(Debug, Clone)]
+pub struct AccessLog {
+    pub path: PathBuf,
+    pub format: Arc<Template>,
+}
+
+/// Settings that nest http -> server -> location (-> if), merged at build time so that every
+/// location holds its complete effective configuration.
+#[derive(Debug, Clone)]
+pub struct LocConf {
+    pub root: String,
+    pub index: Vec<String>,
+    pub default_type: String,
+    pub types: Arc<HashMap<String, String>>,
+    pub add_headers: Vec<AddHeader>,
+    pub more_set_headers: Vec<MoreHeaders>,
+    pub more_set_input_headers: Vec<MoreHeaders>,
+    pub error_pages: Vec<ErrorPage>,
+    pub internal: bool,
+    pub content: Content,
+    pub client_max_body_size: u64,
+    pub client_body_timeout_ms: u64,
+    pub keepalive_timeout_ms: u64,
+    pub keepalive_requests: u64,
+    /// Empty with `access_log off`.
+    pub access_logs: Vec<AccessLog>,
+    pub rewrite_by_lua: Option<Arc<LuaChunk>>,
+    pub access_by_lua: Option<Arc<LuaChunk>>,
+    pub header_filter_by_lua: Option<Arc<LuaChunk>>,
+    pub body_filter_by_lua: Option<Arc<LuaChunk>>,
+    pub log_by_lua: Option<Arc<LuaChunk>>,
+    pub server_tokens: bool,
+}
+
+/// One rewrite-module step, run in order in the (server or location) rewrite phase.
+#[derive(Debug, Clone)]
+pub enum RewriteOp {
+    Set(String, Template),
+    SetByLua { var: String, chunk: Arc<LuaChunk>, args: Vec<Template> },
+    Rewrite { regex: Arc<Regex>, replacement: Template, flag: RewriteFlag, file_line: String },
+    Return { code: u16, body: Option<Template> },
+    Break,
+    If { cond: Arc<Cond>, ops: Vec<RewriteOp>, conf: Arc<LocConf> },
+}
+
+/// `rewrite` flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RewriteFlag {
+    None,
+    Last,
+    Break,
+    Redirect,
+    Permanent,
+}
+
+/// An `if (...)` condition.
+#[derive(Debug)]
+pub enum Cond {
+    /// `($var)`: true unless empty or "0".
+    Truthy(Template),
+    Eq(Template, Template, bool),
+    Regex(Template, Regex, bool),
+    FileExists(Template, FileTest),
+}
+
+/// `-f`, `-d`, `-e`, `-x` and their negations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileTest {
+    File(bool),
+    Dir(bool),
+    Exists(bool),
+    Exec(bool),
+}

@@ -1,0 +1,516 @@
+//! The phase engine: the whole lifecycle of a request in one readable file, in nginx's order.
+//!
+//! ```text
+//! find server -> server rewrite -> find location -> rewrite (set/rewrite/if/return,
+//! rewrite_by_lua) -> access (access_by_lua) -> content (return | content_by_lua | static)
+//! -> header filter -> body filter -> log
+//! ```
+//! Every phase may end the request (`ngx.exit`, `return`, an error): the engine then skips to
+//! the special response (or `error_page`), the filters and the log phase, as nginx does.
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use tokio::sync::oneshot;
+
+use super::body::Body;
+use super::filter;
+use super::location;
+use super::request::{ConnInfo, Env, Exit, LuaArgs, Phase, ReqBody, ReqCtx, ReqState};
+use super::rewrite::{self, RwResult};
+use super::special;
+use crate::conf::model::{Content, Location, Server, ServerName};
+use crate::lua::phase::{self as lua_phase, Outcome as LuaOutcome};
+
+/// How the main phases ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The content handler produced the response (it may still have buffered output).
+    Done,
+    /// Finalize with this status: a special response unless headers were already sent.
+    Status(u16),
+}
+
+/// Serve one request on a worker: runs the phases in a local task so that a handler that
+/// flushes early can stream while hyper already writes the head.
+pub async fn serve(env: Rc<Env>, conn: Rc<ConnInfo>, req: Request<Incoming>) -> Response<Body> {
+    let (head_tx, head_rx) = oneshot::channel();
+    let rc = match new_request(env, conn, req, head_tx) {
+        Ok(rc) => rc,
+        Err(code) => return plain_error(code),
+    };
+    tokio::task::spawn_local(run(rc));
+    match head_rx.await {
+        Ok(resp) => resp,
+        Err(_) => plain_error(500),
+    }
+}
+
+fn plain_error(code: u16) -> Response<Body> {
+    let mut r = Response::new(Body::full(special::page(code, true)));
+    *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut().insert("content-type", HeaderValue::from_static("text/html"));
+    r
+}
+
+fn new_request(env: Rc<Env>, conn: Rc<ConnInfo>, req: Request<Incoming>, head_tx: oneshot::Sender<Response<Body>>) -> Result<Rc<ReqCtx>, u16> {
+    let (parts, body) = req.into_parts();
+    let request_uri = parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".to_string());
+    let (raw_path, args) = match request_uri.split_once('?') {
+        Some((p, a)) => (p.to_string(), Some(a.to_string())),
+        None => (request_uri.clone(), None),
+    };
+    let uri = normalize_uri(&raw_path).ok_or(400u16)?;
+    let server = find_server(&env.cfg.http.servers, conn.local, &parts.headers).ok_or(400u16)?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let st = ReqState {
+        method: parts.method,
+        uri,
+        args,
+        request_uri,
+        version: parts.version,
+        headers: parts.headers,
+        body: ReqBody::Unread(body),
+        conf: server.conf.clone(),
+        server,
+        location: None,
+        vars: Default::default(),
+        captures: Vec::new(),
+        phase: Phase::ServerRewrite,
+        internal: false,
+        redirects: 0,
+        exit: None,
+        status: 0,
+        resp_headers: HeaderMap::new(),
+        headers_sent: false,
+        out: BytesMut::new(),
+        eof_sent: false,
+        body_bytes_sent: 0,
+        arg: LuaArgs::None,
+        ctx_table: None,
+        head_tx: Some(head_tx),
+        body_tx: None,
+        extra_vars: Default::default(),
+        error_page_done: false,
+    };
+    conn.requests.set(conn.requests.get() + 1);
+    Ok(Rc::new(ReqCtx {
+        conn,
+        env,
+        start_time: now.as_secs_f64(),
+        start: Instant::now(),
+        id: rand::random(),
+        st: std::cell::RefCell::new(st),
+    }))
+}
+
+/// Decode `%XX`, merge slashes and resolve `.`/`..` as nginx does; `None` when the path
+/// climbs above the root or is not a path (nginx answers 400).
+pub fn normalize_uri(raw: &str) -> Option<String> {
+    if !raw.starts_with('/') {
+        return if raw == "*" { Some("*".into()) } else { None };
+    }
+    let decoded = percent_encoding::percent_decode_str(raw).collect::<Vec<u8>>();
+    let decoded = String::from_utf8_lossy(&decoded).into_owned();
+    let mut segs: Vec<&str> = Vec::new();
+    for seg in decoded.split('/').skip(1) {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                segs.pop()?;
+            }
+            s => segs.push(s),
+        }
+    }
+    let mut out = String::with_capacity(decoded.len());
+    for s in &segs {
+        out.push('/');
+        out.push_str(s);
+    }
+    if out.is_empty() || decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..") {
+        out.push('/');
+    }
+    Some(out)
+}
+
+/// nginx's virtual server choice: among the servers listening on this address, exact name,
+/// longest `*.` suffix, longest `.*` prefix, first matching regex, else the default server.
+fn find_server(servers: &[Arc<Server>], local: std::net::SocketAddr, headers: &HeaderMap) -> Option<Arc<Server>> {
+    let on_addr: Vec<&Arc<Server>> = servers
+        .iter()
+        .filter(|s| s.listens.iter().any(|l| l.addr.port() == local.port() && (l.addr.ip().is_unspecified() || l.addr.ip() == local.ip())))
+        .collect();
+    let candidates = if on_addr.is_empty() { servers.iter().collect() } else { on_addr };
+    let host = headers
+        .get("host")
+        .and_then(|h| h.to_str().ok())
+        .map(|h| h.rsplit_once(':').filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit())).map(|(h, _)| h).unwrap_or(h))
+        .map(|h| h.trim_end_matches('.').to_ascii_lowercase());
+    if let Some(host) = host {
+        for s in &candidates {
+            if s.names.iter().any(|n| matches!(n, ServerName::Exact(e) if *e == host)) {
+                return Some((*s).clone());
+            }
+        }
+        let mut best: Option<(&Arc<Server>, usize)> = None;
+        for s in &candidates {
+            for n in &s.names {
+                if let ServerName::Suffix(suf) = n {
+                    if (host.ends_with(suf.as_str()) || host == suf[1..]) && best.is_none_or(|(_, l)| suf.len() > l) {
+                        best = Some((s, suf.len()));
+                    }
+                }
+            }
+        }
+        if best.is_none() {
+            for s in &candidates {
+                for n in &s.names {
+                    if let ServerName::Prefix(p) = n {
+                        if host.starts_with(p.as_str()) && best.is_none_or(|(_, l)| p.len() > l) {
+                            best = Some((s, p.len()));
+                        }
+                    }
+                }
+            }
+        }
+        if let Some((s, _)) = best {
+            return Some(s.clone());
+        }
+        for s in &candidates {
+            if s.names.iter().any(|n| matches!(n, ServerName::Regex(r) if r.captures(host.as_bytes()).is_some())) {
+                return Some((*s).clone());
+            }
+        }
+    }
+    candidates
+        .iter()
+        .find(|s| s.listens.iter().any(|l| l.default_server && l.addr.port() == local.port()))
+        .or_else(|| candidates.first())
+        .map(|s| (*s).clone())
+}
+
+/// The whole request after parsing: phases, finalization, log.
+async fn run(rc: Rc<ReqCtx>) {
+    let mut outcome = phases(&rc, None).await;
+    // error_page: an internal redirect for a status, once.
+    if let Outcome::Status(code) = outcome {
+        if let Some(o) = error_page(&rc, code).await {
+            outcome = o;
+        }
+    }
+    finalize(&rc, outcome).await;
+    log_phase(&rc).await;
+}
+
+async fn error_page(rc: &Rc<ReqCtx>, code: u16) -> Option<Outcome> {
+    let (page, target) = {
+        let st = rc.st.borrow();
+        if st.headers_sent || st.error_page_done {
+            return None;
+        }
+        let page = st.conf.error_pages.iter().find(|p| p.codes.contains(&code))?.clone();
+        let target = super::variables::eval_string(rc, &st, &page.uri);
+        (page, target)
+    };
+    {
+        let mut st = rc.st.borrow_mut();
+        st.error_page_done = true;
+        st.status = match page.override_status {
+            None => code,
+            Some(Some(c)) => c,
+            Some(None) => 0,
+        };
+        if target.starts_with("http://") || target.starts_with("https://") {
+            st.status = if matches!(st.status, 301 | 302 | 303 | 307 | 308) { st.status } else { 302 };
+            if let Ok(v) = HeaderValue::from_str(&target) {
+                st.resp_headers.insert("location", v);
+            }
+            return Some(Outcome::Status(st.status));
+        }
+        if st.method != http::Method::HEAD {
+            st.method = http::Method::GET;
+        }
+        st.internal = true;
+        st.resp_headers.clear();
+        st.out.clear();
+    }
+    let named = target.strip_prefix('@').map(str::to_string);
+    let forced = match &named {
+        Some(n) => Some(rc.st.borrow().server.named.get(n).cloned()?),
+        None => {
+            let mut st = rc.st.borrow_mut();
+            let (p, a) = match target.split_once('?') {
+                Some((p, a)) => (p.to_string(), Some(a.to_string())),
+                None => (target.clone(), None),
+            };
+            st.uri = p;
+            if a.is_some() {
+                st.args = a;
+            }
+            None
+        }
+    };
+    let saved = rc.st.borrow().status;
+    let o = phases(rc, forced).await;
+    // The page keeps the original status unless `=code` asked otherwise.
+    let mut st = rc.st.borrow_mut();
+    if saved != 0 {
+        st.status = saved;
+    }
+    Some(match o {
+        Outcome::Status(c) if saved != 0 && c >= 400 => Outcome::Status(c),
+        Outcome::Status(c) => Outcome::Status(c),
+        Outcome::Done => Outcome::Done,
+    })
+}
+
+/// The main phases (server rewrite to content). `forced` starts at a named location.
+async fn phases(rc: &Rc<ReqCtx>, mut forced: Option<Arc<Location>>) -> Outcome {
+    let mut server_rewrite = forced.is_none();
+    loop {
+        if rc.st.borrow().redirects > 10 {
+            crate::log::request_error(rc, crate::log::Level::Error, &format!("rewrite or internal redirection cycle while processing \"{}\"", rc.st.borrow().uri));
+            return Outcome::Status(500);
+        }
+        if server_rewrite {
+            let ops = rc.st.borrow().server.rewrites.clone();
+            match rewrite::run(rc, &ops).await {
+                RwResult::Continue | RwResult::Break | RwResult::Last => {}
+                RwResult::Finish(o) => return o,
+            }
+        }
+        server_rewrite = false;
+        // find config
+        let found = match forced.take() {
+            Some(l) => Some(location::Found { loc: l, captures: None }),
+            None => {
+                let st = rc.st.borrow();
+                location::find(&st.server.locations, &st.uri)
+            }
+        };
+        {
+            let mut st = rc.st.borrow_mut();
+            match found {
+                Some(f) => {
+                    if let Some(c) = &f.captures {
+                        let uri = st.uri.clone();
+                        super::variables::set_captures(&mut st, uri.as_bytes(), c);
+                    }
+                    st.conf = f.loc.conf.clone();
+                    st.location = Some(f.loc);
+                }
+                None => {
+                    st.conf = st.server.conf.clone();
+                    st.location = None;
+                }
+            }
+            if st.conf.internal && !st.internal {
+                return Outcome::Status(404);
+            }
+            let limit = st.conf.client_max_body_size;
+            if limit > 0 {
+                let len = st.headers.get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+                if len.is_some_and(|l| l > limit) {
+                    drop(st);
+                    crate::log::request_error(rc, crate::log::Level::Error, &format!("client intended to send too large body: {} bytes", len.unwrap_or(0)));
+                    return Outcome::Status(413);
+                }
+            }
+        }
+        // rewrite
+        let ops = rc.st.borrow().location.as_ref().map(|l| l.rewrites.clone()).unwrap_or_default();
+        match rewrite::run(rc, &ops).await {
+            RwResult::Continue | RwResult::Break => {}
+            RwResult::Last => {
+                rc.st.borrow_mut().redirects += 1;
+                continue;
+            }
+            RwResult::Finish(o) => return o,
+        }
+        let conf = rc.st.borrow().conf.clone();
+        if let Some(chunk) = &conf.rewrite_by_lua {
+            match lua_step(rc, chunk, Phase::Rewrite).await {
+                Step::Next => {}
+                Step::Again(l) => {
+                    forced = l;
+                    server_rewrite = forced.is_none();
+                    continue;
+                }
+                Step::Finish(o) => return o,
+            }
+        }
+        // access
+        if let Some(chunk) = &conf.access_by_lua {
+            match lua_step(rc, chunk, Phase::Access).await {
+                Step::Next => {}
+                Step::Again(l) => {
+                    forced = l;
+                    server_rewrite = forced.is_none();
+                    continue;
+                }
+                Step::Finish(o) => return o,
+            }
+        }
+        // content
+        return match &conf.content {
+            Content::Lua(chunk) => match lua_step(rc, chunk, Phase::Content).await {
+                Step::Next => Outcome::Done,
+                Step::Again(l) => {
+                    forced = l;
+                    server_rewrite = forced.is_none();
+                    continue;
+                }
+                Step::Finish(o) => o,
+            },
+            Content::Static => super::static_files::serve(rc).await,
+        };
+    }
+}
+
+enum Step {
+    Next,
+    /// Internal redirect: run the phases again (at a named location when `Some`).
+    Again(Option<Arc<Location>>),
+    Finish(Outcome),
+}
+
+async fn lua_step(rc: &Rc<ReqCtx>, chunk: &crate::conf::model::LuaChunk, phase: Phase) -> Step {
+    match lua_phase::run(rc, chunk, phase).await {
+        LuaOutcome::Ok(_) => Step::Next,
+        LuaOutcome::Error(_) => Step::Finish(Outcome::Status(500)),
+        LuaOutcome::Exit(Exit::Status(code)) => {
+            let sent = output_started(&rc.st.borrow());
+            if code == 0 {
+                // ngx.OK ends this phase only; in content it ends the request.
+                return if phase == Phase::Content { Step::Finish(Outcome::Done) } else { Step::Next };
+            }
+            if sent {
+                return Step::Finish(Outcome::Done);
+            }
+            if code < 0 {
+                return Step::Finish(Outcome::Status(500));
+            }
+            if (200..300).contains(&code) && phase == Phase::Content {
+                let mut st = rc.st.borrow_mut();
+                if st.status == 0 {
+                    st.status = code as u16;
+                }
+                return Step::Finish(Outcome::Done);
+            }
+            Step::Finish(Outcome::Status(code.clamp(0, 999) as u16))
+        }
+        LuaOutcome::Exit(Exit::Exec(uri, args)) => {
+            let mut st = rc.st.borrow_mut();
+            st.uri = uri;
+            st.args = args;
+            st.internal = true;
+            st.redirects += 1;
+            Step::Again(None)
+        }
+        LuaOutcome::Exit(Exit::Named(name)) => {
+            let mut st = rc.st.borrow_mut();
+            st.internal = true;
+            st.redirects += 1;
+            match st.server.named.get(&name).cloned() {
+                Some(l) => Step::Again(Some(l)),
+                None => {
+                    drop(st);
+                    crate::log::request_error(rc, crate::log::Level::Error, &format!("named location \"@{}\" not found", name));
+                    Step::Finish(Outcome::Status(500))
+                }
+            }
+        }
+    }
+}
+
+/// Whether the response has begun (headers sent or output buffered): after that a status
+/// can no longer change.
+pub fn output_started(st: &ReqState) -> bool {
+    st.headers_sent || !st.out.is_empty()
+}
+
+/// Finish the response: a special page for a bare status, else flush what is buffered.
+async fn finalize(rc: &Rc<ReqCtx>, outcome: Outcome) {
+    if let Outcome::Status(code) = outcome {
+        let started = output_started(&rc.st.borrow());
+        if !started {
+            let mut st = rc.st.borrow_mut();
+            st.status = code;
+            if code == 444 {
+                st.resp_headers.insert("connection", HeaderValue::from_static("close"));
+            } else if special::has_page(code) {
+                let tokens = st.conf.server_tokens;
+                st.resp_headers.remove("content-length");
+                st.resp_headers.insert("content-type", HeaderValue::from_static("text/html"));
+                st.out.extend_from_slice(special::page(code, tokens).as_bytes());
+            }
+        }
+    }
+    if let Err(e) = filter::send(rc, true).await {
+        tracing::debug!(conn = rc.conn.id, "response not completed: {}", e);
+    }
+}
+
+/// The log phase: log_by_lua, then the access log.
+async fn log_phase(rc: &Rc<ReqCtx>) {
+    let conf = rc.st.borrow().conf.clone();
+    if let Some(chunk) = &conf.log_by_lua {
+        let _ = lua_phase::run(rc, chunk, Phase::Log).await;
+    }
+    if !conf.access_logs.is_empty() {
+        super::accesslog::write(rc, &conf.access_logs);
+    }
+}
+
+/// Read the whole request body (bounded by `client_max_body_size` and `client_body_timeout`).
+/// Errors carry the status nginx would answer (413, 408, 400).
+pub async fn read_body(rc: &ReqCtx) -> Result<(), u16> {
+    use http_body_util::BodyExt;
+    let (incoming, limit, timeout) = {
+        let mut st = rc.st.borrow_mut();
+        match std::mem::replace(&mut st.body, ReqBody::Discarded) {
+            ReqBody::Unread(b) => (b, st.conf.client_max_body_size, st.conf.client_body_timeout_ms),
+            other => {
+                st.body = other;
+                return Ok(());
+            }
+        }
+    };
+    let mut body = incoming;
+    let mut buf = BytesMut::new();
+    loop {
+        let frame = tokio::time::timeout(std::time::Duration::from_millis(timeout.max(1)), body.frame()).await;
+        match frame {
+            Err(_) => return Err(408),
+            Ok(None) => break,
+            Ok(Some(Err(_))) => return Err(400),
+            Ok(Some(Ok(f))) => {
+                if let Ok(data) = f.into_data() {
+                    buf.extend_from_slice(&data);
+                    if limit > 0 && buf.len() as u64 > limit {
+                        return Err(413);
+                    }
+                }
+            }
+        }
+    }
+    rc.st.borrow_mut().body = ReqBody::Read(buf.freeze());
+    Ok(())
+}
+
+/// Drop the request body without reading it into memory (`ngx.req.discard_body`).
+pub fn discard_body(rc: &ReqCtx) {
+    let mut st = rc.st.borrow_mut();
+    if let ReqBody::Unread(_) = st.body {
+        st.body = ReqBody::Discarded;
+    }
+}
+
+/// Bytes helper for callers that need an owned copy.
+pub fn bytes_of(v: &[u8]) -> Bytes {
+    Bytes::copy_from_slice(v)
+}

@@ -1,0 +1,182 @@
+//! Output filters: the header filter (status default, Content-Type, add_header, headers-more,
+//! header_filter_by_lua) runs once before the head goes out; the body filter
+//! (body_filter_by_lua) sees every chunk with its eof flag. [`send`] pushes buffered output
+//! through both and hands it to hyper: as one whole body when the handler already finished,
+//! else as a stream.
+
+use std::rc::Rc;
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Response, StatusCode};
+use tokio::sync::mpsc;
+
+use super::body::Body;
+use super::request::{LuaArgs, Phase, ReqCtx};
+use crate::conf::model::MoreHeaders;
+use crate::lua::phase as lua_phase;
+
+const ADD_HEADER_STATUSES: &[u16] = &[200, 201, 204, 206, 301, 302, 303, 304, 307, 308];
+
+/// Send buffered output (and the head, the first time). `eof` ends the response.
+pub async fn send(rc: &Rc<ReqCtx>, eof: bool) -> Result<(), String> {
+    if rc.st.borrow().eof_sent {
+        return Ok(());
+    }
+    if !rc.st.borrow().headers_sent {
+        header_filter(rc).await;
+    }
+    let chunk = rc.st.borrow_mut().out.split().freeze();
+    let (chunk, eof) = body_filter(rc, chunk, eof).await;
+    let mut st = rc.st.borrow_mut();
+    st.body_bytes_sent += chunk.len() as u64;
+    if let Some(head_tx) = st.head_tx.take() {
+        let body = if eof {
+            Body::full(chunk)
+        } else {
+            let (tx, rx) = mpsc::channel(16);
+            if !chunk.is_empty() {
+                let _ = tx.try_send(chunk);
+            }
+            st.body_tx = Some(tx);
+            Body::Stream(rx)
+        };
+        let resp = build_response(&st, body);
+        if eof {
+            st.eof_sent = true;
+        }
+        drop(st);
+        head_tx.send(resp).map_err(|_| "client closed connection".to_string())?;
+        return Ok(());
+    }
+    let tx = st.body_tx.clone();
+    if eof {
+        st.eof_sent = true;
+        st.body_tx = None;
+    }
+    drop(st);
+    if let Some(tx) = tx {
+        if !chunk.is_empty() {
+            tx.send(chunk).await.map_err(|_| "client closed connection".to_string())?;
+        }
+    }
+    Ok(())
+}
+
+fn build_response(st: &super::request::ReqState, body: Body) -> Response<Body> {
+    let mut resp = Response::new(body);
+    *resp.status_mut() = StatusCode::from_u16(st.status).unwrap_or(StatusCode::OK);
+    let h = resp.headers_mut();
+    *h = st.resp_headers.clone();
+    if !h.contains_key("server") {
+        h.insert("server", HeaderValue::from_static("tidegate"));
+    }
+    if st.status == 444 {
+        h.insert("connection", HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+/// The header filter: runs once per response.
+async fn header_filter(rc: &Rc<ReqCtx>) {
+    {
+        let mut guard = rc.st.borrow_mut();
+        let st = &mut *guard;
+        st.headers_sent = true;
+        if st.status == 0 {
+            st.status = 200;
+        }
+        let status = st.status;
+        if !st.resp_headers.contains_key("content-type") && status != 204 && status != 304 && status >= 200 {
+            if let Ok(v) = HeaderValue::from_str(&st.conf.default_type) {
+                st.resp_headers.insert("content-type", v);
+            }
+        }
+        let conf = st.conf.clone();
+        for ah in &conf.add_headers {
+            if ah.always || ADD_HEADER_STATUSES.contains(&status) {
+                let v = super::variables::eval(rc, st, &ah.value);
+                if v.is_empty() {
+                    continue;
+                }
+                if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(ah.name.as_bytes()), HeaderValue::from_bytes(&v)) {
+                    st.resp_headers.append(n, v);
+                }
+            }
+        }
+        for m in &conf.more_set_headers {
+            apply_more(rc, st, m, true);
+        }
+        let conn = &rc.conn;
+        if conf.keepalive_requests > 0 && conn.requests.get() >= conf.keepalive_requests {
+            st.resp_headers.insert("connection", HeaderValue::from_static("close"));
+        }
+    }
+    let conf = rc.st.borrow().conf.clone();
+    if let Some(chunk) = &conf.header_filter_by_lua {
+        let prev = rc.st.borrow().phase;
+        let _ = lua_phase::run(rc, chunk, Phase::HeaderFilter).await;
+        rc.st.borrow_mut().phase = prev;
+    }
+    if conf.body_filter_by_lua.is_some() {
+        // The filter may change the length; the response goes out chunked instead.
+        rc.st.borrow_mut().resp_headers.remove("content-length");
+    }
+}
+
+/// Apply one headers-more directive to the response (`output`) or request headers.
+pub fn apply_more(rc: &ReqCtx, st: &mut super::request::ReqState, m: &MoreHeaders, output: bool) {
+    if output && !m.statuses.is_empty() && !m.statuses.contains(&st.status) {
+        return;
+    }
+    if !m.types.is_empty() {
+        let headers = if output { &st.resp_headers } else { &st.headers };
+        let ct = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
+        let ct = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        if !m.types.iter().any(|t| *t == ct) {
+            return;
+        }
+    }
+    for (name, value) in &m.headers {
+        let v = value.as_ref().map(|t| super::variables::eval(rc, st, t));
+        let headers = if output { &mut st.resp_headers } else { &mut st.headers };
+        if let Some(prefix) = name.strip_suffix('*') {
+            let prefix = prefix.to_ascii_lowercase();
+            let names: Vec<HeaderName> = headers.keys().filter(|k| k.as_str().starts_with(&prefix)).cloned().collect();
+            for n in names {
+                headers.remove(n);
+            }
+            continue;
+        }
+        let Ok(n) = HeaderName::from_bytes(name.as_bytes()) else { continue };
+        match v {
+            Some(v) if !v.is_empty() => {
+                if let Ok(v) = HeaderValue::from_bytes(&v) {
+                    headers.insert(n, v);
+                }
+            }
+            _ => {
+                headers.remove(n);
+            }
+        }
+    }
+}
+
+/// The body filter: body_filter_by_lua sees (and may replace) each chunk.
+async fn body_filter(rc: &Rc<ReqCtx>, chunk: Bytes, eof: bool) -> (Bytes, bool) {
+    let conf = rc.st.borrow().conf.clone();
+    let Some(lua_chunk) = &conf.body_filter_by_lua else {
+        return (chunk, eof);
+    };
+    let prev = {
+        let mut st = rc.st.borrow_mut();
+        st.arg = LuaArgs::Body { chunk, eof };
+        st.phase
+    };
+    let _ = lua_phase::run(rc, lua_chunk, Phase::BodyFilter).await;
+    let mut st = rc.st.borrow_mut();
+    st.phase = prev;
+    match std::mem::take(&mut st.arg) {
+        LuaArgs::Body { chunk, eof: e } => (chunk, e || eof),
+        _ => (Bytes::new(), eof),
+    }
+}

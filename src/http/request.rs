@@ -1,0 +1,155 @@
+//! The state of one request as it walks the phases. Lua API files reach it through
+//! `lua::request::current`; nothing here is shared across threads.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, Method, Version};
+use tokio::sync::{mpsc, oneshot};
+
+use super::body::Body;
+use crate::conf::model::{LocConf, Location, Server};
+use crate::lua::vm::LuaVm;
+
+/// What a worker serves with: one configuration generation and its Lua state.
+pub struct Env {
+    pub cfg: Arc<crate::conf::Config>,
+    pub vm: Rc<LuaVm>,
+    pub worker_id: usize,
+    /// Declared variable names (`set $x`), for `ngx.var.x = v` checks.
+    pub declared: std::collections::HashSet<String>,
+}
+
+/// The nginx phase a request (or a Lua call) is in, as `ngx.get_phase()` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Init,
+    InitWorker,
+    Set,
+    Rewrite,
+    ServerRewrite,
+    Access,
+    Content,
+    HeaderFilter,
+    BodyFilter,
+    Log,
+    Timer,
+}
+
+impl Phase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Init => "init",
+            Phase::InitWorker => "init_worker",
+            Phase::Set => "set",
+            Phase::Rewrite | Phase::ServerRewrite => "rewrite",
+            Phase::Access => "access",
+            Phase::Content => "content",
+            Phase::HeaderFilter => "header_filter",
+            Phase::BodyFilter => "body_filter",
+            Phase::Log => "log",
+            Phase::Timer => "timer",
+        }
+    }
+}
+
+/// Facts about the client connection.
+#[derive(Debug)]
+pub struct ConnInfo {
+    /// nginx's connection number (`*7` in the error log).
+    pub id: u64,
+    pub remote: SocketAddr,
+    pub local: SocketAddr,
+    /// Requests served so far on this connection (`keepalive_requests`).
+    pub requests: Cell<u64>,
+}
+
+/// How a Lua handler asked to end its phase.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Exit {
+    /// `ngx.exit(status)`: >= 200 finalizes with that status; 0 ends only the phase.
+    Status(i32),
+    /// `ngx.exec(uri, args)`.
+    Exec(String, Option<String>),
+    /// `ngx.exec("@name")`.
+    Named(String),
+}
+
+/// The request body as far as it has been read.
+pub enum ReqBody {
+    Unread(hyper::body::Incoming),
+    Read(Bytes),
+    Discarded,
+}
+
+/// The data `ngx.arg` exposes in set_by_lua (arguments) and body_filter (chunk, eof).
+#[derive(Debug, Default)]
+pub enum LuaArgs {
+    #[default]
+    None,
+    Set(Vec<Bytes>),
+    Body { chunk: Bytes, eof: bool },
+}
+
+/// Mutable per-request state.
+pub struct ReqState {
+    pub method: Method,
+    /// `$uri`: the decoded, normalized path, changed by rewrites.
+    pub uri: String,
+    /// `$args` (no `?`).
+    pub args: Option<String>,
+    /// `$request_uri`: as the client sent it.
+    pub request_uri: String,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub body: ReqBody,
+    pub server: Arc<Server>,
+    pub conf: Arc<LocConf>,
+    pub location: Option<Arc<Location>>,
+    /// Variables made by `set` / `ngx.var.x = v`.
+    pub vars: HashMap<String, Bytes>,
+    /// Regex captures of the last match ($1..$9).
+    pub captures: Vec<Option<Bytes>>,
+    pub phase: Phase,
+    pub internal: bool,
+    pub redirects: u32,
+    pub exit: Option<Exit>,
+    pub status: u16,
+    pub resp_headers: HeaderMap,
+    pub headers_sent: bool,
+    /// Output buffered by ngx.say/print until a flush or the end of the content phase.
+    pub out: BytesMut,
+    pub eof_sent: bool,
+    pub body_bytes_sent: u64,
+    pub arg: LuaArgs,
+    /// Registry key of the `ngx.ctx` table, made on first use.
+    pub ctx_table: Option<mlua::RegistryKey>,
+    pub head_tx: Option<oneshot::Sender<http::Response<Body>>>,
+    pub body_tx: Option<mpsc::Sender<Bytes>>,
+    /// `$upstream_*` and other late variables other rooms fill in.
+    pub extra_vars: HashMap<&'static str, String>,
+    pub error_page_done: bool,
+}
+
+/// One request.
+pub struct ReqCtx {
+    pub conn: Rc<ConnInfo>,
+    pub env: Rc<Env>,
+    /// Unix time (seconds, float) the request started: `ngx.req.start_time()`.
+    pub start_time: f64,
+    pub start: Instant,
+    pub id: [u8; 16],
+    pub st: RefCell<ReqState>,
+}
+
+impl ReqCtx {
+    /// `$request_id`: 32 hex digits.
+    pub fn request_id(&self) -> String {
+        self.id.iter().map(|b| format!("{:02x}", b)).collect()
+    }
+}

@@ -1,0 +1,89 @@
+//! nginx's default content handler: files under `root`, `index`, the directory redirect.
+
+use std::rc::Rc;
+
+use http::HeaderValue;
+
+use super::engine::Outcome;
+use super::request::ReqCtx;
+
+/// Serve `$uri` from `root`.
+pub async fn serve(rc: &Rc<ReqCtx>) -> Outcome {
+    let (method, uri, root, index) = {
+        let st = rc.st.borrow();
+        (st.method.clone(), st.uri.clone(), rc.env.cfg.prefix.join(&st.conf.root), st.conf.index.clone())
+    };
+    if method != http::Method::GET && method != http::Method::HEAD {
+        return Outcome::Status(405);
+    }
+    let mut path = root.join(uri.trim_start_matches('/'));
+    if uri.ends_with('/') {
+        let mut found = None;
+        for i in &index {
+            let p = path.join(i);
+            if tokio::fs::metadata(&p).await.map(|m| m.is_file()).unwrap_or(false) {
+                found = Some(p);
+                break;
+            }
+        }
+        match found {
+            Some(p) => path = p,
+            None => {
+                let exists = tokio::fs::metadata(&path).await.map(|m| m.is_dir()).unwrap_or(false);
+                if exists {
+                    crate::log::request_error(rc, crate::log::Level::Error, &format!("directory index of \"{}\" is forbidden", path.display()));
+                    return Outcome::Status(403);
+                }
+                crate::log::request_error(rc, crate::log::Level::Error, &format!("\"{}index.html\" is not found (2: No such file or directory)", path.display()));
+                return Outcome::Status(404);
+            }
+        }
+    }
+    let meta = match tokio::fs::metadata(&path).await {
+        Ok(m) => m,
+        Err(e) => {
+            crate::log::request_error(rc, crate::log::Level::Error, &format!("open() \"{}\" failed ({}: {})", path.display(), e.raw_os_error().unwrap_or(0), os_reason(&e)));
+            return Outcome::Status(if e.kind() == std::io::ErrorKind::PermissionDenied { 403 } else { 404 });
+        }
+    };
+    if meta.is_dir() {
+        let mut st = rc.st.borrow_mut();
+        let loc = format!("{}/", uri);
+        if let Ok(v) = HeaderValue::from_str(&loc) {
+            st.resp_headers.insert("location", v);
+        }
+        return Outcome::Status(301);
+    }
+    let data = match tokio::fs::read(&path).await {
+        Ok(d) => d,
+        Err(e) => {
+            crate::log::request_error(rc, crate::log::Level::Error, &format!("open() \"{}\" failed ({}: {})", path.display(), e.raw_os_error().unwrap_or(0), os_reason(&e)));
+            return Outcome::Status(403);
+        }
+    };
+    let mut st = rc.st.borrow_mut();
+    if st.status == 0 {
+        st.status = 200;
+    }
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let ct = st.conf.types.get(&ext).cloned().unwrap_or_else(|| st.conf.default_type.clone());
+    if let Ok(v) = HeaderValue::from_str(&ct) {
+        st.resp_headers.insert("content-type", v);
+    }
+    if let Ok(m) = meta.modified() {
+        if let Ok(v) = HeaderValue::from_str(&httpdate::fmt_http_date(m)) {
+            st.resp_headers.insert("last-modified", v);
+        }
+        let secs = m.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        if let Ok(v) = HeaderValue::from_str(&format!("\"{:x}-{:x}\"", secs, meta.len())) {
+            st.resp_headers.insert("etag", v);
+        }
+    }
+    st.out.extend_from_slice(&data);
+    Outcome::Done
+}
+
+fn os_reason(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    s.split(" (os error").next().unwrap_or(&s).to_string()
+}

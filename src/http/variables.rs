@@ -1,0 +1,202 @@
+//! nginx variables: the built-ins (`$uri`, `$arg_x`, `$http_x`, ...), those made by `set`, and
+//! template evaluation for every directive that takes variables.
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+
+use super::request::{ReqCtx, ReqState};
+use crate::conf::template::{Part, Template};
+
+/// Look a variable up (name lower-case, without `$`). `None` is nginx's "not found".
+pub fn get(rc: &ReqCtx, st: &ReqState, name: &str) -> Option<Vec<u8>> {
+    if let Some(v) = st.vars.get(name) {
+        return Some(v.to_vec());
+    }
+    if let Some(v) = st.extra_vars.get(name) {
+        return Some(v.as_bytes().to_vec());
+    }
+    if let Some(h) = name.strip_prefix("http_") {
+        return header(st, &h.replace('_', "-"));
+    }
+    if let Some(h) = name.strip_prefix("sent_http_") {
+        let h = h.replace('_', "-");
+        let vals: Vec<&[u8]> = st.resp_headers.get_all(h.as_str()).iter().map(|v| v.as_bytes()).collect();
+        return if vals.is_empty() { None } else { Some(vals.join(&b", "[..])) };
+    }
+    if let Some(a) = name.strip_prefix("arg_") {
+        return arg(st.args.as_deref().unwrap_or(""), a).map(|v| v.into_owned());
+    }
+    if let Some(c) = name.strip_prefix("cookie_") {
+        return cookie(st, c);
+    }
+    let s: String = match name {
+        "uri" | "document_uri" => st.uri.clone(),
+        "request_uri" => st.request_uri.clone(),
+        "args" | "query_string" => return st.args.as_ref().map(|a| a.as_bytes().to_vec()),
+        "is_args" => if st.args.as_deref().is_some_and(|a| !a.is_empty()) { "?" } else { "" }.to_string(),
+        "host" => host(st).unwrap_or_else(|| st.server.primary_name.clone()),
+        "http_host" => return header(st, "host"),
+        "remote_addr" | "realip_remote_addr" => rc.conn.remote.ip().to_string(),
+        "remote_port" | "realip_remote_port" => rc.conn.remote.port().to_string(),
+        "binary_remote_addr" => {
+            return Some(match rc.conn.remote.ip() {
+                std::net::IpAddr::V4(v) => v.octets().to_vec(),
+                std::net::IpAddr::V6(v) => v.octets().to_vec(),
+            })
+        }
+        "server_addr" => rc.conn.local.ip().to_string(),
+        "server_port" => rc.conn.local.port().to_string(),
+        "server_name" => st.server.primary_name.clone(),
+        "server_protocol" => version(st).to_string(),
+        "scheme" => "http".to_string(),
+        "https" => String::new(),
+        "request_method" => st.method.as_str().to_string(),
+        "request" => format!("{} {} {}", st.method, st.request_uri, version(st)),
+        "request_time" => format!("{:.3}", rc.start.elapsed().as_secs_f64()),
+        "status" => st.status.to_string(),
+        "body_bytes_sent" => st.body_bytes_sent.to_string(),
+        "bytes_sent" => st.body_bytes_sent.to_string(),
+        "content_type" => return header(st, "content-type"),
+        "content_length" => return header(st, "content-length"),
+        "hostname" => hostname(),
+        "msec" => {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            format!("{}.{:03}", now.as_secs(), now.subsec_millis())
+        }
+        "time_local" => chrono::Local::now().format("%d/%b/%Y:%H:%M:%S %z").to_string(),
+        "time_iso8601" => chrono::Local::now().format("%Y-%m-%dT%H:%M:%S%:z").to_string(),
+        "request_id" => rc.request_id(),
+        "connection" => rc.conn.id.to_string(),
+        "connection_requests" => rc.conn.requests.get().to_string(),
+        "nginx_version" => "1.25.3".to_string(),
+        "pid" => std::process::id().to_string(),
+        "document_root" | "realpath_root" => st.conf.root.clone(),
+        "remote_user" => return None,
+        "request_length" => "0".to_string(),
+        "request_body" => {
+            return match &st.body {
+                super::request::ReqBody::Read(b) => Some(b.to_vec()),
+                _ => None,
+            }
+        }
+        _ => return None,
+    };
+    Some(s.into_bytes())
+}
+
+/// Whether `name` is a built-in that cannot be assigned (nginx's "not changeable").
+pub fn is_builtin(name: &str) -> bool {
+    name.starts_with("http_") || name.starts_with("arg_") || name.starts_with("cookie_") || name.starts_with("sent_http_")
+}
+
+fn version(st: &ReqState) -> &'static str {
+    match st.version {
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_2 => "HTTP/2.0",
+        _ => "HTTP/1.1",
+    }
+}
+
+fn header(st: &ReqState, name: &str) -> Option<Vec<u8>> {
+    let mut it = st.headers.get_all(name).iter();
+    let first = it.next()?;
+    let mut v = first.as_bytes().to_vec();
+    for more in it {
+        // nginx joins repeated Cookie headers with "; " and others with ", ".
+        v.extend_from_slice(if name == "cookie" { b"; " } else { b", " });
+        v.extend_from_slice(more.as_bytes());
+    }
+    Some(v)
+}
+
+/// `$host`: Host header without port, lower-case.
+pub fn host(st: &ReqState) -> Option<String> {
+    let h = st.headers.get("host")?.to_str().ok()?;
+    let h = if h.starts_with('[') { h.split(']').next().map(|s| format!("{}]", s)).unwrap_or_default() } else { h.split(':').next().unwrap_or("").to_string() };
+    if h.is_empty() {
+        None
+    } else {
+        Some(h.to_ascii_lowercase())
+    }
+}
+
+/// The raw value of query argument `name` (case-insensitive, as nginx matches `$arg_x`).
+pub fn arg<'a>(args: &'a str, name: &str) -> Option<Cow<'a, [u8]>> {
+    for pair in args.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if k.eq_ignore_ascii_case(name) {
+            return Some(Cow::Borrowed(v.as_bytes()));
+        }
+    }
+    None
+}
+
+fn cookie(st: &ReqState, name: &str) -> Option<Vec<u8>> {
+    for h in st.headers.get_all("cookie") {
+        for c in h.as_bytes().split(|b| *b == b';') {
+            let c = trim(c);
+            if let Some(eq) = c.iter().position(|b| *b == b'=') {
+                if c[..eq].eq_ignore_ascii_case(name.as_bytes()) {
+                    return Some(c[eq + 1..].to_vec());
+                }
+            }
+        }
+    }
+    None
+}
+
+fn trim(mut b: &[u8]) -> &[u8] {
+    while let [b' ', rest @ ..] = b {
+        b = rest;
+    }
+    while let [rest @ .., b' '] = b {
+        b = rest;
+    }
+    b
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into our buffer.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
+    if rc != 0 {
+        return "localhost".to_string();
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// Evaluate a template for this request. Unknown variables expand to nothing.
+pub fn eval(rc: &ReqCtx, st: &ReqState, t: &Template) -> Vec<u8> {
+    if let Some(l) = t.as_literal() {
+        return l.to_vec();
+    }
+    let mut out = Vec::new();
+    for p in &t.parts {
+        match p {
+            Part::Lit(l) => out.extend_from_slice(l),
+            Part::Var(n) => {
+                if let Some(v) = get(rc, st, n) {
+                    out.extend_from_slice(&v);
+                }
+            }
+            Part::Capture(i) => {
+                if let Some(Some(c)) = st.captures.get(*i) {
+                    out.extend_from_slice(c);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Evaluate to a String (lossy for non-UTF-8 bytes).
+pub fn eval_string(rc: &ReqCtx, st: &ReqState, t: &Template) -> String {
+    String::from_utf8_lossy(&eval(rc, st, t)).into_owned()
+}
+
+/// Store captures of a regex match for `$1..$9`.
+pub fn set_captures(st: &mut ReqState, subject: &[u8], caps: &[Option<(usize, usize)>]) {
+    st.captures = caps.iter().map(|c| c.map(|(s, e)| Bytes::copy_from_slice(&subject[s..e]))).collect();
+}

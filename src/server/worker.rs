@@ -1,0 +1,215 @@
+//! One worker thread: a current-thread runtime, a `LocalSet`, its Lua state, its sockets.
+//! Connections are served with `spawn_local` because the Lua state is not `Send`.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio::task::{JoinHandle, LocalSet};
+
+use super::Control;
+use crate::conf::Config;
+use crate::http::request::{ConnInfo, Env, Phase};
+use crate::log::{self as elog, Level};
+use crate::lua::vm::{LuaVm, VmOptions};
+use crate::shdict::Zones;
+
+/// nginx's connection numbers are unique per process.
+static CONN_IDS: AtomicU64 = AtomicU64::new(1);
+
+struct Worker {
+    id: usize,
+    count: usize,
+    env: RefCell<Rc<Env>>,
+    active: Cell<usize>,
+    shutdown: watch::Sender<bool>,
+}
+
+/// Build a generation: a Lua state with init_by_lua and init_worker_by_lua run.
+async fn build_env(id: usize, count: usize, cfg: Arc<Config>, zones: Zones) -> Result<Rc<Env>, String> {
+    let opts = VmOptions {
+        prefix: cfg.prefix.clone(),
+        package_path: cfg.http.lua.package_path.clone(),
+        package_cpath: cfg.http.lua.package_cpath.clone(),
+        zones,
+        worker_id: Some(id),
+        worker_count: count,
+    };
+    let vm = LuaVm::new(&opts).map_err(|e| format!("failed to create Lua state: {}", e))?;
+    if let Some(init) = &cfg.http.lua.init {
+        run_chunk(&vm, init, Phase::Init).await.map_err(|e| format!("init_by_lua error: {}", e))?;
+    }
+    if let Some(iw) = &cfg.http.lua.init_worker {
+        if let Err(e) = run_chunk(&vm, iw, Phase::InitWorker).await {
+            elog::log(Level::Error, None, &format!("init_worker_by_lua error: {}", e));
+        }
+    }
+    let declared: HashSet<String> = cfg.http.declared_vars.iter().cloned().collect();
+    Ok(Rc::new(Env { cfg, vm: Rc::new(vm), worker_id: id, declared }))
+}
+
+/// Run a request-less chunk (init, init_worker) as a coroutine.
+async fn run_chunk(vm: &LuaVm, chunk: &crate::conf::model::LuaChunk, phase: Phase) -> Result<(), String> {
+    let f = vm.handler(chunk).map_err(|e| crate::lua::phase::error_text(&e))?;
+    if let Some(c) = vm.lua.app_data_ref::<crate::lua::request::Current>() {
+        *c.phase.borrow_mut() = Some(phase);
+    }
+    let r = f.call_async::<()>(()).await.map_err(|e| crate::lua::phase::error_text(&e));
+    if let Some(c) = vm.lua.app_data_ref::<crate::lua::request::Current>() {
+        *c.phase.borrow_mut() = None;
+    }
+    r
+}
+
+/// The worker thread's entry point.
+pub fn main(
+    id: usize,
+    count: usize,
+    cfg: Arc<Config>,
+    zones: Zones,
+    socks: Vec<(SocketAddr, std::net::TcpListener)>,
+    mut rx: mpsc::UnboundedReceiver<Control>,
+    ready: std::sync::mpsc::Sender<Result<(), String>>,
+) {
+    elog::set_worker(id);
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = ready.send(Err(format!("worker runtime: {}", e)));
+            return;
+        }
+    };
+    let local = LocalSet::new();
+    local.block_on(&rt, async move {
+        let env = match build_env(id, count, cfg.clone(), zones).await {
+            Ok(e) => e,
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return;
+            }
+        };
+        let (shutdown, _) = watch::channel(false);
+        let w = Rc::new(Worker { id, count, env: RefCell::new(env), active: Cell::new(0), shutdown });
+        let mut accepts: HashMap<SocketAddr, JoinHandle<()>> = HashMap::new();
+        for (addr, l) in socks {
+            match TcpListener::from_std(l) {
+                Ok(l) => {
+                    accepts.insert(addr, tokio::task::spawn_local(accept_loop(w.clone(), l)));
+                }
+                Err(e) => {
+                    let _ = ready.send(Err(format!("listen on {}: {}", addr, e)));
+                    return;
+                }
+            }
+        }
+        let _ = ready.send(Ok(()));
+        while let Some(msg) = rx.recv().await {
+            match msg {
+                Control::Reload(cfg, zones, socks) => {
+                    match build_env(w.id, w.count, cfg.clone(), zones).await {
+                        Ok(env) => {
+                            // In-flight requests keep their Rc<Env>: they finish on the old state.
+                            *w.env.borrow_mut() = env;
+                        }
+                        Err(e) => {
+                            elog::log(Level::Emerg, None, &format!("reload failed, keeping the old configuration: {}", e));
+                            continue;
+                        }
+                    }
+                    let wanted: Vec<SocketAddr> = super::listen_addrs(&cfg).into_iter().map(|(a, _)| a).collect();
+                    accepts.retain(|addr, h| {
+                        let keep = wanted.contains(addr);
+                        if !keep {
+                            h.abort();
+                        }
+                        keep
+                    });
+                    for (addr, l) in socks {
+                        if let Ok(l) = TcpListener::from_std(l) {
+                            accepts.insert(addr, tokio::task::spawn_local(accept_loop(w.clone(), l)));
+                        }
+                    }
+                }
+                Control::Quit => break,
+            }
+        }
+        // Graceful shutdown: stop accepting, let connections finish their current request.
+        for (_, h) in accepts.drain() {
+            h.abort();
+        }
+        let _ = w.shutdown.send(true);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while w.active.get() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+}
+
+async fn accept_loop(w: Rc<Worker>, listener: TcpListener) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: nginx logs and keeps accepting after a pause.
+                elog::log(Level::Alert, None, &format!("accept() failed ({})", e));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let limit = w.env.borrow().cfg.worker_connections;
+        if w.active.get() >= limit {
+            elog::log(Level::Alert, None, &format!("{} worker_connections are not enough", limit));
+            drop(stream);
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().unwrap_or(peer);
+        let conn = Rc::new(ConnInfo { id: CONN_IDS.fetch_add(1, Ordering::Relaxed), remote: peer, local, requests: Cell::new(0) });
+        w.active.set(w.active.get() + 1);
+        let w2 = w.clone();
+        tokio::task::spawn_local(async move {
+            serve_conn(&w2, conn, stream).await;
+            w2.active.set(w2.active.get() - 1);
+        });
+    }
+}
+
+async fn serve_conn(w: &Rc<Worker>, conn: Rc<ConnInfo>, stream: tokio::net::TcpStream) {
+    let (header_timeout, keepalive) = {
+        let env = w.env.borrow();
+        let s = env.cfg.http.servers.first().map(|s| s.conf.clone());
+        (Duration::from_secs(60), s.map(|c| c.keepalive_timeout_ms > 0).unwrap_or(true))
+    };
+    let w2 = w.clone();
+    let c2 = conn.clone();
+    let svc = service_fn(move |req| {
+        let env = w2.env.borrow().clone();
+        let conn = c2.clone();
+        async move { Ok::<_, std::convert::Infallible>(crate::http::engine::serve(env, conn, req).await) }
+    });
+    let mut builder = http1::Builder::new();
+    builder.timer(TokioTimer::new()).keep_alive(keepalive).header_read_timeout(header_timeout).max_buf_size(64 * 1024);
+    let c = builder.serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(c);
+    let mut shutdown = w.shutdown.subscribe();
+    tokio::select! {
+        r = c.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(conn = conn.id, "connection error: {}", e);
+            }
+        }
+        _ = shutdown.wait_for(|v| *v) => {
+            c.as_mut().graceful_shutdown();
+            let _ = c.await;
+        }
+    }
+}
