@@ -78,6 +78,10 @@ fn default_cpath() -> String {
 
 fn set_package_paths(lua: &Lua, opts: &VmOptions) -> mlua::Result<()> {
     let package: Table = lua.globals().get("package")?;
+    // `$prefix` / `${prefix}` in the paths mean the server prefix, as in lua-nginx-module.
+    let prefix = opts.prefix.display().to_string();
+    let expand = |p: &str| p.replace("${prefix}", &prefix).replace("$prefix", &prefix);
+    let opts = &VmOptions { package_path: opts.package_path.as_deref().map(expand), package_cpath: opts.package_cpath.as_deref().map(expand), ..opts.clone() };
     let path = match &opts.package_path {
         Some(p) => p.replace(";;", &format!(";{};", default_path(&opts.prefix))),
         None => default_path(&opts.prefix),
