@@ -79,7 +79,12 @@ struct Sink {
 
 fn sink() -> &'static Mutex<Sink> {
     static SINK: OnceLock<Mutex<Sink>> = OnceLock::new();
-    SINK.get_or_init(|| Mutex::new(Sink { file: None, level: Level::Notice }))
+    SINK.get_or_init(|| {
+        Mutex::new(Sink {
+            file: None,
+            level: Level::Notice,
+        })
+    })
 }
 
 thread_local! {
@@ -125,7 +130,15 @@ pub fn log(level: Level, conn: Option<u64>, msg: &str) {
     let line = if level == Level::Stderr {
         format!("{}\n", msg)
     } else {
-        format!("{} [{}] {}#{}: {}{}\n", now, level.name(), std::process::id(), worker, conn, msg)
+        format!(
+            "{} [{}] {}#{}: {}{}\n",
+            now,
+            level.name(),
+            std::process::id(),
+            worker,
+            conn,
+            msg
+        )
     };
     match s.file.as_mut() {
         Some(f) => {
@@ -171,7 +184,11 @@ pub fn request_error(rc: &ReqCtx, level: Level, msg: &str) {
 pub struct NginxLayer;
 
 impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for NginxLayer {
-    fn on_event(&self, event: &tracing::Event<'_>, _ctx: tracing_subscriber::layer::Context<'_, S>) {
+    fn on_event(
+        &self,
+        event: &tracing::Event<'_>,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
         let level = match *event.metadata().level() {
             tracing::Level::ERROR => Level::Error,
             tracing::Level::WARN => Level::Warn,

@@ -6,7 +6,8 @@ use std::process::exit;
 
 use tidegate::conf::{build::load, LoadOptions};
 
-const USAGE: &str = "Usage: tidegate [-?hvVtTq] [-s signal] [-p prefix] [-e filename] [-c filename] [-g directives]
+const USAGE: &str =
+    "Usage: tidegate [-?hvVtTq] [-s signal] [-p prefix] [-e filename] [-c filename] [-g directives]
        tidegate spec [paths...]
        tidegate resty [-I dir] [-e code | file.lua [args...]]
 
@@ -31,7 +32,11 @@ fn main() {
         Some("resty") => exit(resty(&args[1..])),
         _ => {}
     }
-    let mut opts = LoadOptions { prefix: PathBuf::from("."), conf: PathBuf::from("conf/nginx.conf"), globals: None };
+    let mut opts = LoadOptions {
+        prefix: PathBuf::from("."),
+        conf: PathBuf::from("conf/nginx.conf"),
+        globals: None,
+    };
     let (mut test, mut dump, mut quiet) = (false, false, false);
     let mut signal: Option<String> = None;
     let mut error_log: Option<String> = None;
@@ -43,7 +48,15 @@ fn main() {
             match args.get(*i) {
                 Some(v) => v.clone(),
                 None => {
-                    eprintln!("nginx: option \"{}\" requires {}", a, if a == "-g" { "directives" } else { "a parameter" });
+                    eprintln!(
+                        "nginx: option \"{}\" requires {}",
+                        a,
+                        if a == "-g" {
+                            "directives"
+                        } else {
+                            "a parameter"
+                        }
+                    );
                     exit(1);
                 }
             }
@@ -59,7 +72,10 @@ fn main() {
             }
             "-V" => {
                 eprintln!("tidegate version: tidegate/{}", tidegate::VERSION);
-                eprintln!("built with LuaJIT (mlua), hyper, tokio; lua-nginx-module API {}", tidegate::NGX_LUA_VERSION);
+                eprintln!(
+                    "built with LuaJIT (mlua), hyper, tokio; lua-nginx-module API {}",
+                    tidegate::NGX_LUA_VERSION
+                );
                 eprintln!("configure arguments: --prefix=. --conf-path=conf/nginx.conf");
                 exit(0);
             }
@@ -75,7 +91,10 @@ fn main() {
             "-s" => signal = Some(value(&mut i)),
             "-e" => error_log = Some(value(&mut i)),
             other => {
-                eprintln!("nginx: invalid option: \"{}\"", other.trim_start_matches('-'));
+                eprintln!(
+                    "nginx: invalid option: \"{}\"",
+                    other.trim_start_matches('-')
+                );
                 exit(1);
             }
         }
@@ -85,7 +104,11 @@ fn main() {
         opts.prefix = abs;
     }
     if let Some(e) = error_log {
-        let path = if e == "stderr" { PathBuf::from("stderr") } else { opts.prefix.join(e) };
+        let path = if e == "stderr" {
+            PathBuf::from("stderr")
+        } else {
+            opts.prefix.join(e)
+        };
         let _ = tidegate::log::open(&path, "notice");
     }
     let conf_display = opts.conf_path().display().to_string();
@@ -96,8 +119,14 @@ fn main() {
                     println!("{}", tidegate::conf::parser::dump(&cfg.parsed));
                 }
                 if !quiet {
-                    eprintln!("nginx: the configuration file {} syntax is ok", conf_display);
-                    eprintln!("nginx: configuration file {} test is successful", conf_display);
+                    eprintln!(
+                        "nginx: the configuration file {} syntax is ok",
+                        conf_display
+                    );
+                    eprintln!(
+                        "nginx: configuration file {} test is successful",
+                        conf_display
+                    );
                 }
                 exit(0);
             }
@@ -136,20 +165,33 @@ fn send_signal(opts: &LoadOptions, sig: &str) -> i32 {
     let text = match std::fs::read_to_string(&pid_path) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("nginx: [error] open() \"{}\" failed ({})", pid_path.display(), e);
+            eprintln!(
+                "nginx: [error] open() \"{}\" failed ({})",
+                pid_path.display(),
+                e
+            );
             return 1;
         }
     };
     let pid: i32 = match text.trim().parse() {
         Ok(p) if p > 0 => p,
         _ => {
-            eprintln!("nginx: [error] invalid PID number \"{}\" in \"{}\"", text.trim(), pid_path.display());
+            eprintln!(
+                "nginx: [error] invalid PID number \"{}\" in \"{}\"",
+                text.trim(),
+                pid_path.display()
+            );
             return 1;
         }
     };
     // SAFETY: kill(2) with a pid read from our pid file and a valid signal number.
     if unsafe { libc::kill(pid, signo) } != 0 {
-        eprintln!("nginx: [error] kill({}, {}) failed ({})", pid, signo, std::io::Error::last_os_error());
+        eprintln!(
+            "nginx: [error] kill({}, {}) failed ({})",
+            pid,
+            signo,
+            std::io::Error::last_os_error()
+        );
         return 1;
     }
     0

@@ -49,13 +49,23 @@ pub fn load(opts: &LoadOptions) -> Result<Config, ConfError> {
         parsed.tree = extra;
     }
     table::check(&parsed.tree, directives::ALL)?;
-    let mut b = Builder { prefix: opts.prefix.clone(), chunks: Vec::new(), declared: Vec::new(), notices: Vec::new(), code_cache: true, formats: HashMap::new() };
+    let mut b = Builder {
+        prefix: opts.prefix.clone(),
+        chunks: Vec::new(),
+        declared: Vec::new(),
+        notices: Vec::new(),
+        code_cache: true,
+        formats: HashMap::new(),
+    };
     b.build(opts, conf_path, parsed)
 }
 
 /// Find a row by name in all tables.
 fn command(name: &str) -> Option<&'static table::Command> {
-    directives::ALL.iter().flat_map(|t| t.iter()).find(|c| c.name == name)
+    directives::ALL
+        .iter()
+        .flat_map(|t| t.iter())
+        .find(|c| c.name == name)
 }
 
 struct Builder {
@@ -76,11 +86,13 @@ fn template(d: &Directive, s: &str) -> Result<Template, ConfError> {
 }
 
 fn time_ms(d: &Directive, s: &str) -> Result<u64, ConfError> {
-    parse_time_ms(s).ok_or_else(|| ConfError::directive(d, format!("\"{}\" directive invalid value", d.name)))
+    parse_time_ms(s)
+        .ok_or_else(|| ConfError::directive(d, format!("\"{}\" directive invalid value", d.name)))
 }
 
 fn size(d: &Directive, s: &str) -> Result<u64, ConfError> {
-    parse_size(s).ok_or_else(|| ConfError::directive(d, format!("\"{}\" directive invalid value", d.name)))
+    parse_size(s)
+        .ok_or_else(|| ConfError::directive(d, format!("\"{}\" directive invalid value", d.name)))
 }
 
 fn default_types() -> HashMap<String, String> {
@@ -106,7 +118,12 @@ fn default_types() -> HashMap<String, String> {
 }
 
 impl Builder {
-    fn build(&mut self, opts: &LoadOptions, conf_file: PathBuf, parsed: Parsed) -> Result<Config, ConfError> {
+    fn build(
+        &mut self,
+        opts: &LoadOptions,
+        conf_file: PathBuf,
+        parsed: Parsed,
+    ) -> Result<Config, ConfError> {
         let mut cfg = Config {
             prefix: self.prefix.clone(),
             conf_file,
@@ -127,8 +144,14 @@ impl Builder {
             match d.name.as_str() {
                 "worker_processes" => {
                     cfg.worker_processes = match arg(d, 0) {
-                        "auto" => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-                        v => v.parse().ok().filter(|n| *n > 0).ok_or_else(|| ConfError::invalid_value(d, v))?,
+                        "auto" => std::thread::available_parallelism()
+                            .map(|n| n.get())
+                            .unwrap_or(1),
+                        v => v
+                            .parse()
+                            .ok()
+                            .filter(|n| *n > 0)
+                            .ok_or_else(|| ConfError::invalid_value(d, v))?,
                     }
                 }
                 "error_log" => cfg.error_log = self.error_log(d)?,
@@ -146,8 +169,11 @@ impl Builder {
                             continue;
                         }
                         if e.name == "worker_connections" {
-                            cfg.worker_connections =
-                                arg(e, 0).parse().ok().filter(|n| *n > 0).ok_or_else(|| ConfError::invalid_value(e, arg(e, 0)))?;
+                            cfg.worker_connections = arg(e, 0)
+                                .parse()
+                                .ok()
+                                .filter(|n| *n > 0)
+                                .ok_or_else(|| ConfError::invalid_value(e, arg(e, 0)))?;
                         }
                     }
                 }
@@ -174,26 +200,47 @@ impl Builder {
     /// An ignored directive: record a notice and skip it.
     fn ignored(&mut self, d: &Directive) -> bool {
         if command(&d.name).is_some_and(|c| c.ignored) {
-            self.notices.push(format!("the \"{}\" directive is ignored by tidegate in {}", d.name, d.location()));
+            self.notices.push(format!(
+                "the \"{}\" directive is ignored by tidegate in {}",
+                d.name,
+                d.location()
+            ));
             return true;
         }
         false
     }
 
     fn error_log(&self, d: &Directive) -> Result<(PathBuf, String), ConfError> {
-        let level = d.args.get(1).cloned().unwrap_or_else(|| "error".to_string());
-        const LEVELS: &[&str] = &["debug", "info", "notice", "warn", "error", "crit", "alert", "emerg"];
+        let level = d
+            .args
+            .get(1)
+            .cloned()
+            .unwrap_or_else(|| "error".to_string());
+        const LEVELS: &[&str] = &[
+            "debug", "info", "notice", "warn", "error", "crit", "alert", "emerg",
+        ];
         if !LEVELS.contains(&level.as_str()) {
-            return Err(ConfError::directive(d, format!("invalid log level \"{}\"", level)));
+            return Err(ConfError::directive(
+                d,
+                format!("invalid log level \"{}\"", level),
+            ));
         }
         let p = arg(d, 0);
-        let path = if p == "stderr" || p.starts_with("/dev/") { PathBuf::from(p) } else { self.path(p) };
+        let path = if p == "stderr" || p.starts_with("/dev/") {
+            PathBuf::from(p)
+        } else {
+            self.path(p)
+        };
         Ok((path, level))
     }
 
     fn lua_chunk(&mut self, d: &Directive, value: &str) -> Result<Arc<LuaChunk>, ConfError> {
         let is_file = d.name.ends_with("_by_lua_file");
-        let directive = d.name.trim_end_matches("_block").trim_end_matches("_file").to_string();
+        let directive = d
+            .name
+            .trim_end_matches("_block")
+            .trim_end_matches("_file")
+            .to_string();
         let base = d.file.rsplit('/').next().unwrap_or(&d.file).to_string();
         let name = format!("={}({}:{})", directive, base, d.line);
         let source = if is_file {
@@ -206,17 +253,32 @@ impl Builder {
                     mlua::Error::SyntaxError { message, .. } => message,
                     other => other.to_string(),
                 };
-                return Err(ConfError::directive(d, format!("failed to load inlined Lua code: {}", msg)));
+                return Err(ConfError::directive(
+                    d,
+                    format!("failed to load inlined Lua code: {}", msg),
+                ));
             }
             LuaSource::Inline(value.to_string())
         };
-        let chunk = Arc::new(LuaChunk { id: self.chunks.len(), source, name, directive, reload: is_file && !self.code_cache });
+        let chunk = Arc::new(LuaChunk {
+            id: self.chunks.len(),
+            source,
+            name,
+            directive,
+            reload: is_file && !self.code_cache,
+        });
         self.chunks.push(chunk.clone());
         Ok(chunk)
     }
 
     fn http(&mut self, list: &[Directive]) -> Result<Http, ConfError> {
-        let mut http = Http { lua: LuaMain { code_cache: true, ..Default::default() }, ..Default::default() };
+        let mut http = Http {
+            lua: LuaMain {
+                code_cache: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
         // lua_code_cache must be known before chunks are made.
         for d in list {
             if d.name == "lua_code_cache" {
@@ -239,7 +301,10 @@ impl Builder {
             client_body_timeout_ms: 60_000,
             keepalive_timeout_ms: 75_000,
             keepalive_requests: 1000,
-            access_logs: vec![AccessLog { path: self.path("logs/access.log"), format: Arc::new(combined()) }],
+            access_logs: vec![AccessLog {
+                path: self.path("logs/access.log"),
+                format: Arc::new(combined()),
+            }],
             rewrite_by_lua: None,
             access_by_lua: None,
             header_filter_by_lua: None,
@@ -247,14 +312,18 @@ impl Builder {
             log_by_lua: None,
             server_tokens: true,
         };
+        Self::level_start(&mut conf, list);
         // log_format first: access_log may name a format defined later in the block.
         for d in list {
             if d.name == "log_format" {
                 let fmt = d.args[1..].join("");
-                http.log_formats.insert(arg(d, 0).to_string(), Arc::new(template(d, &fmt)?));
+                http.log_formats
+                    .insert(arg(d, 0).to_string(), Arc::new(template(d, &fmt)?));
             }
         }
-        http.log_formats.entry("combined".to_string()).or_insert_with(|| Arc::new(combined()));
+        http.log_formats
+            .entry("combined".to_string())
+            .or_insert_with(|| Arc::new(combined()));
         self.formats = http.log_formats.clone();
         for d in list {
             if self.ignored(d) {
@@ -267,14 +336,22 @@ impl Builder {
                 "lua_shared_dict" => {
                     let sz = size(d, arg(d, 1))? as usize;
                     if sz < 8 * 1024 {
-                        return Err(ConfError::directive(d, format!("zone \"{}\" is too small", arg(d, 0))));
+                        return Err(ConfError::directive(
+                            d,
+                            format!("zone \"{}\" is too small", arg(d, 0)),
+                        ));
                     }
                     if http.lua.shared_dicts.iter().any(|(n, _)| n == arg(d, 0)) {
-                        return Err(ConfError::directive(d, format!("lua_shared_dict \"{}\" is already defined", arg(d, 0))));
+                        return Err(ConfError::directive(
+                            d,
+                            format!("lua_shared_dict \"{}\" is already defined", arg(d, 0)),
+                        ));
                     }
                     http.lua.shared_dicts.push((arg(d, 0).to_string(), sz));
                 }
-                "init_by_lua_block" | "init_by_lua_file" => http.lua.init = Some(self.lua_chunk(d, arg(d, 0))?),
+                "init_by_lua_block" | "init_by_lua_file" => {
+                    http.lua.init = Some(self.lua_chunk(d, arg(d, 0))?)
+                }
                 "init_worker_by_lua_block" | "init_worker_by_lua_file" => {
                     http.lua.init_worker = Some(self.lua_chunk(d, arg(d, 0))?)
                 }
@@ -302,11 +379,21 @@ fn combined() -> Template {
 
 /// Directives of the rewrite module (and set_by_lua), which run in order in the rewrite phase.
 fn is_rewrite_op(name: &str) -> bool {
-    matches!(name, "set" | "rewrite" | "return" | "break" | "if" | "set_by_lua_block" | "set_by_lua_file")
+    matches!(
+        name,
+        "set" | "rewrite" | "return" | "break" | "if" | "set_by_lua_block" | "set_by_lua_file"
+    )
 }
 
 impl Builder {
     /// Apply one inheritable setting to `conf`.
+    /// Start a level: `access_log` at this level replaces the inherited list, as in nginx.
+    fn level_start(conf: &mut LocConf, list: &[Directive]) {
+        if list.iter().any(|d| d.name == "access_log") {
+            conf.access_logs.clear();
+        }
+    }
+
     fn setting(&mut self, conf: &mut LocConf, d: &Directive) -> Result<(), ConfError> {
         match d.name.as_str() {
             "root" => conf.root = arg(d, 0).to_string(),
@@ -325,7 +412,9 @@ impl Builder {
             "internal" => conf.internal = true,
             "keepalive_timeout" => conf.keepalive_timeout_ms = time_ms(d, arg(d, 0))?,
             "keepalive_requests" => {
-                conf.keepalive_requests = arg(d, 0).parse().map_err(|_| ConfError::invalid_value(d, arg(d, 0)))?
+                conf.keepalive_requests = arg(d, 0)
+                    .parse()
+                    .map_err(|_| ConfError::invalid_value(d, arg(d, 0)))?
             }
             "client_max_body_size" => conf.client_max_body_size = size(d, arg(d, 0))?,
             "client_body_timeout" => conf.client_body_timeout_ms = time_ms(d, arg(d, 0))?,
@@ -345,7 +434,11 @@ impl Builder {
                     Some("always") => true,
                     Some(v) => return Err(ConfError::invalid_value(d, v)),
                 };
-                conf.add_headers.push(AddHeader { name: arg(d, 0).to_string(), value: template(d, arg(d, 1))?, always });
+                conf.add_headers.push(AddHeader {
+                    name: arg(d, 0).to_string(),
+                    value: template(d, arg(d, 1))?,
+                    always,
+                });
             }
             "more_set_headers" | "more_clear_headers" => {
                 let m = self.more_headers(d, d.name == "more_clear_headers")?;
@@ -360,44 +453,63 @@ impl Builder {
                     conf.access_logs.clear();
                 } else {
                     let fname = d.args.get(1).map(String::as_str).unwrap_or("combined");
-                    let format = self
-                        .formats
-                        .get(fname)
-                        .cloned()
-                        .ok_or_else(|| ConfError::directive(d, format!("unknown log format \"{}\"", fname)))?;
-                    // A directive at this level replaces the inherited list, as in nginx.
-                    if !conf.access_logs.iter().any(|l| l.path == self.path(arg(d, 0))) {
-                        conf.access_logs.retain(|_| false);
-                    }
-                    conf.access_logs.push(AccessLog { path: self.path(arg(d, 0)), format });
+                    let format = self.formats.get(fname).cloned().ok_or_else(|| {
+                        ConfError::directive(d, format!("unknown log format \"{}\"", fname))
+                    })?;
+                    conf.access_logs.push(AccessLog {
+                        path: self.path(arg(d, 0)),
+                        format,
+                    });
                 }
             }
             "lua_code_cache" => {}
-            "rewrite_by_lua_block" | "rewrite_by_lua_file" => conf.rewrite_by_lua = Some(self.lua_chunk(d, arg(d, 0))?),
-            "access_by_lua_block" | "access_by_lua_file" => conf.access_by_lua = Some(self.lua_chunk(d, arg(d, 0))?),
-            "content_by_lua_block" | "content_by_lua_file" => conf.content = Content::Lua(self.lua_chunk(d, arg(d, 0))?),
+            "rewrite_by_lua_block" | "rewrite_by_lua_file" => {
+                conf.rewrite_by_lua = Some(self.lua_chunk(d, arg(d, 0))?)
+            }
+            "access_by_lua_block" | "access_by_lua_file" => {
+                conf.access_by_lua = Some(self.lua_chunk(d, arg(d, 0))?)
+            }
+            "content_by_lua_block" | "content_by_lua_file" => {
+                conf.content = Content::Lua(self.lua_chunk(d, arg(d, 0))?)
+            }
             "header_filter_by_lua_block" | "header_filter_by_lua_file" => {
                 conf.header_filter_by_lua = Some(self.lua_chunk(d, arg(d, 0))?)
             }
             "body_filter_by_lua_block" | "body_filter_by_lua_file" => {
                 conf.body_filter_by_lua = Some(self.lua_chunk(d, arg(d, 0))?)
             }
-            "log_by_lua_block" | "log_by_lua_file" => conf.log_by_lua = Some(self.lua_chunk(d, arg(d, 0))?),
-            other => return Err(ConfError::directive(d, format!("\"{}\" directive is not allowed here", other))),
+            "log_by_lua_block" | "log_by_lua_file" => {
+                conf.log_by_lua = Some(self.lua_chunk(d, arg(d, 0))?)
+            }
+            other => {
+                return Err(ConfError::directive(
+                    d,
+                    format!("\"{}\" directive is not allowed here", other),
+                ))
+            }
         }
         Ok(())
     }
 
     fn more_headers(&self, d: &Directive, clear: bool) -> Result<MoreHeaders, ConfError> {
-        let mut m = MoreHeaders { headers: Vec::new(), statuses: Vec::new(), types: Vec::new() };
+        let mut m = MoreHeaders {
+            headers: Vec::new(),
+            statuses: Vec::new(),
+            types: Vec::new(),
+        };
         let mut i = 0;
         while i < d.args.len() {
             let a = &d.args[i];
             if a == "-s" || a == "-t" {
-                let v = d.args.get(i + 1).ok_or_else(|| ConfError::directive(d, format!("{}: option {} takes an argument", d.name, a)))?;
+                let v = d.args.get(i + 1).ok_or_else(|| {
+                    ConfError::directive(d, format!("{}: option {} takes an argument", d.name, a))
+                })?;
                 for item in v.split_whitespace() {
                     if a == "-s" {
-                        m.statuses.push(item.parse().map_err(|_| ConfError::invalid_value(d, item))?);
+                        m.statuses.push(
+                            item.parse()
+                                .map_err(|_| ConfError::invalid_value(d, item))?,
+                        );
                     } else {
                         m.types.push(item.to_ascii_lowercase());
                     }
@@ -406,11 +518,18 @@ impl Builder {
                 continue;
             }
             if clear {
-                m.headers.push((a.split(':').next().unwrap_or("").trim().to_string(), None));
+                m.headers
+                    .push((a.split(':').next().unwrap_or("").trim().to_string(), None));
             } else {
-                let (name, value) = a.split_once(':').ok_or_else(|| ConfError::invalid_value(d, a))?;
+                let (name, value) = a
+                    .split_once(':')
+                    .ok_or_else(|| ConfError::invalid_value(d, a))?;
                 let value = value.trim();
-                let v = if value.is_empty() { None } else { Some(template(d, value)?) };
+                let v = if value.is_empty() {
+                    None
+                } else {
+                    Some(template(d, value)?)
+                };
                 m.headers.push((name.trim().to_string(), v));
             }
             i += 1;
@@ -425,20 +544,36 @@ impl Builder {
         let mut over = None;
         for a in &d.args[..n - 1] {
             if let Some(rest) = a.strip_prefix('=') {
-                over = Some(if rest.is_empty() { None } else { Some(rest.parse().map_err(|_| ConfError::invalid_value(d, a))?) });
+                over = Some(if rest.is_empty() {
+                    None
+                } else {
+                    Some(rest.parse().map_err(|_| ConfError::invalid_value(d, a))?)
+                });
                 continue;
             }
             let c: u16 = a.parse().map_err(|_| ConfError::invalid_value(d, a))?;
             if !(300..=599).contains(&c) {
-                return Err(ConfError::directive(d, format!("value \"{}\" must be between 300 and 599", a)));
+                return Err(ConfError::directive(
+                    d,
+                    format!("value \"{}\" must be between 300 and 599", a),
+                ));
             }
             codes.push(c);
         }
-        Ok(ErrorPage { codes, override_status: over, uri })
+        Ok(ErrorPage {
+            codes,
+            override_status: over,
+            uri,
+        })
     }
 
-    fn server(&mut self, http_conf: &Arc<LocConf>, list: &[Directive]) -> Result<Server, ConfError> {
+    fn server(
+        &mut self,
+        http_conf: &Arc<LocConf>,
+        list: &[Directive],
+    ) -> Result<Server, ConfError> {
         let mut conf = (**http_conf).clone();
+        Self::level_start(&mut conf, list);
         let mut listens = Vec::new();
         let mut names = Vec::new();
         let mut primary = String::new();
@@ -462,7 +597,11 @@ impl Builder {
             }
         }
         if listens.is_empty() {
-            listens.push(Listen { addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 80), default_server: false, backlog: 511 });
+            listens.push(Listen {
+                addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 80),
+                default_server: false,
+                backlog: 511,
+            });
         }
         let conf = Arc::new(conf);
         let rewrites = self.rewrite_ops(&conf, list)?;
@@ -479,17 +618,32 @@ impl Builder {
                 }
             }
         }
-        Ok(Server { listens, names, primary_name: primary, rewrites, conf, locations, named })
+        Ok(Server {
+            listens,
+            names,
+            primary_name: primary,
+            rewrites,
+            conf,
+            locations,
+            named,
+        })
     }
 
     fn location(&mut self, parent: &Arc<LocConf>, d: &Directive) -> Result<Location, ConfError> {
-        let (modifier, pattern) = if d.args.len() == 2 { (arg(d, 0), arg(d, 1)) } else { ("", arg(d, 0)) };
+        let (modifier, pattern) = if d.args.len() == 2 {
+            (arg(d, 0), arg(d, 1))
+        } else {
+            ("", arg(d, 0))
+        };
         let matcher = match modifier {
             "=" => LocMatch::Exact(pattern.to_string()),
             "^~" => LocMatch::PrefixNoRegex(pattern.to_string()),
-            "~" | "~*" => LocMatch::Regex(
-                Regex::new(pattern, modifier == "~*").map_err(|e| ConfError::directive(d, format!("pcre2_compile() failed: {} in \"{}\"", e, pattern)))?,
-            ),
+            "~" | "~*" => LocMatch::Regex(Regex::new(pattern, modifier == "~*").map_err(|e| {
+                ConfError::directive(
+                    d,
+                    format!("pcre2_compile() failed: {} in \"{}\"", e, pattern),
+                )
+            })?),
             "" if pattern.starts_with('@') => LocMatch::Named(pattern[1..].to_string()),
             "" if pattern.starts_with('~') && d.args.len() == 1 => {
                 // `location ~/x` without a space is accepted by nginx too.
@@ -499,15 +653,23 @@ impl Builder {
                 };
                 LocMatch::Regex(Regex::new(pat, ci).map_err(|e| ConfError::directive(d, e))?)
             }
-            "" if pattern.starts_with('=') && d.args.len() == 1 => LocMatch::Exact(pattern[1..].to_string()),
+            "" if pattern.starts_with('=') && d.args.len() == 1 => {
+                LocMatch::Exact(pattern[1..].to_string())
+            }
             "" => LocMatch::Prefix(pattern.to_string()),
-            other => return Err(ConfError::directive(d, format!("invalid location modifier \"{}\"", other))),
+            other => {
+                return Err(ConfError::directive(
+                    d,
+                    format!("invalid location modifier \"{}\"", other),
+                ))
+            }
         };
         let list = d.block.as_deref().unwrap_or(&[]);
         let mut conf = (**parent).clone();
         conf.internal = false;
         // content handlers are not inherited into nested locations.
         conf.content = Content::Static;
+        Self::level_start(&mut conf, list);
         for c in list {
             if self.ignored(c) {
                 continue;
@@ -524,20 +686,40 @@ impl Builder {
         for c in list {
             if c.name == "location" {
                 if matches!(matcher, LocMatch::Exact(_) | LocMatch::Named(_)) {
-                    return Err(ConfError::directive(c, format!("location \"{}\" cannot be inside the exact location \"{}\"", c.args.last().cloned().unwrap_or_default(), pattern)));
+                    return Err(ConfError::directive(
+                        c,
+                        format!(
+                            "location \"{}\" cannot be inside the exact location \"{}\"",
+                            c.args.last().cloned().unwrap_or_default(),
+                            pattern
+                        ),
+                    ));
                 }
                 let child = Arc::new(self.location(&conf, c)?);
                 if matches!(child.matcher, LocMatch::Named(_)) {
-                    return Err(ConfError::directive(c, "named location can be on the server level only"));
+                    return Err(ConfError::directive(
+                        c,
+                        "named location can be on the server level only",
+                    ));
                 }
                 children.push(child);
             }
         }
-        Ok(Location { matcher, pattern: d.args.join(" "), rewrites, conf, children })
+        Ok(Location {
+            matcher,
+            pattern: d.args.join(" "),
+            rewrites,
+            conf,
+            children,
+        })
     }
 
     /// The rewrite-module directives of a block, in order.
-    fn rewrite_ops(&mut self, conf: &Arc<LocConf>, list: &[Directive]) -> Result<Vec<RewriteOp>, ConfError> {
+    fn rewrite_ops(
+        &mut self,
+        conf: &Arc<LocConf>,
+        list: &[Directive],
+    ) -> Result<Vec<RewriteOp>, ConfError> {
         let mut ops = Vec::new();
         for d in list {
             let op = match d.name.as_str() {
@@ -549,22 +731,44 @@ impl Builder {
                 "set_by_lua_block" | "set_by_lua_file" => {
                     let var = var_name(d, arg(d, 0))?;
                     self.declare(&var);
-                    let (body_idx, extra) = if d.name == "set_by_lua_block" { (d.args.len() - 1, 1..d.args.len() - 1) } else { (1, 2..d.args.len()) };
+                    let (body_idx, extra) = if d.name == "set_by_lua_block" {
+                        (d.args.len() - 1, 1..d.args.len() - 1)
+                    } else {
+                        (1, 2..d.args.len())
+                    };
                     let chunk = self.lua_chunk(d, arg(d, body_idx))?;
-                    let args = d.args[extra].iter().map(|a| template(d, a)).collect::<Result<Vec<_>, _>>()?;
+                    let args = d.args[extra]
+                        .iter()
+                        .map(|a| template(d, a))
+                        .collect::<Result<Vec<_>, _>>()?;
                     RewriteOp::SetByLua { var, chunk, args }
                 }
                 "rewrite" => {
-                    let regex = Regex::new(arg(d, 0), false).map_err(|e| ConfError::directive(d, format!("pcre2_compile() failed: {} in \"{}\"", e, arg(d, 0))))?;
+                    let regex = Regex::new(arg(d, 0), false).map_err(|e| {
+                        ConfError::directive(
+                            d,
+                            format!("pcre2_compile() failed: {} in \"{}\"", e, arg(d, 0)),
+                        )
+                    })?;
                     let flag = match d.args.get(2).map(String::as_str) {
                         None => RewriteFlag::None,
                         Some("last") => RewriteFlag::Last,
                         Some("break") => RewriteFlag::Break,
                         Some("redirect") => RewriteFlag::Redirect,
                         Some("permanent") => RewriteFlag::Permanent,
-                        Some(v) => return Err(ConfError::directive(d, format!("invalid parameter \"{}\"", v))),
+                        Some(v) => {
+                            return Err(ConfError::directive(
+                                d,
+                                format!("invalid parameter \"{}\"", v),
+                            ))
+                        }
                     };
-                    RewriteOp::Rewrite { regex: Arc::new(regex), replacement: template(d, arg(d, 1))?, flag, file_line: d.location() }
+                    RewriteOp::Rewrite {
+                        regex: Arc::new(regex),
+                        replacement: template(d, arg(d, 1))?,
+                        flag,
+                        file_line: d.location(),
+                    }
                 }
                 "return" => {
                     let a0 = arg(d, 0);
@@ -573,12 +777,27 @@ impl Builder {
                             if code > 999 {
                                 return Err(ConfError::invalid_value(d, a0));
                             }
-                            RewriteOp::Return { code, body: d.args.get(1).map(|b| template(d, b)).transpose()? }
+                            RewriteOp::Return {
+                                code,
+                                body: d.args.get(1).map(|b| template(d, b)).transpose()?,
+                            }
                         }
-                        _ if d.args.len() == 1 && (a0.starts_with("http://") || a0.starts_with("https://") || a0.starts_with('$')) => {
-                            RewriteOp::Return { code: 302, body: Some(template(d, a0)?) }
+                        _ if d.args.len() == 1
+                            && (a0.starts_with("http://")
+                                || a0.starts_with("https://")
+                                || a0.starts_with('$')) =>
+                        {
+                            RewriteOp::Return {
+                                code: 302,
+                                body: Some(template(d, a0)?),
+                            }
                         }
-                        _ => return Err(ConfError::directive(d, format!("invalid return code \"{}\"", a0))),
+                        _ => {
+                            return Err(ConfError::directive(
+                                d,
+                                format!("invalid return code \"{}\"", a0),
+                            ))
+                        }
                     }
                 }
                 "break" => RewriteOp::Break,
@@ -586,6 +805,7 @@ impl Builder {
                     let cond = parse_cond(d)?;
                     let body = d.block.as_deref().unwrap_or(&[]);
                     let mut ic = (**conf).clone();
+                    Self::level_start(&mut ic, body);
                     for c in body {
                         if self.ignored(c) || is_rewrite_op(&c.name) {
                             continue;
@@ -594,7 +814,11 @@ impl Builder {
                     }
                     let ic = Arc::new(ic);
                     let inner = self.rewrite_ops(&ic, body)?;
-                    RewriteOp::If { cond: Arc::new(cond), ops: inner, conf: ic }
+                    RewriteOp::If {
+                        cond: Arc::new(cond),
+                        ops: inner,
+                        conf: ic,
+                    }
                 }
                 _ => continue,
             };
@@ -613,19 +837,32 @@ impl Builder {
 fn var_name(d: &Directive, s: &str) -> Result<String, ConfError> {
     match s.strip_prefix('$') {
         Some(n) if !n.is_empty() => Ok(n.to_ascii_lowercase()),
-        _ => Err(ConfError::directive(d, format!("invalid variable name \"{}\"", s))),
+        _ => Err(ConfError::directive(
+            d,
+            format!("invalid variable name \"{}\"", s),
+        )),
     }
 }
 
-fn check_duplicate_location(existing: &[Arc<Location>], loc: &Location, d: &Directive) -> Result<(), ConfError> {
+fn check_duplicate_location(
+    existing: &[Arc<Location>],
+    loc: &Location,
+    d: &Directive,
+) -> Result<(), ConfError> {
     let key = |l: &LocMatch| match l {
         LocMatch::Exact(p) => Some(format!("={}", p)),
         LocMatch::Prefix(p) | LocMatch::PrefixNoRegex(p) => Some(p.clone()),
         _ => None,
     };
     if let Some(k) = key(&loc.matcher) {
-        if existing.iter().any(|e| key(&e.matcher).as_deref() == Some(k.as_str())) {
-            return Err(ConfError::directive(d, format!("duplicate location \"{}\"", k.trim_start_matches('='))));
+        if existing
+            .iter()
+            .any(|e| key(&e.matcher).as_deref() == Some(k.as_str()))
+        {
+            return Err(ConfError::directive(
+                d,
+                format!("duplicate location \"{}\"", k.trim_start_matches('=')),
+            ));
         }
     }
     Ok(())
@@ -633,12 +870,19 @@ fn check_duplicate_location(existing: &[Arc<Location>], loc: &Location, d: &Dire
 
 fn listen(d: &Directive) -> Result<Listen, ConfError> {
     let a = arg(d, 0);
-    let bad = || ConfError::directive(d, format!("invalid port in \"{}\" of the \"listen\" directive", a));
+    let bad = || {
+        ConfError::directive(
+            d,
+            format!("invalid port in \"{}\" of the \"listen\" directive", a),
+        )
+    };
     let addr = if let Ok(port) = a.parse::<u16>() {
         SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)
     } else if let Some(rest) = a.strip_prefix('[') {
         let (host, port) = rest.split_once("]").ok_or_else(bad)?;
-        let ip: Ipv6Addr = host.parse().map_err(|_| ConfError::directive(d, format!("invalid IPv6 address in \"{}\"", a)))?;
+        let ip: Ipv6Addr = host
+            .parse()
+            .map_err(|_| ConfError::directive(d, format!("invalid IPv6 address in \"{}\"", a)))?;
         let port = match port.strip_prefix(':') {
             Some(p) => p.parse().map_err(|_| bad())?,
             None => 80,
@@ -652,23 +896,43 @@ fn listen(d: &Directive) -> Result<Listen, ConfError> {
         let ip = match host {
             "*" => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             "localhost" => IpAddr::V4(Ipv4Addr::LOCALHOST),
-            h => h.parse().map_err(|_| ConfError::directive(d, format!("host not found in \"{}\" of the \"listen\" directive", a)))?,
+            h => h.parse().map_err(|_| {
+                ConfError::directive(
+                    d,
+                    format!("host not found in \"{}\" of the \"listen\" directive", a),
+                )
+            })?,
         };
         SocketAddr::new(ip, port)
     };
-    let mut l = Listen { addr, default_server: false, backlog: 511 };
+    let mut l = Listen {
+        addr,
+        default_server: false,
+        backlog: 511,
+    };
     for p in &d.args[1..] {
         if p == "default_server" || p == "default" {
             l.default_server = true;
         } else if let Some(b) = p.strip_prefix("backlog=") {
-            l.backlog = b.parse().map_err(|_| ConfError::directive(d, format!("invalid backlog \"{}\"", b)))?;
-        } else if matches!(p.as_str(), "reuseport" | "deferred" | "bind" | "http2" | "so_keepalive=on" | "fastopen") {
+            l.backlog = b
+                .parse()
+                .map_err(|_| ConfError::directive(d, format!("invalid backlog \"{}\"", b)))?;
+        } else if matches!(
+            p.as_str(),
+            "reuseport" | "deferred" | "bind" | "http2" | "so_keepalive=on" | "fastopen"
+        ) {
             // Socket tuning that the worker model already covers (every worker has its own
             // SO_REUSEPORT socket).
         } else if p == "ssl" {
-            return Err(ConfError::directive(d, "the \"ssl\" parameter of \"listen\" is not supported yet"));
+            return Err(ConfError::directive(
+                d,
+                "the \"ssl\" parameter of \"listen\" is not supported yet",
+            ));
         } else {
-            return Err(ConfError::directive(d, format!("invalid parameter \"{}\"", p)));
+            return Err(ConfError::directive(
+                d,
+                format!("invalid parameter \"{}\"", p),
+            ));
         }
     }
     Ok(l)
@@ -713,7 +977,12 @@ fn parse_cond(d: &Directive) -> Result<Cond, ConfError> {
                 "!-e" => FileTest::Exists(false),
                 "-x" => FileTest::Exec(true),
                 "!-x" => FileTest::Exec(false),
-                op => return Err(ConfError::directive(d, format!("unexpected \"{}\" in condition", op))),
+                op => {
+                    return Err(ConfError::directive(
+                        d,
+                        format!("unexpected \"{}\" in condition", op),
+                    ))
+                }
             };
             Ok(Cond::FileExists(t, test))
         }
@@ -723,10 +992,18 @@ fn parse_cond(d: &Directive) -> Result<Cond, ConfError> {
                 "=" => Ok(Cond::Eq(lhs, template(d, &args[2])?, true)),
                 "!=" => Ok(Cond::Eq(lhs, template(d, &args[2])?, false)),
                 op @ ("~" | "~*" | "!~" | "!~*") => {
-                    let re = Regex::new(&args[2], op.ends_with('*')).map_err(|e| ConfError::directive(d, format!("pcre2_compile() failed: {} in \"{}\"", e, args[2])))?;
+                    let re = Regex::new(&args[2], op.ends_with('*')).map_err(|e| {
+                        ConfError::directive(
+                            d,
+                            format!("pcre2_compile() failed: {} in \"{}\"", e, args[2]),
+                        )
+                    })?;
                     Ok(Cond::Regex(lhs, re, !op.starts_with('!')))
                 }
-                op => Err(ConfError::directive(d, format!("unexpected \"{}\" in condition", op))),
+                op => Err(ConfError::directive(
+                    d,
+                    format!("unexpected \"{}\" in condition", op),
+                )),
             }
         }
         _ => Err(bad()),

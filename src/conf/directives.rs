@@ -10,7 +10,11 @@ pub const CORE: &[C] = &[
     C::new("error_log", MAIN | HSL, AtLeast(1)),
     C::new("pid", MAIN, Exactly(1)).unique(),
     C::new("env", MAIN, Exactly(1)),
-    C::new("include", MAIN | EVENTS | HSL | UPSTREAM | TYPES | SERVER_IF | LOCATION_IF, Exactly(1)),
+    C::new(
+        "include",
+        MAIN | EVENTS | HSL | UPSTREAM | TYPES | SERVER_IF | LOCATION_IF,
+        Exactly(1),
+    ),
     C::new("events", MAIN, Exactly(0)).block().unique(),
     C::new("worker_connections", EVENTS, Exactly(1)).unique(),
     C::new("http", MAIN, Exactly(0)).block().unique(),
@@ -39,11 +43,27 @@ pub const HTTP_CORE: &[C] = &[
 
 /// ngx_http_rewrite_module.
 pub const REWRITE: &[C] = &[
-    C::new("return", SERVER | LOCATION | SERVER_IF | LOCATION_IF, Range(1, 2)),
-    C::new("rewrite", SERVER | LOCATION | SERVER_IF | LOCATION_IF, Range(2, 3)),
-    C::new("set", SERVER | LOCATION | SERVER_IF | LOCATION_IF, Exactly(2)),
+    C::new(
+        "return",
+        SERVER | LOCATION | SERVER_IF | LOCATION_IF,
+        Range(1, 2),
+    ),
+    C::new(
+        "rewrite",
+        SERVER | LOCATION | SERVER_IF | LOCATION_IF,
+        Range(2, 3),
+    ),
+    C::new(
+        "set",
+        SERVER | LOCATION | SERVER_IF | LOCATION_IF,
+        Exactly(2),
+    ),
     C::new("if", SERVER | LOCATION, AtLeast(1)).block(),
-    C::new("break", SERVER | LOCATION | SERVER_IF | LOCATION_IF, Exactly(0)),
+    C::new(
+        "break",
+        SERVER | LOCATION | SERVER_IF | LOCATION_IF,
+        Exactly(0),
+    ),
 ];
 
 /// ngx_http_headers_module and headers-more.
@@ -71,8 +91,16 @@ pub const LUA: &[C] = &[
     C::new("init_by_lua_file", HTTP, Exactly(1)).unique(),
     C::new("init_worker_by_lua_block", HTTP, Exactly(1)).unique(),
     C::new("init_worker_by_lua_file", HTTP, Exactly(1)).unique(),
-    C::new("set_by_lua_block", SERVER | LOCATION | SERVER_IF | LOCATION_IF, AtLeast(2)),
-    C::new("set_by_lua_file", SERVER | LOCATION | SERVER_IF | LOCATION_IF, AtLeast(2)),
+    C::new(
+        "set_by_lua_block",
+        SERVER | LOCATION | SERVER_IF | LOCATION_IF,
+        AtLeast(2),
+    ),
+    C::new(
+        "set_by_lua_file",
+        SERVER | LOCATION | SERVER_IF | LOCATION_IF,
+        AtLeast(2),
+    ),
     C::new("rewrite_by_lua_block", HSL | LOCATION_IF, Exactly(1)).unique(),
     C::new("rewrite_by_lua_file", HSL | LOCATION_IF, Exactly(1)).unique(),
     C::new("access_by_lua_block", HSL | LOCATION_IF, Exactly(1)).unique(),

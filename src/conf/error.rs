@@ -27,6 +27,9 @@ impl ConfError {
 
     /// nginx's `invalid value "x" in "name" directive` / `invalid number of arguments`.
     pub fn invalid_value(d: &super::Directive, value: &str) -> Self {
-        Self::directive(d, format!("invalid value \"{}\" in \"{}\" directive", value, d.name))
+        Self::directive(
+            d,
+            format!("invalid value \"{}\" in \"{}\" directive", value, d.name),
+        )
     }
 }

@@ -7,13 +7,13 @@
 pub mod ast;
 pub mod build;
 pub mod directives;
-pub mod model;
-pub mod template;
-pub mod values;
 pub mod error;
 pub mod lexer;
+pub mod model;
 pub mod parser;
 pub mod table;
+pub mod template;
+pub mod values;
 
 pub use ast::Directive;
 pub use build::{Config, LoadOptions};

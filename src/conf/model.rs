@@ -203,11 +203,27 @@ pub struct LocConf {
 #[derive(Debug, Clone)]
 pub enum RewriteOp {
     Set(String, Template),
-    SetByLua { var: String, chunk: Arc<LuaChunk>, args: Vec<Template> },
-    Rewrite { regex: Arc<Regex>, replacement: Template, flag: RewriteFlag, file_line: String },
-    Return { code: u16, body: Option<Template> },
+    SetByLua {
+        var: String,
+        chunk: Arc<LuaChunk>,
+        args: Vec<Template>,
+    },
+    Rewrite {
+        regex: Arc<Regex>,
+        replacement: Template,
+        flag: RewriteFlag,
+        file_line: String,
+    },
+    Return {
+        code: u16,
+        body: Option<Template>,
+    },
     Break,
-    If { cond: Arc<Cond>, ops: Vec<RewriteOp>, conf: Arc<LocConf> },
+    If {
+        cond: Arc<Cond>,
+        ops: Vec<RewriteOp>,
+        conf: Arc<LocConf>,
+    },
 }
 
 /// `rewrite` flags.

@@ -871,12 +871,3 @@ mod tests {
         assert!(!is_env_name("Ab"));
     }
 }
-
-/// `nginx -T`: every file read, each under a `# configuration file NAME:` header.
-pub fn dump(parsed: &Parsed) -> String {
-    let mut out = String::new();
-    for (name, text) in &parsed.files {
-        out.push_str(&format!("# configuration file {}:\n{}\n", name, text));
-    }
-    out
-}

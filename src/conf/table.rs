@@ -55,7 +55,14 @@ pub struct Command {
 impl Command {
     /// A row with the common defaults: not a block, may repeat, not ignored.
     pub const fn new(name: &'static str, contexts: Ctx, arity: Arity) -> Self {
-        Command { name, contexts, arity, block: false, unique: false, ignored: false }
+        Command {
+            name,
+            contexts,
+            arity,
+            block: false,
+            unique: false,
+            ignored: false,
+        }
     }
     pub const fn block(mut self) -> Self {
         self.block = true;
@@ -100,7 +107,10 @@ pub fn check(tree: &[Directive], tables: &[&[Command]]) -> Result<(), ConfError>
 }
 
 fn find<'a>(tables: &[&'a [Command]], name: &str) -> Option<&'a Command> {
-    tables.iter().flat_map(|t| t.iter()).find(|c| c.name == name)
+    tables
+        .iter()
+        .flat_map(|t| t.iter())
+        .find(|c| c.name == name)
 }
 
 fn check_level(list: &[Directive], ctx: Ctx, tables: &[&[Command]]) -> Result<(), ConfError> {
@@ -112,13 +122,22 @@ fn check_level(list: &[Directive], ctx: Ctx, tables: &[&[Command]]) -> Result<()
         let cmd = find(tables, &d.name)
             .ok_or_else(|| ConfError::directive(d, format!("unknown directive \"{}\"", d.name)))?;
         if cmd.contexts & ctx == 0 {
-            return Err(ConfError::directive(d, format!("\"{}\" directive is not allowed here", d.name)));
+            return Err(ConfError::directive(
+                d,
+                format!("\"{}\" directive is not allowed here", d.name),
+            ));
         }
         if cmd.block && d.block.is_none() {
-            return Err(ConfError::directive(d, format!("directive \"{}\" has no opening \"{{\"", d.name)));
+            return Err(ConfError::directive(
+                d,
+                format!("directive \"{}\" has no opening \"{{\"", d.name),
+            ));
         }
         if !cmd.block && d.block.is_some() {
-            return Err(ConfError::directive(d, format!("directive \"{}\" is not terminated by \";\"", d.name)));
+            return Err(ConfError::directive(
+                d,
+                format!("directive \"{}\" is not terminated by \";\"", d.name),
+            ));
         }
         let n = d.args.len();
         let ok = match cmd.arity {
@@ -128,17 +147,26 @@ fn check_level(list: &[Directive], ctx: Ctx, tables: &[&[Command]]) -> Result<()
             Arity::Flag => n == 1,
         };
         if !ok {
-            return Err(ConfError::directive(d, format!("invalid number of arguments in \"{}\" directive", d.name)));
+            return Err(ConfError::directive(
+                d,
+                format!("invalid number of arguments in \"{}\" directive", d.name),
+            ));
         }
         if cmd.arity == Arity::Flag && d.args[0] != "on" && d.args[0] != "off" {
             return Err(ConfError::directive(
                 d,
-                format!("invalid value \"{}\" in \"{}\" directive, it must be \"on\" or \"off\"", d.args[0], d.name),
+                format!(
+                    "invalid value \"{}\" in \"{}\" directive, it must be \"on\" or \"off\"",
+                    d.args[0], d.name
+                ),
             ));
         }
         if cmd.unique {
             if seen.contains(&cmd.name) {
-                return Err(ConfError::directive(d, format!("\"{}\" directive is duplicate", d.name)));
+                return Err(ConfError::directive(
+                    d,
+                    format!("\"{}\" directive is duplicate", d.name),
+                ));
             }
             seen.push(cmd.name);
         }

@@ -31,7 +31,12 @@ impl Template {
                 continue;
             }
             let (name, next) = if b[i + 1] == b'{' {
-                let end = s[i + 2..].find('}').ok_or_else(|| format!("the closing bracket in \"{}\" variable is missing", &s[i + 2..]))?;
+                let end = s[i + 2..].find('}').ok_or_else(|| {
+                    format!(
+                        "the closing bracket in \"{}\" variable is missing",
+                        &s[i + 2..]
+                    )
+                })?;
                 (&s[i + 2..i + 2 + end], i + 3 + end)
             } else {
                 let mut j = i + 1;
@@ -96,7 +101,10 @@ mod tests {
                 Part::Lit(b"$".to_vec()),
             ]
         );
-        assert_eq!(Template::parse("plain").unwrap().as_literal(), Some(&b"plain"[..]));
+        assert_eq!(
+            Template::parse("plain").unwrap().as_literal(),
+            Some(&b"plain"[..])
+        );
         assert!(Template::parse("${oops").is_err());
     }
 }

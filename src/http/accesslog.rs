@@ -24,7 +24,13 @@ fn open(path: &Path) -> Option<Arc<Mutex<File>>> {
     if let Some(dir) = path.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
-    let f = Arc::new(Mutex::new(OpenOptions::new().create(true).append(true).open(path).ok()?));
+    let f = Arc::new(Mutex::new(
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .ok()?,
+    ));
     map.insert(path.to_path_buf(), f.clone());
     Some(f)
 }
@@ -40,7 +46,7 @@ pub fn reopen() {
 pub fn write(rc: &ReqCtx, logs: &[AccessLog]) {
     let st = rc.st.borrow();
     for l in logs {
-        let mut line = super::variables::eval(rc, &st, &l.format);
+        let mut line = super::variables::eval_log(rc, &st, &l.format);
         for b in line.iter_mut() {
             if *b == b'\n' {
                 *b = b' ';

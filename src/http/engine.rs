@@ -53,20 +53,32 @@ pub async fn serve(env: Rc<Env>, conn: Rc<ConnInfo>, req: Request<Incoming>) -> 
 fn plain_error(code: u16) -> Response<Body> {
     let mut r = Response::new(Body::full(special::page(code, true)));
     *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    r.headers_mut().insert("content-type", HeaderValue::from_static("text/html"));
+    r.headers_mut()
+        .insert("content-type", HeaderValue::from_static("text/html"));
     r
 }
 
-fn new_request(env: Rc<Env>, conn: Rc<ConnInfo>, req: Request<Incoming>, head_tx: oneshot::Sender<Response<Body>>) -> Result<Rc<ReqCtx>, u16> {
+fn new_request(
+    env: Rc<Env>,
+    conn: Rc<ConnInfo>,
+    req: Request<Incoming>,
+    head_tx: oneshot::Sender<Response<Body>>,
+) -> Result<Rc<ReqCtx>, u16> {
     let (parts, body) = req.into_parts();
-    let request_uri = parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".to_string());
+    let request_uri = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".to_string());
     let (raw_path, args) = match request_uri.split_once('?') {
         Some((p, a)) => (p.to_string(), Some(a.to_string())),
         None => (request_uri.clone(), None),
     };
     let uri = normalize_uri(&raw_path).ok_or(400u16)?;
     let server = find_server(&env.cfg.http.servers, conn.local, &parts.headers).ok_or(400u16)?;
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     let st = ReqState {
         method: parts.method,
         uri,
@@ -131,7 +143,11 @@ pub fn normalize_uri(raw: &str) -> Option<String> {
         out.push('/');
         out.push_str(s);
     }
-    if out.is_empty() || decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..") {
+    if out.is_empty()
+        || decoded.ends_with('/')
+        || decoded.ends_with("/.")
+        || decoded.ends_with("/..")
+    {
         out.push('/');
     }
     Some(out)
@@ -139,20 +155,41 @@ pub fn normalize_uri(raw: &str) -> Option<String> {
 
 /// nginx's virtual server choice: among the servers listening on this address, exact name,
 /// longest `*.` suffix, longest `.*` prefix, first matching regex, else the default server.
-fn find_server(servers: &[Arc<Server>], local: std::net::SocketAddr, headers: &HeaderMap) -> Option<Arc<Server>> {
+fn find_server(
+    servers: &[Arc<Server>],
+    local: std::net::SocketAddr,
+    headers: &HeaderMap,
+) -> Option<Arc<Server>> {
     let on_addr: Vec<&Arc<Server>> = servers
         .iter()
-        .filter(|s| s.listens.iter().any(|l| l.addr.port() == local.port() && (l.addr.ip().is_unspecified() || l.addr.ip() == local.ip())))
+        .filter(|s| {
+            s.listens.iter().any(|l| {
+                l.addr.port() == local.port()
+                    && (l.addr.ip().is_unspecified() || l.addr.ip() == local.ip())
+            })
+        })
         .collect();
-    let candidates = if on_addr.is_empty() { servers.iter().collect() } else { on_addr };
+    let candidates = if on_addr.is_empty() {
+        servers.iter().collect()
+    } else {
+        on_addr
+    };
     let host = headers
         .get("host")
         .and_then(|h| h.to_str().ok())
-        .map(|h| h.rsplit_once(':').filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit())).map(|(h, _)| h).unwrap_or(h))
+        .map(|h| {
+            h.rsplit_once(':')
+                .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
+                .map(|(h, _)| h)
+                .unwrap_or(h)
+        })
         .map(|h| h.trim_end_matches('.').to_ascii_lowercase());
     if let Some(host) = host {
         for s in &candidates {
-            if s.names.iter().any(|n| matches!(n, ServerName::Exact(e) if *e == host)) {
+            if s.names
+                .iter()
+                .any(|n| matches!(n, ServerName::Exact(e) if *e == host))
+            {
                 return Some((*s).clone());
             }
         }
@@ -160,7 +197,9 @@ fn find_server(servers: &[Arc<Server>], local: std::net::SocketAddr, headers: &H
         for s in &candidates {
             for n in &s.names {
                 if let ServerName::Suffix(suf) = n {
-                    if (host.ends_with(suf.as_str()) || host == suf[1..]) && best.is_none_or(|(_, l)| suf.len() > l) {
+                    if (host.ends_with(suf.as_str()) || host == suf[1..])
+                        && best.is_none_or(|(_, l)| suf.len() > l)
+                    {
                         best = Some((s, suf.len()));
                     }
                 }
@@ -181,14 +220,21 @@ fn find_server(servers: &[Arc<Server>], local: std::net::SocketAddr, headers: &H
             return Some(s.clone());
         }
         for s in &candidates {
-            if s.names.iter().any(|n| matches!(n, ServerName::Regex(r) if r.captures(host.as_bytes()).is_some())) {
+            if s.names
+                .iter()
+                .any(|n| matches!(n, ServerName::Regex(r) if r.captures(host.as_bytes()).is_some()))
+            {
                 return Some((*s).clone());
             }
         }
     }
     candidates
         .iter()
-        .find(|s| s.listens.iter().any(|l| l.default_server && l.addr.port() == local.port()))
+        .find(|s| {
+            s.listens
+                .iter()
+                .any(|l| l.default_server && l.addr.port() == local.port())
+        })
         .or_else(|| candidates.first())
         .map(|s| (*s).clone())
 }
@@ -212,7 +258,12 @@ async fn error_page(rc: &Rc<ReqCtx>, code: u16) -> Option<Outcome> {
         if st.headers_sent || st.error_page_done {
             return None;
         }
-        let page = st.conf.error_pages.iter().find(|p| p.codes.contains(&code))?.clone();
+        let page = st
+            .conf
+            .error_pages
+            .iter()
+            .find(|p| p.codes.contains(&code))?
+            .clone();
         let target = super::variables::eval_string(rc, &st, &page.uri);
         (page, target)
     };
@@ -225,7 +276,11 @@ async fn error_page(rc: &Rc<ReqCtx>, code: u16) -> Option<Outcome> {
             Some(None) => 0,
         };
         if target.starts_with("http://") || target.starts_with("https://") {
-            st.status = if matches!(st.status, 301 | 302 | 303 | 307 | 308) { st.status } else { 302 };
+            st.status = if matches!(st.status, 301 | 302 | 303 | 307 | 308) {
+                st.status
+            } else {
+                302
+            };
             if let Ok(v) = HeaderValue::from_str(&target) {
                 st.resp_headers.insert("location", v);
             }
@@ -273,7 +328,14 @@ async fn phases(rc: &Rc<ReqCtx>, mut forced: Option<Arc<Location>>) -> Outcome {
     let mut server_rewrite = forced.is_none();
     loop {
         if rc.st.borrow().redirects > 10 {
-            crate::log::request_error(rc, crate::log::Level::Error, &format!("rewrite or internal redirection cycle while processing \"{}\"", rc.st.borrow().uri));
+            crate::log::request_error(
+                rc,
+                crate::log::Level::Error,
+                &format!(
+                    "rewrite or internal redirection cycle while processing \"{}\"",
+                    rc.st.borrow().uri
+                ),
+            );
             return Outcome::Status(500);
         }
         if server_rewrite {
@@ -286,7 +348,10 @@ async fn phases(rc: &Rc<ReqCtx>, mut forced: Option<Arc<Location>>) -> Outcome {
         server_rewrite = false;
         // find config
         let found = match forced.take() {
-            Some(l) => Some(location::Found { loc: l, captures: None }),
+            Some(l) => Some(location::Found {
+                loc: l,
+                captures: None,
+            }),
             None => {
                 let st = rc.st.borrow();
                 location::find(&st.server.locations, &st.uri)
@@ -313,16 +378,33 @@ async fn phases(rc: &Rc<ReqCtx>, mut forced: Option<Arc<Location>>) -> Outcome {
             }
             let limit = st.conf.client_max_body_size;
             if limit > 0 {
-                let len = st.headers.get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+                let len = st
+                    .headers
+                    .get("content-length")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok());
                 if len.is_some_and(|l| l > limit) {
                     drop(st);
-                    crate::log::request_error(rc, crate::log::Level::Error, &format!("client intended to send too large body: {} bytes", len.unwrap_or(0)));
+                    crate::log::request_error(
+                        rc,
+                        crate::log::Level::Error,
+                        &format!(
+                            "client intended to send too large body: {} bytes",
+                            len.unwrap_or(0)
+                        ),
+                    );
                     return Outcome::Status(413);
                 }
             }
         }
         // rewrite
-        let ops = rc.st.borrow().location.as_ref().map(|l| l.rewrites.clone()).unwrap_or_default();
+        let ops = rc
+            .st
+            .borrow()
+            .location
+            .as_ref()
+            .map(|l| l.rewrites.clone())
+            .unwrap_or_default();
         match rewrite::run(rc, &ops).await {
             RwResult::Continue | RwResult::Break => {}
             RwResult::Last => {
@@ -386,7 +468,11 @@ async fn lua_step(rc: &Rc<ReqCtx>, chunk: &crate::conf::model::LuaChunk, phase: 
             let sent = output_started(&rc.st.borrow());
             if code == 0 {
                 // ngx.OK ends this phase only; in content it ends the request.
-                return if phase == Phase::Content { Step::Finish(Outcome::Done) } else { Step::Next };
+                return if phase == Phase::Content {
+                    Step::Finish(Outcome::Done)
+                } else {
+                    Step::Next
+                };
             }
             if sent {
                 return Step::Finish(Outcome::Done);
@@ -419,7 +505,11 @@ async fn lua_step(rc: &Rc<ReqCtx>, chunk: &crate::conf::model::LuaChunk, phase: 
                 Some(l) => Step::Again(Some(l)),
                 None => {
                     drop(st);
-                    crate::log::request_error(rc, crate::log::Level::Error, &format!("named location \"@{}\" not found", name));
+                    crate::log::request_error(
+                        rc,
+                        crate::log::Level::Error,
+                        &format!("named location \"@{}\" not found", name),
+                    );
                     Step::Finish(Outcome::Status(500))
                 }
             }
@@ -441,12 +531,15 @@ async fn finalize(rc: &Rc<ReqCtx>, outcome: Outcome) {
             let mut st = rc.st.borrow_mut();
             st.status = code;
             if code == 444 {
-                st.resp_headers.insert("connection", HeaderValue::from_static("close"));
+                st.resp_headers
+                    .insert("connection", HeaderValue::from_static("close"));
             } else if special::has_page(code) {
                 let tokens = st.conf.server_tokens;
                 st.resp_headers.remove("content-length");
-                st.resp_headers.insert("content-type", HeaderValue::from_static("text/html"));
-                st.out.extend_from_slice(special::page(code, tokens).as_bytes());
+                st.resp_headers
+                    .insert("content-type", HeaderValue::from_static("text/html"));
+                st.out
+                    .extend_from_slice(special::page(code, tokens).as_bytes());
             }
         }
     }
@@ -473,7 +566,11 @@ pub async fn read_body(rc: &ReqCtx) -> Result<(), u16> {
     let (incoming, limit, timeout) = {
         let mut st = rc.st.borrow_mut();
         match std::mem::replace(&mut st.body, ReqBody::Discarded) {
-            ReqBody::Unread(b) => (b, st.conf.client_max_body_size, st.conf.client_body_timeout_ms),
+            ReqBody::Unread(b) => (
+                b,
+                st.conf.client_max_body_size,
+                st.conf.client_body_timeout_ms,
+            ),
             other => {
                 st.body = other;
                 return Ok(());
@@ -483,7 +580,11 @@ pub async fn read_body(rc: &ReqCtx) -> Result<(), u16> {
     let mut body = incoming;
     let mut buf = BytesMut::new();
     loop {
-        let frame = tokio::time::timeout(std::time::Duration::from_millis(timeout.max(1)), body.frame()).await;
+        let frame = tokio::time::timeout(
+            std::time::Duration::from_millis(timeout.max(1)),
+            body.frame(),
+        )
+        .await;
         match frame {
             Err(_) => return Err(408),
             Ok(None) => break,

@@ -45,7 +45,9 @@ pub async fn send(rc: &Rc<ReqCtx>, eof: bool) -> Result<(), String> {
             st.eof_sent = true;
         }
         drop(st);
-        head_tx.send(resp).map_err(|_| "client closed connection".to_string())?;
+        head_tx
+            .send(resp)
+            .map_err(|_| "client closed connection".to_string())?;
         return Ok(());
     }
     let tx = st.body_tx.clone();
@@ -56,7 +58,9 @@ pub async fn send(rc: &Rc<ReqCtx>, eof: bool) -> Result<(), String> {
     drop(st);
     if let Some(tx) = tx {
         if !chunk.is_empty() {
-            tx.send(chunk).await.map_err(|_| "client closed connection".to_string())?;
+            tx.send(chunk)
+                .await
+                .map_err(|_| "client closed connection".to_string())?;
         }
     }
     Ok(())
@@ -86,7 +90,11 @@ async fn header_filter(rc: &Rc<ReqCtx>) {
             st.status = 200;
         }
         let status = st.status;
-        if !st.resp_headers.contains_key("content-type") && status != 204 && status != 304 && status >= 200 {
+        if !st.resp_headers.contains_key("content-type")
+            && status != 204
+            && status != 304
+            && status >= 200
+        {
             if let Ok(v) = HeaderValue::from_str(&st.conf.default_type) {
                 st.resp_headers.insert("content-type", v);
             }
@@ -98,7 +106,10 @@ async fn header_filter(rc: &Rc<ReqCtx>) {
                 if v.is_empty() {
                     continue;
                 }
-                if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(ah.name.as_bytes()), HeaderValue::from_bytes(&v)) {
+                if let (Ok(n), Ok(v)) = (
+                    HeaderName::from_bytes(ah.name.as_bytes()),
+                    HeaderValue::from_bytes(&v),
+                ) {
                     st.resp_headers.append(n, v);
                 }
             }
@@ -108,7 +119,8 @@ async fn header_filter(rc: &Rc<ReqCtx>) {
         }
         let conn = &rc.conn;
         if conf.keepalive_requests > 0 && conn.requests.get() >= conf.keepalive_requests {
-            st.resp_headers.insert("connection", HeaderValue::from_static("close"));
+            st.resp_headers
+                .insert("connection", HeaderValue::from_static("close"));
         }
     }
     let conf = rc.st.borrow().conf.clone();
@@ -129,25 +141,47 @@ pub fn apply_more(rc: &ReqCtx, st: &mut super::request::ReqState, m: &MoreHeader
         return;
     }
     if !m.types.is_empty() {
-        let headers = if output { &st.resp_headers } else { &st.headers };
-        let ct = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
-        let ct = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        let headers = if output {
+            &st.resp_headers
+        } else {
+            &st.headers
+        };
+        let ct = headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let ct = ct
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
         if !m.types.iter().any(|t| *t == ct) {
             return;
         }
     }
     for (name, value) in &m.headers {
         let v = value.as_ref().map(|t| super::variables::eval(rc, st, t));
-        let headers = if output { &mut st.resp_headers } else { &mut st.headers };
+        let headers = if output {
+            &mut st.resp_headers
+        } else {
+            &mut st.headers
+        };
         if let Some(prefix) = name.strip_suffix('*') {
             let prefix = prefix.to_ascii_lowercase();
-            let names: Vec<HeaderName> = headers.keys().filter(|k| k.as_str().starts_with(&prefix)).cloned().collect();
+            let names: Vec<HeaderName> = headers
+                .keys()
+                .filter(|k| k.as_str().starts_with(&prefix))
+                .cloned()
+                .collect();
             for n in names {
                 headers.remove(n);
             }
             continue;
         }
-        let Ok(n) = HeaderName::from_bytes(name.as_bytes()) else { continue };
+        let Ok(n) = HeaderName::from_bytes(name.as_bytes()) else {
+            continue;
+        };
         match v {
             Some(v) if !v.is_empty() => {
                 if let Ok(v) = HeaderValue::from_bytes(&v) {

@@ -23,8 +23,14 @@ enum Hit {
 /// Find the location for `uri` among a server's locations.
 pub fn find(locs: &[Arc<Location>], uri: &str) -> Option<Found> {
     match search(locs, uri) {
-        Hit::Exact(l) | Hit::NoRegex(l) | Hit::Prefix(l) => Some(Found { loc: l, captures: None }),
-        Hit::Regex(l, c) => Some(Found { loc: l, captures: Some(c) }),
+        Hit::Exact(l) | Hit::NoRegex(l) | Hit::Prefix(l) => Some(Found {
+            loc: l,
+            captures: None,
+        }),
+        Hit::Regex(l, c) => Some(Found {
+            loc: l,
+            captures: Some(c),
+        }),
         Hit::None => None,
     }
 }

@@ -2,6 +2,7 @@
 //! the header and body filters and the log phase, with nginx's rules for each. Variables,
 //! rewrite-module scripts, static files, special responses and the access log live here too.
 
+pub mod accesslog;
 pub mod body;
 pub mod engine;
 pub mod filter;
@@ -11,4 +12,3 @@ pub mod rewrite;
 pub mod special;
 pub mod static_files;
 pub mod variables;
-pub mod accesslog;

@@ -93,7 +93,10 @@ pub enum LuaArgs {
     #[default]
     None,
     Set(Vec<Bytes>),
-    Body { chunk: Bytes, eof: bool },
+    Body {
+        chunk: Bytes,
+        eof: bool,
+    },
 }
 
 /// Mutable per-request state.

@@ -27,7 +27,10 @@ pub enum RwResult {
 }
 
 /// Run a script.
-pub fn run<'a>(rc: &'a Rc<ReqCtx>, ops: &'a [RewriteOp]) -> Pin<Box<dyn Future<Output = RwResult> + 'a>> {
+pub fn run<'a>(
+    rc: &'a Rc<ReqCtx>,
+    ops: &'a [RewriteOp],
+) -> Pin<Box<dyn Future<Output = RwResult> + 'a>> {
     Box::pin(async move {
         for op in ops {
             match op {
@@ -54,10 +57,17 @@ pub fn run<'a>(rc: &'a Rc<ReqCtx>, ops: &'a [RewriteOp]) -> Pin<Box<dyn Future<O
                         _ => return RwResult::Finish(Outcome::Status(500)),
                     }
                 }
-                RewriteOp::Rewrite { regex, replacement, flag, .. } => {
+                RewriteOp::Rewrite {
+                    regex,
+                    replacement,
+                    flag,
+                    ..
+                } => {
                     let mut st = rc.st.borrow_mut();
                     let uri = st.uri.clone();
-                    let Some(caps) = regex.captures(uri.as_bytes()) else { continue };
+                    let Some(caps) = regex.captures(uri.as_bytes()) else {
+                        continue;
+                    };
                     set_captures(&mut st, uri.as_bytes(), &caps);
                     let new = eval_string(rc, &st, replacement);
                     let (new, keep_args) = match new.strip_suffix('?') {
@@ -66,14 +76,22 @@ pub fn run<'a>(rc: &'a Rc<ReqCtx>, ops: &'a [RewriteOp]) -> Pin<Box<dyn Future<O
                     };
                     let external = new.starts_with("http://") || new.starts_with("https://");
                     if external || matches!(flag, RewriteFlag::Redirect | RewriteFlag::Permanent) {
-                        let mut target = if external { new } else { absolute(rc, &st, &new) };
+                        let mut target = if external {
+                            new
+                        } else {
+                            absolute(rc, &st, &new)
+                        };
                         if keep_args {
                             if let Some(a) = st.args.as_ref().filter(|a| !a.is_empty()) {
                                 target.push(if target.contains('?') { '&' } else { '?' });
                                 target.push_str(a);
                             }
                         }
-                        let code = if *flag == RewriteFlag::Permanent { 301 } else { 302 };
+                        let code = if *flag == RewriteFlag::Permanent {
+                            301
+                        } else {
+                            302
+                        };
                         if let Ok(v) = HeaderValue::from_str(&target) {
                             st.resp_headers.insert("location", v);
                         }
@@ -81,10 +99,11 @@ pub fn run<'a>(rc: &'a Rc<ReqCtx>, ops: &'a [RewriteOp]) -> Pin<Box<dyn Future<O
                     }
                     match new.split_once('?') {
                         Some((p, a)) => {
-                            let merged = match st.args.as_ref().filter(|x| keep_args && !x.is_empty()) {
-                                Some(old) => format!("{}&{}", a, old),
-                                None => a.to_string(),
-                            };
+                            let merged =
+                                match st.args.as_ref().filter(|x| keep_args && !x.is_empty()) {
+                                    Some(old) => format!("{}&{}", a, old),
+                                    None => a.to_string(),
+                                };
                             st.uri = p.to_string();
                             st.args = Some(merged);
                         }
@@ -107,7 +126,11 @@ pub fn run<'a>(rc: &'a Rc<ReqCtx>, ops: &'a [RewriteOp]) -> Pin<Box<dyn Future<O
                     match body {
                         Some(b) if matches!(code, 301 | 302 | 303 | 307 | 308) => {
                             let target = eval_string(rc, &st, b);
-                            let target = if target.starts_with('/') { absolute(rc, &st, &target) } else { target };
+                            let target = if target.starts_with('/') {
+                                absolute(rc, &st, &target)
+                            } else {
+                                target
+                            };
                             if let Ok(v) = HeaderValue::from_str(&target) {
                                 st.resp_headers.insert("location", v);
                             }
@@ -182,7 +205,9 @@ fn test(rc: &ReqCtx, st: &mut ReqState, cond: &Cond) -> bool {
                 FileTest::Exists(w) => m.is_some() == *w,
                 FileTest::Exec(w) => {
                     use std::os::unix::fs::PermissionsExt;
-                    m.as_ref().is_some_and(|m| m.permissions().mode() & 0o111 != 0) == *w
+                    m.as_ref()
+                        .is_some_and(|m| m.permissions().mode() & 0o111 != 0)
+                        == *w
                 }
             }
         }

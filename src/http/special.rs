@@ -50,7 +50,11 @@ pub fn has_page(code: u16) -> bool {
 /// The HTML page for a status, as nginx shapes it.
 pub fn page(code: u16, tokens: bool) -> String {
     let title = format!("{} {}", code, reason(code));
-    let server = if tokens { concat!("tidegate/", env!("CARGO_PKG_VERSION")) } else { "tidegate" };
+    let server = if tokens {
+        concat!("tidegate/", env!("CARGO_PKG_VERSION"))
+    } else {
+        "tidegate"
+    };
     format!(
         "<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n<center><h1>{title}</h1></center>\r\n<hr><center>{server}</center>\r\n</body>\r\n</html>\r\n"
     )

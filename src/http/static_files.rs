@@ -11,7 +11,12 @@ use super::request::ReqCtx;
 pub async fn serve(rc: &Rc<ReqCtx>) -> Outcome {
     let (method, uri, root, index) = {
         let st = rc.st.borrow();
-        (st.method.clone(), st.uri.clone(), rc.env.cfg.prefix.join(&st.conf.root), st.conf.index.clone())
+        (
+            st.method.clone(),
+            st.uri.clone(),
+            rc.env.cfg.prefix.join(&st.conf.root),
+            st.conf.index.clone(),
+        )
     };
     if method != http::Method::GET && method != http::Method::HEAD {
         return Outcome::Status(405);
@@ -21,7 +26,11 @@ pub async fn serve(rc: &Rc<ReqCtx>) -> Outcome {
         let mut found = None;
         for i in &index {
             let p = path.join(i);
-            if tokio::fs::metadata(&p).await.map(|m| m.is_file()).unwrap_or(false) {
+            if tokio::fs::metadata(&p)
+                .await
+                .map(|m| m.is_file())
+                .unwrap_or(false)
+            {
                 found = Some(p);
                 break;
             }
@@ -29,12 +38,26 @@ pub async fn serve(rc: &Rc<ReqCtx>) -> Outcome {
         match found {
             Some(p) => path = p,
             None => {
-                let exists = tokio::fs::metadata(&path).await.map(|m| m.is_dir()).unwrap_or(false);
+                let exists = tokio::fs::metadata(&path)
+                    .await
+                    .map(|m| m.is_dir())
+                    .unwrap_or(false);
                 if exists {
-                    crate::log::request_error(rc, crate::log::Level::Error, &format!("directory index of \"{}\" is forbidden", path.display()));
+                    crate::log::request_error(
+                        rc,
+                        crate::log::Level::Error,
+                        &format!("directory index of \"{}\" is forbidden", path.display()),
+                    );
                     return Outcome::Status(403);
                 }
-                crate::log::request_error(rc, crate::log::Level::Error, &format!("\"{}index.html\" is not found (2: No such file or directory)", path.display()));
+                crate::log::request_error(
+                    rc,
+                    crate::log::Level::Error,
+                    &format!(
+                        "\"{}index.html\" is not found (2: No such file or directory)",
+                        path.display()
+                    ),
+                );
                 return Outcome::Status(404);
             }
         }
@@ -42,8 +65,21 @@ pub async fn serve(rc: &Rc<ReqCtx>) -> Outcome {
     let meta = match tokio::fs::metadata(&path).await {
         Ok(m) => m,
         Err(e) => {
-            crate::log::request_error(rc, crate::log::Level::Error, &format!("open() \"{}\" failed ({}: {})", path.display(), e.raw_os_error().unwrap_or(0), os_reason(&e)));
-            return Outcome::Status(if e.kind() == std::io::ErrorKind::PermissionDenied { 403 } else { 404 });
+            crate::log::request_error(
+                rc,
+                crate::log::Level::Error,
+                &format!(
+                    "open() \"{}\" failed ({}: {})",
+                    path.display(),
+                    e.raw_os_error().unwrap_or(0),
+                    os_reason(&e)
+                ),
+            );
+            return Outcome::Status(if e.kind() == std::io::ErrorKind::PermissionDenied {
+                403
+            } else {
+                404
+            });
         }
     };
     if meta.is_dir() {
@@ -57,7 +93,16 @@ pub async fn serve(rc: &Rc<ReqCtx>) -> Outcome {
     let data = match tokio::fs::read(&path).await {
         Ok(d) => d,
         Err(e) => {
-            crate::log::request_error(rc, crate::log::Level::Error, &format!("open() \"{}\" failed ({}: {})", path.display(), e.raw_os_error().unwrap_or(0), os_reason(&e)));
+            crate::log::request_error(
+                rc,
+                crate::log::Level::Error,
+                &format!(
+                    "open() \"{}\" failed ({}: {})",
+                    path.display(),
+                    e.raw_os_error().unwrap_or(0),
+                    os_reason(&e)
+                ),
+            );
             return Outcome::Status(403);
         }
     };
@@ -65,8 +110,17 @@ pub async fn serve(rc: &Rc<ReqCtx>) -> Outcome {
     if st.status == 0 {
         st.status = 200;
     }
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
-    let ct = st.conf.types.get(&ext).cloned().unwrap_or_else(|| st.conf.default_type.clone());
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let ct = st
+        .conf
+        .types
+        .get(&ext)
+        .cloned()
+        .unwrap_or_else(|| st.conf.default_type.clone());
     if let Ok(v) = HeaderValue::from_str(&ct) {
         st.resp_headers.insert("content-type", v);
     }
@@ -74,7 +128,10 @@ pub async fn serve(rc: &Rc<ReqCtx>) -> Outcome {
         if let Ok(v) = HeaderValue::from_str(&httpdate::fmt_http_date(m)) {
             st.resp_headers.insert("last-modified", v);
         }
-        let secs = m.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let secs = m
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         if let Ok(v) = HeaderValue::from_str(&format!("\"{:x}-{:x}\"", secs, meta.len())) {
             st.resp_headers.insert("etag", v);
         }

@@ -21,8 +21,17 @@ pub fn get(rc: &ReqCtx, st: &ReqState, name: &str) -> Option<Vec<u8>> {
     }
     if let Some(h) = name.strip_prefix("sent_http_") {
         let h = h.replace('_', "-");
-        let vals: Vec<&[u8]> = st.resp_headers.get_all(h.as_str()).iter().map(|v| v.as_bytes()).collect();
-        return if vals.is_empty() { None } else { Some(vals.join(&b", "[..])) };
+        let vals: Vec<&[u8]> = st
+            .resp_headers
+            .get_all(h.as_str())
+            .iter()
+            .map(|v| v.as_bytes())
+            .collect();
+        return if vals.is_empty() {
+            None
+        } else {
+            Some(vals.join(&b", "[..]))
+        };
     }
     if let Some(a) = name.strip_prefix("arg_") {
         return arg(st.args.as_deref().unwrap_or(""), a).map(|v| v.into_owned());
@@ -34,7 +43,12 @@ pub fn get(rc: &ReqCtx, st: &ReqState, name: &str) -> Option<Vec<u8>> {
         "uri" | "document_uri" => st.uri.clone(),
         "request_uri" => st.request_uri.clone(),
         "args" | "query_string" => return st.args.as_ref().map(|a| a.as_bytes().to_vec()),
-        "is_args" => if st.args.as_deref().is_some_and(|a| !a.is_empty()) { "?" } else { "" }.to_string(),
+        "is_args" => if st.args.as_deref().is_some_and(|a| !a.is_empty()) {
+            "?"
+        } else {
+            ""
+        }
+        .to_string(),
         "host" => host(st).unwrap_or_else(|| st.server.primary_name.clone()),
         "http_host" => return header(st, "host"),
         "remote_addr" | "realip_remote_addr" => rc.conn.remote.ip().to_string(),
@@ -61,11 +75,17 @@ pub fn get(rc: &ReqCtx, st: &ReqState, name: &str) -> Option<Vec<u8>> {
         "content_length" => return header(st, "content-length"),
         "hostname" => hostname(),
         "msec" => {
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
             format!("{}.{:03}", now.as_secs(), now.subsec_millis())
         }
-        "time_local" => chrono::Local::now().format("%d/%b/%Y:%H:%M:%S %z").to_string(),
-        "time_iso8601" => chrono::Local::now().format("%Y-%m-%dT%H:%M:%S%:z").to_string(),
+        "time_local" => chrono::Local::now()
+            .format("%d/%b/%Y:%H:%M:%S %z")
+            .to_string(),
+        "time_iso8601" => chrono::Local::now()
+            .format("%Y-%m-%dT%H:%M:%S%:z")
+            .to_string(),
         "request_id" => rc.request_id(),
         "connection" => rc.conn.id.to_string(),
         "connection_requests" => rc.conn.requests.get().to_string(),
@@ -87,7 +107,10 @@ pub fn get(rc: &ReqCtx, st: &ReqState, name: &str) -> Option<Vec<u8>> {
 
 /// Whether `name` is a built-in that cannot be assigned (nginx's "not changeable").
 pub fn is_builtin(name: &str) -> bool {
-    name.starts_with("http_") || name.starts_with("arg_") || name.starts_with("cookie_") || name.starts_with("sent_http_")
+    name.starts_with("http_")
+        || name.starts_with("arg_")
+        || name.starts_with("cookie_")
+        || name.starts_with("sent_http_")
 }
 
 fn version(st: &ReqState) -> &'static str {
@@ -113,7 +136,14 @@ fn header(st: &ReqState, name: &str) -> Option<Vec<u8>> {
 /// `$host`: Host header without port, lower-case.
 pub fn host(st: &ReqState) -> Option<String> {
     let h = st.headers.get("host")?.to_str().ok()?;
-    let h = if h.starts_with('[') { h.split(']').next().map(|s| format!("{}]", s)).unwrap_or_default() } else { h.split(':').next().unwrap_or("").to_string() };
+    let h = if h.starts_with('[') {
+        h.split(']')
+            .next()
+            .map(|s| format!("{}]", s))
+            .unwrap_or_default()
+    } else {
+        h.split(':').next().unwrap_or("").to_string()
+    };
     if h.is_empty() {
         None
     } else {
@@ -169,6 +199,15 @@ fn hostname() -> String {
 
 /// Evaluate a template for this request. Unknown variables expand to nothing.
 pub fn eval(rc: &ReqCtx, st: &ReqState, t: &Template) -> Vec<u8> {
+    eval_with(rc, st, t, b"")
+}
+
+/// Evaluate for the access log: a variable that is not found prints `-`, as nginx logs it.
+pub fn eval_log(rc: &ReqCtx, st: &ReqState, t: &Template) -> Vec<u8> {
+    eval_with(rc, st, t, b"-")
+}
+
+fn eval_with(rc: &ReqCtx, st: &ReqState, t: &Template, missing: &[u8]) -> Vec<u8> {
     if let Some(l) = t.as_literal() {
         return l.to_vec();
     }
@@ -176,11 +215,10 @@ pub fn eval(rc: &ReqCtx, st: &ReqState, t: &Template) -> Vec<u8> {
     for p in &t.parts {
         match p {
             Part::Lit(l) => out.extend_from_slice(l),
-            Part::Var(n) => {
-                if let Some(v) = get(rc, st, n) {
-                    out.extend_from_slice(&v);
-                }
-            }
+            Part::Var(n) => match get(rc, st, n) {
+                Some(v) => out.extend_from_slice(&v),
+                None => out.extend_from_slice(missing),
+            },
             Part::Capture(i) => {
                 if let Some(Some(c)) = st.captures.get(*i) {
                     out.extend_from_slice(c);
@@ -198,5 +236,8 @@ pub fn eval_string(rc: &ReqCtx, st: &ReqState, t: &Template) -> String {
 
 /// Store captures of a regex match for `$1..$9`.
 pub fn set_captures(st: &mut ReqState, subject: &[u8], caps: &[Option<(usize, usize)>]) {
-    st.captures = caps.iter().map(|c| c.map(|(s, e)| Bytes::copy_from_slice(&subject[s..e]))).collect();
+    st.captures = caps
+        .iter()
+        .map(|c| c.map(|(s, e)| Bytes::copy_from_slice(&subject[s..e])))
+        .collect();
 }

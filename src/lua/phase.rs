@@ -65,14 +65,21 @@ pub async fn run(rc: &Rc<ReqCtx>, chunk: &LuaChunk, phase: Phase) -> Outcome {
         Err(e) => return fail(rc, chunk, &e.to_string()),
     };
     let fut = f.call_async::<MultiValue>(());
-    let res = WithReq { lua: &vm.lua, rc: rc.clone(), fut: Box::pin(fut) }.await;
+    let res = WithReq {
+        lua: &vm.lua,
+        rc: rc.clone(),
+        fut: Box::pin(fut),
+    }
+    .await;
     match res {
         Err(exit) => Outcome::Exit(exit),
         Ok(Ok(values)) => {
             let first = values.into_iter().next().and_then(|v| match v {
                 mlua::Value::String(s) => Some(bytes::Bytes::copy_from_slice(&s.as_bytes())),
                 mlua::Value::Integer(i) => Some(bytes::Bytes::from(i.to_string())),
-                mlua::Value::Number(n) => Some(bytes::Bytes::from(crate::lua::api::output::format_number(n))),
+                mlua::Value::Number(n) => Some(bytes::Bytes::from(
+                    crate::lua::api::output::format_number(n),
+                )),
                 _ => None,
             });
             Outcome::Ok(first)
@@ -84,9 +91,13 @@ pub async fn run(rc: &Rc<ReqCtx>, chunk: &LuaChunk, phase: Phase) -> Outcome {
 /// The message of a Lua error without mlua's wrapping.
 pub fn error_text(e: &mlua::Error) -> String {
     match e {
-        mlua::Error::CallbackError { traceback, cause } => format!("{}\n{}", error_text(cause), traceback),
+        mlua::Error::CallbackError { traceback, cause } => {
+            format!("{}\n{}", error_text(cause), traceback)
+        }
         mlua::Error::RuntimeError(m) | mlua::Error::SyntaxError { message: m, .. } => m.clone(),
-        mlua::Error::WithContext { context, cause } => format!("{}: {}", context, error_text(cause)),
+        mlua::Error::WithContext { context, cause } => {
+            format!("{}: {}", context, error_text(cause))
+        }
         other => other.to_string(),
     }
 }

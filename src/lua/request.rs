@@ -26,7 +26,8 @@ pub fn current(lua: &Lua) -> mlua::Result<Rc<ReqCtx>> {
 
 /// The current request when there is one.
 pub fn try_current(lua: &Lua) -> Option<Rc<ReqCtx>> {
-    lua.app_data_ref::<Current>().and_then(|c| c.req.borrow().clone())
+    lua.app_data_ref::<Current>()
+        .and_then(|c| c.req.borrow().clone())
 }
 
 /// The phase the running Lua code is in.
@@ -34,7 +35,9 @@ pub fn phase(lua: &Lua) -> Phase {
     if let Some(r) = try_current(lua) {
         return r.st.borrow().phase;
     }
-    lua.app_data_ref::<Current>().and_then(|c| *c.phase.borrow()).unwrap_or(Phase::Timer)
+    lua.app_data_ref::<Current>()
+        .and_then(|c| *c.phase.borrow())
+        .unwrap_or(Phase::Timer)
 }
 
 /// OpenResty's refusal for an API used in a phase that does not allow it.
@@ -43,7 +46,10 @@ pub fn check_phase(lua: &Lua, allowed: &[Phase]) -> mlua::Result<()> {
     if allowed.contains(&p) {
         Ok(())
     } else {
-        Err(mlua::Error::runtime(format!("API disabled in the context of {}", context_name(p))))
+        Err(mlua::Error::runtime(format!(
+            "API disabled in the context of {}",
+            context_name(p)
+        )))
     }
 }
 

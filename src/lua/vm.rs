@@ -25,7 +25,11 @@ pub struct VmOptions {
 impl VmOptions {
     /// Options for a state that runs outside any server (`tidegate spec`, `tidegate resty`).
     pub fn standalone(prefix: PathBuf) -> Self {
-        VmOptions { prefix, worker_count: 1, ..Default::default() }
+        VmOptions {
+            prefix,
+            worker_count: 1,
+            ..Default::default()
+        }
     }
 }
 
@@ -33,7 +37,8 @@ impl VmOptions {
 pub fn new_state(opts: &VmOptions) -> mlua::Result<Lua> {
     // SAFETY: FFI is part of the OpenResty contract (lua-resty-core and many libraries use it);
     // the user's Lua code is trusted exactly as it is in OpenResty.
-    let lua = unsafe { Lua::unsafe_new_with(StdLib::ALL_SAFE | StdLib::FFI, LuaOptions::default()) };
+    let lua =
+        unsafe { Lua::unsafe_new_with(StdLib::ALL_SAFE | StdLib::FFI, LuaOptions::default()) };
     let ngx = lua.create_table()?;
     lua.globals().set("ngx", &ngx)?;
     register_all(&lua, &ngx, opts)?;
@@ -81,7 +86,11 @@ fn set_package_paths(lua: &Lua, opts: &VmOptions) -> mlua::Result<()> {
     // `$prefix` / `${prefix}` in the paths mean the server prefix, as in lua-nginx-module.
     let prefix = opts.prefix.display().to_string();
     let expand = |p: &str| p.replace("${prefix}", &prefix).replace("$prefix", &prefix);
-    let opts = &VmOptions { package_path: opts.package_path.as_deref().map(expand), package_cpath: opts.package_cpath.as_deref().map(expand), ..opts.clone() };
+    let opts = &VmOptions {
+        package_path: opts.package_path.as_deref().map(expand),
+        package_cpath: opts.package_cpath.as_deref().map(expand),
+        ..opts.clone()
+    };
     let path = match &opts.package_path {
         Some(p) => p.replace(";;", &format!(";{};", default_path(&opts.prefix))),
         None => default_path(&opts.prefix),
@@ -106,7 +115,10 @@ impl LuaVm {
     pub fn new(opts: &VmOptions) -> mlua::Result<LuaVm> {
         let lua = new_state(opts)?;
         lua.set_app_data(crate::lua::request::Current::default());
-        Ok(LuaVm { lua, cache: Default::default() })
+        Ok(LuaVm {
+            lua,
+            cache: Default::default(),
+        })
     }
 
     /// The compiled function of a configuration chunk (compiled on first use).
@@ -118,12 +130,24 @@ impl LuaVm {
             }
         }
         let f = match &chunk.source {
-            LuaSource::Inline(src) => self.lua.load(src.as_str()).set_name(&chunk.name).into_function()?,
+            LuaSource::Inline(src) => self
+                .lua
+                .load(src.as_str())
+                .set_name(&chunk.name)
+                .into_function()?,
             LuaSource::File(path) => {
                 let src = std::fs::read(path).map_err(|e| {
-                    mlua::Error::runtime(format!("failed to load external Lua file \"{}\": cannot open {}: {}", path.display(), path.display(), e))
+                    mlua::Error::runtime(format!(
+                        "failed to load external Lua file \"{}\": cannot open {}: {}",
+                        path.display(),
+                        path.display(),
+                        e
+                    ))
                 })?;
-                self.lua.load(src).set_name(format!("@{}", path.display())).into_function()?
+                self.lua
+                    .load(src)
+                    .set_name(format!("@{}", path.display()))
+                    .into_function()?
             }
         };
         if !chunk.reload {

@@ -35,7 +35,9 @@ pub enum Control {
 pub fn make_zones(cfg: &Config, old: Option<&Zones>) -> Zones {
     let mut m = HashMap::new();
     for (name, size) in &cfg.http.lua.shared_dicts {
-        let z = old.and_then(|o| o.get(name).cloned()).unwrap_or_else(|| Arc::new(Zone::new(name, *size)));
+        let z = old
+            .and_then(|o| o.get(name).cloned())
+            .unwrap_or_else(|| Arc::new(Zone::new(name, *size)));
         m.insert(name.clone(), z);
     }
     Arc::new(m)
@@ -64,7 +66,11 @@ pub fn run(opts: LoadOptions) -> i32 {
         }
     };
     if let Err(e) = elog::open(&cfg.error_log.0, &cfg.error_log.1) {
-        eprintln!("nginx: [alert] could not open error log file: open() \"{}\" failed ({})", cfg.error_log.0.display(), e);
+        eprintln!(
+            "nginx: [alert] could not open error log file: open() \"{}\" failed ({})",
+            cfg.error_log.0.display(),
+            e
+        );
     }
     elog::install_tracing();
     for n in &cfg.notices {
@@ -74,7 +80,12 @@ pub fn run(opts: LoadOptions) -> i32 {
     let addrs = listen_addrs(&cfg);
     for (addr, _) in &addrs {
         if let Err(e) = listen::probe(*addr) {
-            let msg = format!("bind() to {} failed ({}: {})", addr, e.raw_os_error().unwrap_or(0), e);
+            let msg = format!(
+                "bind() to {} failed ({}: {})",
+                addr,
+                e.raw_os_error().unwrap_or(0),
+                e
+            );
             elog::log(Level::Emerg, None, &msg);
             eprintln!("nginx: [emerg] {}", msg);
             return 1;
@@ -89,7 +100,12 @@ pub fn run(opts: LoadOptions) -> i32 {
             match listen::bind(*addr, *backlog) {
                 Ok(l) => socks.push((*addr, l)),
                 Err(e) => {
-                    let msg = format!("bind() to {} failed ({}: {})", addr, e.raw_os_error().unwrap_or(0), e);
+                    let msg = format!(
+                        "bind() to {} failed ({}: {})",
+                        addr,
+                        e.raw_os_error().unwrap_or(0),
+                        e
+                    );
                     elog::log(Level::Emerg, None, &msg);
                     eprintln!("nginx: [emerg] {}", msg);
                     return 1;
@@ -127,9 +143,17 @@ pub fn run(opts: LoadOptions) -> i32 {
         let _ = std::fs::create_dir_all(dir);
     }
     if let Err(e) = std::fs::write(&cfg.pid, format!("{}\n", std::process::id())) {
-        elog::log(Level::Emerg, None, &format!("open() \"{}\" failed ({})", cfg.pid.display(), e));
+        elog::log(
+            Level::Emerg,
+            None,
+            &format!("open() \"{}\" failed ({})", cfg.pid.display(), e),
+        );
     }
-    elog::log(Level::Notice, None, &format!("tidegate/{} started, {} worker(s)", crate::VERSION, workers));
+    elog::log(
+        Level::Notice,
+        None,
+        &format!("tidegate/{} started, {} worker(s)", crate::VERSION, workers),
+    );
     let code = master_loop(opts, cfg, zones, &handles);
     for (h, _) in handles {
         let _ = h.join();
@@ -138,8 +162,19 @@ pub fn run(opts: LoadOptions) -> i32 {
 }
 
 /// The signal loop of the main thread.
-fn master_loop(opts: LoadOptions, mut cfg: Arc<Config>, mut zones: Zones, workers: &[(std::thread::JoinHandle<()>, tokio::sync::mpsc::UnboundedSender<Control>)]) -> i32 {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+fn master_loop(
+    opts: LoadOptions,
+    mut cfg: Arc<Config>,
+    mut zones: Zones,
+    workers: &[(
+        std::thread::JoinHandle<()>,
+        tokio::sync::mpsc::UnboundedSender<Control>,
+    )],
+) -> i32 {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("nginx: [emerg] {}", e);
@@ -195,17 +230,32 @@ fn master_loop(opts: LoadOptions, mut cfg: Arc<Config>, mut zones: Zones, worker
     })
 }
 
-type WorkerHandles = [(std::thread::JoinHandle<()>, tokio::sync::mpsc::UnboundedSender<Control>)];
+type WorkerHandles = [(
+    std::thread::JoinHandle<()>,
+    tokio::sync::mpsc::UnboundedSender<Control>,
+)];
 
 /// Load and check a new configuration and hand it to every worker; the old one keeps serving
 /// when the new one is broken.
-fn reload(opts: &LoadOptions, old: &Arc<Config>, old_zones: &Zones, workers: &WorkerHandles) -> Result<(Arc<Config>, Zones), String> {
+fn reload(
+    opts: &LoadOptions,
+    old: &Arc<Config>,
+    old_zones: &Zones,
+    workers: &WorkerHandles,
+) -> Result<(Arc<Config>, Zones), String> {
     let cfg = Arc::new(conf::build::load(opts).map_err(|e| e.to_string())?);
     let old_addrs: Vec<SocketAddr> = listen_addrs(old).into_iter().map(|(a, _)| a).collect();
     let addrs = listen_addrs(&cfg);
     for (addr, _) in &addrs {
         if !old_addrs.contains(addr) {
-            listen::probe(*addr).map_err(|e| format!("bind() to {} failed ({}: {})", addr, e.raw_os_error().unwrap_or(0), e))?;
+            listen::probe(*addr).map_err(|e| {
+                format!(
+                    "bind() to {} failed ({}: {})",
+                    addr,
+                    e.raw_os_error().unwrap_or(0),
+                    e
+                )
+            })?;
         }
     }
     let zones = make_zones(&cfg, Some(old_zones));
@@ -217,7 +267,8 @@ fn reload(opts: &LoadOptions, old: &Arc<Config>, old_zones: &Zones, workers: &Wo
         let mut socks = Vec::new();
         for (addr, backlog) in &addrs {
             if !old_addrs.contains(addr) {
-                let l = listen::bind(*addr, *backlog).map_err(|e| format!("bind() to {} failed ({})", addr, e))?;
+                let l = listen::bind(*addr, *backlog)
+                    .map_err(|e| format!("bind() to {} failed ({})", addr, e))?;
                 socks.push((*addr, l));
             }
         }

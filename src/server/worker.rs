@@ -35,7 +35,12 @@ struct Worker {
 }
 
 /// Build a generation: a Lua state with init_by_lua and init_worker_by_lua run.
-async fn build_env(id: usize, count: usize, cfg: Arc<Config>, zones: Zones) -> Result<Rc<Env>, String> {
+async fn build_env(
+    id: usize,
+    count: usize,
+    cfg: Arc<Config>,
+    zones: Zones,
+) -> Result<Rc<Env>, String> {
     let opts = VmOptions {
         prefix: cfg.prefix.clone(),
         package_path: cfg.http.lua.package_path.clone(),
@@ -46,24 +51,44 @@ async fn build_env(id: usize, count: usize, cfg: Arc<Config>, zones: Zones) -> R
     };
     let vm = LuaVm::new(&opts).map_err(|e| format!("failed to create Lua state: {}", e))?;
     if let Some(init) = &cfg.http.lua.init {
-        run_chunk(&vm, init, Phase::Init).await.map_err(|e| format!("init_by_lua error: {}", e))?;
+        run_chunk(&vm, init, Phase::Init)
+            .await
+            .map_err(|e| format!("init_by_lua error: {}", e))?;
     }
     if let Some(iw) = &cfg.http.lua.init_worker {
         if let Err(e) = run_chunk(&vm, iw, Phase::InitWorker).await {
-            elog::log(Level::Error, None, &format!("init_worker_by_lua error: {}", e));
+            elog::log(
+                Level::Error,
+                None,
+                &format!("init_worker_by_lua error: {}", e),
+            );
         }
     }
     let declared: HashSet<String> = cfg.http.declared_vars.iter().cloned().collect();
-    Ok(Rc::new(Env { cfg, vm: Rc::new(vm), worker_id: id, declared }))
+    Ok(Rc::new(Env {
+        cfg,
+        vm: Rc::new(vm),
+        worker_id: id,
+        declared,
+    }))
 }
 
 /// Run a request-less chunk (init, init_worker) as a coroutine.
-async fn run_chunk(vm: &LuaVm, chunk: &crate::conf::model::LuaChunk, phase: Phase) -> Result<(), String> {
-    let f = vm.handler(chunk).map_err(|e| crate::lua::phase::error_text(&e))?;
+async fn run_chunk(
+    vm: &LuaVm,
+    chunk: &crate::conf::model::LuaChunk,
+    phase: Phase,
+) -> Result<(), String> {
+    let f = vm
+        .handler(chunk)
+        .map_err(|e| crate::lua::phase::error_text(&e))?;
     if let Some(c) = vm.lua.app_data_ref::<crate::lua::request::Current>() {
         *c.phase.borrow_mut() = Some(phase);
     }
-    let r = f.call_async::<()>(()).await.map_err(|e| crate::lua::phase::error_text(&e));
+    let r = f
+        .call_async::<()>(())
+        .await
+        .map_err(|e| crate::lua::phase::error_text(&e));
     if let Some(c) = vm.lua.app_data_ref::<crate::lua::request::Current>() {
         *c.phase.borrow_mut() = None;
     }
@@ -81,7 +106,10 @@ pub fn main(
     ready: std::sync::mpsc::Sender<Result<(), String>>,
 ) {
     elog::set_worker(id);
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             let _ = ready.send(Err(format!("worker runtime: {}", e)));
@@ -98,7 +126,13 @@ pub fn main(
             }
         };
         let (shutdown, _) = watch::channel(false);
-        let w = Rc::new(Worker { id, count, env: RefCell::new(env), active: Cell::new(0), shutdown });
+        let w = Rc::new(Worker {
+            id,
+            count,
+            env: RefCell::new(env),
+            active: Cell::new(0),
+            shutdown,
+        });
         let mut accepts: HashMap<SocketAddr, JoinHandle<()>> = HashMap::new();
         for (addr, l) in socks {
             match TcpListener::from_std(l) {
@@ -121,11 +155,18 @@ pub fn main(
                             *w.env.borrow_mut() = env;
                         }
                         Err(e) => {
-                            elog::log(Level::Emerg, None, &format!("reload failed, keeping the old configuration: {}", e));
+                            elog::log(
+                                Level::Emerg,
+                                None,
+                                &format!("reload failed, keeping the old configuration: {}", e),
+                            );
                             continue;
                         }
                     }
-                    let wanted: Vec<SocketAddr> = super::listen_addrs(&cfg).into_iter().map(|(a, _)| a).collect();
+                    let wanted: Vec<SocketAddr> = super::listen_addrs(&cfg)
+                        .into_iter()
+                        .map(|(a, _)| a)
+                        .collect();
                     accepts.retain(|addr, h| {
                         let keep = wanted.contains(addr);
                         if !keep {
@@ -135,7 +176,8 @@ pub fn main(
                     });
                     for (addr, l) in socks {
                         if let Ok(l) = TcpListener::from_std(l) {
-                            accepts.insert(addr, tokio::task::spawn_local(accept_loop(w.clone(), l)));
+                            accepts
+                                .insert(addr, tokio::task::spawn_local(accept_loop(w.clone(), l)));
                         }
                     }
                 }
@@ -167,13 +209,22 @@ async fn accept_loop(w: Rc<Worker>, listener: TcpListener) {
         };
         let limit = w.env.borrow().cfg.worker_connections;
         if w.active.get() >= limit {
-            elog::log(Level::Alert, None, &format!("{} worker_connections are not enough", limit));
+            elog::log(
+                Level::Alert,
+                None,
+                &format!("{} worker_connections are not enough", limit),
+            );
             drop(stream);
             continue;
         }
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().unwrap_or(peer);
-        let conn = Rc::new(ConnInfo { id: CONN_IDS.fetch_add(1, Ordering::Relaxed), remote: peer, local, requests: Cell::new(0) });
+        let conn = Rc::new(ConnInfo {
+            id: CONN_IDS.fetch_add(1, Ordering::Relaxed),
+            remote: peer,
+            local,
+            requests: Cell::new(0),
+        });
         w.active.set(w.active.get() + 1);
         let w2 = w.clone();
         tokio::task::spawn_local(async move {
@@ -187,17 +238,26 @@ async fn serve_conn(w: &Rc<Worker>, conn: Rc<ConnInfo>, stream: tokio::net::TcpS
     let (header_timeout, keepalive) = {
         let env = w.env.borrow();
         let s = env.cfg.http.servers.first().map(|s| s.conf.clone());
-        (Duration::from_secs(60), s.map(|c| c.keepalive_timeout_ms > 0).unwrap_or(true))
+        (
+            Duration::from_secs(60),
+            s.map(|c| c.keepalive_timeout_ms > 0).unwrap_or(true),
+        )
     };
     let w2 = w.clone();
     let c2 = conn.clone();
     let svc = service_fn(move |req| {
         let env = w2.env.borrow().clone();
         let conn = c2.clone();
-        async move { Ok::<_, std::convert::Infallible>(crate::http::engine::serve(env, conn, req).await) }
+        async move {
+            Ok::<_, std::convert::Infallible>(crate::http::engine::serve(env, conn, req).await)
+        }
     });
     let mut builder = http1::Builder::new();
-    builder.timer(TokioTimer::new()).keep_alive(keepalive).header_read_timeout(header_timeout).max_buf_size(64 * 1024);
+    builder
+        .timer(TokioTimer::new())
+        .keep_alive(keepalive)
+        .header_read_timeout(header_timeout)
+        .max_buf_size(64 * 1024);
     let c = builder.serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(c);
     let mut shutdown = w.shutdown.subscribe();

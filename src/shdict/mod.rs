@@ -14,7 +14,10 @@ pub struct Zone {
 
 impl Zone {
     pub fn new(name: &str, capacity: usize) -> Self {
-        Zone { name: name.to_string(), capacity }
+        Zone {
+            name: name.to_string(),
+            capacity,
+        }
     }
 }
 

@@ -3,7 +3,13 @@
 use mlua::{Lua, Table};
 
 pub fn register(_lua: &Lua, ngx: &Table) -> mlua::Result<()> {
-    for (k, v) in [("OK", 0), ("ERROR", -1), ("AGAIN", -2), ("DONE", -4), ("DECLINED", -5)] {
+    for (k, v) in [
+        ("OK", 0),
+        ("ERROR", -1),
+        ("AGAIN", -2),
+        ("DONE", -4),
+        ("DECLINED", -5),
+    ] {
         ngx.set(k, v)?;
     }
     for (name, v) in super::req::METHODS {
@@ -49,7 +55,17 @@ pub fn register(_lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     for (k, v) in statuses {
         ngx.set(*k, *v)?;
     }
-    for (k, v) in [("STDERR", 0), ("EMERG", 1), ("ALERT", 2), ("CRIT", 3), ("ERR", 4), ("WARN", 5), ("NOTICE", 6), ("INFO", 7), ("DEBUG", 8)] {
+    for (k, v) in [
+        ("STDERR", 0),
+        ("EMERG", 1),
+        ("ALERT", 2),
+        ("CRIT", 3),
+        ("ERR", 4),
+        ("WARN", 5),
+        ("NOTICE", 6),
+        ("INFO", 7),
+        ("DEBUG", 8),
+    ] {
         ngx.set(k, v)?;
     }
     Ok(())

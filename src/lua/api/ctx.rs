@@ -13,7 +13,9 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     mt.set(
         "__index",
         lua.create_function(|lua, (_t, key): (Table, Value)| {
-            let Value::String(k) = key else { return Ok(Value::Nil) };
+            let Value::String(k) = key else {
+                return Ok(Value::Nil);
+            };
             match &*k.as_bytes() {
                 b"ctx" => {
                     let rc = current(lua)?;
@@ -26,12 +28,16 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
                     Ok(Value::Table(t))
                 }
                 b"status" => {
-                    let Some(rc) = try_current(lua) else { return Ok(Value::Integer(0)) };
+                    let Some(rc) = try_current(lua) else {
+                        return Ok(Value::Integer(0));
+                    };
                     let st = rc.st.borrow();
                     Ok(Value::Integer(st.status as i64))
                 }
                 b"headers_sent" => {
-                    let Some(rc) = try_current(lua) else { return Ok(Value::Boolean(false)) };
+                    let Some(rc) = try_current(lua) else {
+                        return Ok(Value::Boolean(false));
+                    };
                     let st = rc.st.borrow();
                     Ok(Value::Boolean(st.headers_sent))
                 }
@@ -42,11 +48,14 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     mt.set(
         "__newindex",
         lua.create_function(|lua, (t, key, value): (Table, Value, Value)| {
-            let is = |name: &str| matches!(&key, Value::String(s) if *s.as_bytes() == *name.as_bytes());
+            let is =
+                |name: &str| matches!(&key, Value::String(s) if *s.as_bytes() == *name.as_bytes());
             if is("ctx") {
                 let rc = current(lua)?;
                 let Value::Table(tbl) = value else {
-                    return Err(mlua::Error::runtime("ctx should be a table while getting a ".to_string() + value.type_name()));
+                    return Err(mlua::Error::runtime(
+                        "ctx should be a table while getting a ".to_string() + value.type_name(),
+                    ));
                 };
                 rc.st.borrow_mut().ctx_table = Some(lua.create_registry_value(&tbl)?);
                 return Ok(());
@@ -56,17 +65,32 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
                 let code = match value {
                     Value::Integer(i) => i,
                     Value::Number(n) => n as i64,
-                    Value::String(s) => s.to_str()?.trim().parse().map_err(|_| mlua::Error::runtime("bad status"))?,
-                    _ => return Err(mlua::Error::runtime("attempt to set ngx.status to a non-number")),
+                    Value::String(s) => s
+                        .to_str()?
+                        .trim()
+                        .parse()
+                        .map_err(|_| mlua::Error::runtime("bad status"))?,
+                    _ => {
+                        return Err(mlua::Error::runtime(
+                            "attempt to set ngx.status to a non-number",
+                        ))
+                    }
                 };
                 let mut st = rc.st.borrow_mut();
                 if st.headers_sent && st.phase != Phase::HeaderFilter {
                     drop(st);
-                    crate::log::request_error(&rc, crate::log::Level::Error, "attempt to set ngx.status after sending out response headers");
+                    crate::log::request_error(
+                        &rc,
+                        crate::log::Level::Error,
+                        "attempt to set ngx.status after sending out response headers",
+                    );
                     return Ok(());
                 }
                 if !(100..=999).contains(&code) {
-                    return Err(mlua::Error::runtime(format!("invalid HTTP status code {}", code)));
+                    return Err(mlua::Error::runtime(format!(
+                        "invalid HTTP status code {}",
+                        code
+                    )));
                 }
                 st.status = code as u16;
                 return Ok(());
@@ -101,7 +125,9 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
         "__newindex",
         lua.create_function(|lua, (_t, idx, value): (Table, i64, Value)| {
             if phase(lua) != Phase::BodyFilter {
-                return Err(mlua::Error::runtime("attempt to write to ngx.arg outside body_filter_by_lua*"));
+                return Err(mlua::Error::runtime(
+                    "attempt to write to ngx.arg outside body_filter_by_lua*",
+                ));
             }
             let rc = current(lua)?;
             let mut st = rc.st.borrow_mut();
@@ -118,7 +144,12 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
                             }
                             Value::Integer(i) => Bytes::from(i.to_string()),
                             Value::Number(n) => Bytes::from(super::output::format_number(n)),
-                            other => return Err(mlua::Error::runtime(format!("bad chunk data type: {}", other.type_name()))),
+                            other => {
+                                return Err(mlua::Error::runtime(format!(
+                                    "bad chunk data type: {}",
+                                    other.type_name()
+                                )))
+                            }
                         }
                     }
                     2 => *eof = value.as_boolean().unwrap_or(false),

@@ -17,7 +17,18 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
         "exit",
         lua.create_async_function(|lua, code: i64| async move {
             let p = phase(&lua);
-            check_phase(&lua, &[Phase::Rewrite, Phase::ServerRewrite, Phase::Access, Phase::Content, Phase::HeaderFilter, Phase::Timer, Phase::InitWorker])?;
+            check_phase(
+                &lua,
+                &[
+                    Phase::Rewrite,
+                    Phase::ServerRewrite,
+                    Phase::Access,
+                    Phase::Content,
+                    Phase::HeaderFilter,
+                    Phase::Timer,
+                    Phase::InitWorker,
+                ],
+            )?;
             if p == Phase::Timer || p == Phase::InitWorker {
                 // In a timer ngx.exit just ends the current handler.
                 return Err(mlua::Error::runtime("ngx.exit"));
@@ -35,34 +46,50 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     )?;
     ngx.set(
         "exec",
-        lua.create_async_function(|lua, (uri, args): (mlua::LuaString, Option<Value>)| async move {
-            check_phase(&lua, &[Phase::Rewrite, Phase::ServerRewrite, Phase::Access, Phase::Content])?;
-            let rc = current(&lua)?;
-            let uri = uri.to_str()?.to_string();
-            if uri.is_empty() {
-                return Err(mlua::Error::runtime("uri is empty"));
-            }
-            let args = match args {
-                None | Some(Value::Nil) => None,
-                Some(Value::String(s)) => Some(s.to_str()?.to_string()),
-                Some(Value::Table(t)) => Some(super::req::encode_args(&t)?),
-                Some(other) => return Err(mlua::Error::runtime(format!("bad argument #2 to 'exec' (string, number, or table expected, got {})", other.type_name()))),
-            };
-            if crate::http::engine::output_started(&rc.st.borrow()) {
-                return Err(mlua::Error::runtime("attempt to call ngx.exec after sending out response headers"));
-            }
-            let exit = if let Some(name) = uri.strip_prefix('@') {
-                Exit::Named(name.to_string())
-            } else {
-                let (path, inline_args) = match uri.split_once('?') {
-                    Some((p, a)) => (p.to_string(), Some(a.to_string())),
-                    None => (uri.clone(), None),
+        lua.create_async_function(
+            |lua, (uri, args): (mlua::LuaString, Option<Value>)| async move {
+                check_phase(
+                    &lua,
+                    &[
+                        Phase::Rewrite,
+                        Phase::ServerRewrite,
+                        Phase::Access,
+                        Phase::Content,
+                    ],
+                )?;
+                let rc = current(&lua)?;
+                let uri = uri.to_str()?.to_string();
+                if uri.is_empty() {
+                    return Err(mlua::Error::runtime("uri is empty"));
+                }
+                let args =
+                    match args {
+                        None | Some(Value::Nil) => None,
+                        Some(Value::String(s)) => Some(s.to_str()?.to_string()),
+                        Some(Value::Table(t)) => Some(super::req::encode_args(&t)?),
+                        Some(other) => return Err(mlua::Error::runtime(format!(
+                            "bad argument #2 to 'exec' (string, number, or table expected, got {})",
+                            other.type_name()
+                        ))),
+                    };
+                if crate::http::engine::output_started(&rc.st.borrow()) {
+                    return Err(mlua::Error::runtime(
+                        "attempt to call ngx.exec after sending out response headers",
+                    ));
+                }
+                let exit = if let Some(name) = uri.strip_prefix('@') {
+                    Exit::Named(name.to_string())
+                } else {
+                    let (path, inline_args) = match uri.split_once('?') {
+                        Some((p, a)) => (p.to_string(), Some(a.to_string())),
+                        None => (uri.clone(), None),
+                    };
+                    Exit::Exec(path, args.or(inline_args))
                 };
-                Exit::Exec(path, args.or(inline_args))
-            };
-            rc.st.borrow_mut().exit = Some(exit);
-            never().await
-        })?,
+                rc.st.borrow_mut().exit = Some(exit);
+                never().await
+            },
+        )?,
     )?;
     ngx.set(
         "redirect",

@@ -10,7 +10,8 @@ use crate::lua::request::{check_phase, current};
 /// The header name a Lua key means: `content_type` -> `content-type`.
 fn header_name(key: &str) -> mlua::Result<HeaderName> {
     let n = key.replace('_', "-");
-    HeaderName::from_bytes(n.as_bytes()).map_err(|_| mlua::Error::runtime(format!("invalid header name \"{}\"", key)))
+    HeaderName::from_bytes(n.as_bytes())
+        .map_err(|_| mlua::Error::runtime(format!("invalid header name \"{}\"", key)))
 }
 
 fn value_bytes(v: &Value) -> mlua::Result<Option<Vec<u8>>> {
@@ -19,8 +20,17 @@ fn value_bytes(v: &Value) -> mlua::Result<Option<Vec<u8>>> {
         Value::String(s) => Some(s.as_bytes().to_vec()),
         Value::Integer(i) => Some(i.to_string().into_bytes()),
         Value::Number(n) => Some(super::output::format_number(*n).into_bytes()),
-        Value::Boolean(b) => Some(if *b { b"true".to_vec() } else { b"false".to_vec() }),
-        other => return Err(mlua::Error::runtime(format!("bad header value type \"{}\"", other.type_name()))),
+        Value::Boolean(b) => Some(if *b {
+            b"true".to_vec()
+        } else {
+            b"false".to_vec()
+        }),
+        other => {
+            return Err(mlua::Error::runtime(format!(
+                "bad header value type \"{}\"",
+                other.type_name()
+            )))
+        }
     })
 }
 
@@ -56,13 +66,26 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     mt.set(
         "__newindex",
         lua.create_function(|lua, (_t, key, value): (Table, mlua::LuaString, Value)| {
-            check_phase(lua, &[Phase::Rewrite, Phase::ServerRewrite, Phase::Access, Phase::Content, Phase::HeaderFilter])?;
+            check_phase(
+                lua,
+                &[
+                    Phase::Rewrite,
+                    Phase::ServerRewrite,
+                    Phase::Access,
+                    Phase::Content,
+                    Phase::HeaderFilter,
+                ],
+            )?;
             let rc = current(lua)?;
             let key = key.to_str()?.to_string();
             let name = header_name(&key)?;
             let mut st = rc.st.borrow_mut();
             if st.headers_sent && st.phase != Phase::HeaderFilter {
-                crate::log::request_error(&rc, crate::log::Level::Error, &format!("attempt to set ngx.header.HEADER after sending out response headers"));
+                crate::log::request_error(
+                    &rc,
+                    crate::log::Level::Error,
+                    &format!("attempt to set ngx.header.HEADER after sending out response headers"),
+                );
                 return Ok(());
             }
             st.resp_headers.remove(&name);
@@ -80,7 +103,9 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
             };
             for v in values {
                 // A CR or LF would split the header: OpenResty escapes them; we reject them.
-                let v = HeaderValue::from_bytes(&v).map_err(|_| mlua::Error::runtime(format!("invalid value for header \"{}\"", key)))?;
+                let v = HeaderValue::from_bytes(&v).map_err(|_| {
+                    mlua::Error::runtime(format!("invalid value for header \"{}\"", key))
+                })?;
                 st.resp_headers.append(name.clone(), v);
             }
             Ok(())
@@ -95,7 +120,12 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
         lua.create_function(|lua, (max, raw): (Option<i64>, Option<bool>)| {
             let rc = current(lua)?;
             let st = rc.st.borrow();
-            headers_table(lua, &st.resp_headers, max.unwrap_or(100), raw.unwrap_or(false))
+            headers_table(
+                lua,
+                &st.resp_headers,
+                max.unwrap_or(100),
+                raw.unwrap_or(false),
+            )
         })?,
     )?;
     ngx.set("resp", resp)?;
@@ -104,7 +134,12 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
 
 /// A headers table as `ngx.req.get_headers` / `ngx.resp.get_headers` return it: lower-case keys
 /// (unless raw), repeated headers as arrays, and a metatable that finds `Foo_Bar` as `foo-bar`.
-pub fn headers_table(lua: &Lua, headers: &http::HeaderMap, max: i64, raw: bool) -> mlua::Result<(Table, Option<String>)> {
+pub fn headers_table(
+    lua: &Lua,
+    headers: &http::HeaderMap,
+    max: i64,
+    raw: bool,
+) -> mlua::Result<(Table, Option<String>)> {
     let t = lua.create_table()?;
     let mut count = 0i64;
     let mut truncated = None;

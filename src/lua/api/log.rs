@@ -12,7 +12,10 @@ fn message(lua: &Lua, args: &[Value]) -> mlua::Result<String> {
         match a {
             Value::Table(_) => {
                 // OpenResty rejects tables unless they have __tostring.
-                let s: mlua::LuaString = lua.globals().get::<mlua::Function>("tostring")?.call(a.clone())?;
+                let s: mlua::LuaString = lua
+                    .globals()
+                    .get::<mlua::Function>("tostring")?
+                    .call(a.clone())?;
                 out.extend_from_slice(&s.as_bytes());
             }
             Value::LightUserData(p) if p.0.is_null() => out.extend_from_slice(b"null"),
@@ -27,8 +30,17 @@ fn location(lua: &Lua) -> String {
     match lua.inspect_stack(1, |d| {
         let src = d.source();
         let short = src.short_src.as_deref().unwrap_or("?").to_string();
-        let name = d.names().name.map(|n| format!("{}(): ", n)).unwrap_or_default();
-        format!("[lua] {}:{}: {}", short, d.current_line().unwrap_or(0), name)
+        let name = d
+            .names()
+            .name
+            .map(|n| format!("{}(): ", n))
+            .unwrap_or_default();
+        format!(
+            "[lua] {}:{}: {}",
+            short,
+            d.current_line().unwrap_or(0),
+            name
+        )
     }) {
         Some(s) => s,
         None => "[lua] ".to_string(),

@@ -9,7 +9,11 @@ use crate::lua::request::{check_phase, current};
 /// Lua's `%.14g` number formatting (what `tostring` and `ngx.say` print).
 pub fn format_number(n: f64) -> String {
     if n.is_nan() {
-        return if n.is_sign_negative() { "-nan".into() } else { "nan".into() };
+        return if n.is_sign_negative() {
+            "-nan".into()
+        } else {
+            "nan".into()
+        };
     }
     if n.is_infinite() {
         return if n > 0.0 { "inf".into() } else { "-inf".into() };
@@ -22,7 +26,12 @@ pub fn format_number(n: f64) -> String {
     let exp: i32 = exp.parse().unwrap_or(0);
     if !(-4..14).contains(&exp) {
         let mant = trim_zeros(mant);
-        format!("{}e{}{:02}", mant, if exp < 0 { '-' } else { '+' }, exp.abs())
+        format!(
+            "{}e{}{:02}",
+            mant,
+            if exp < 0 { '-' } else { '+' },
+            exp.abs()
+        )
     } else {
         let prec = (13 - exp).max(0) as usize;
         trim_zeros(&format!("{:.*}", prec, n)).to_string()
@@ -53,13 +62,23 @@ pub fn render(out: &mut Vec<u8>, v: &Value, depth: usize) -> mlua::Result<()> {
             }
         }
         other => {
-            return Err(mlua::Error::runtime(format!("bad argument #1 to 'say' (non-array table found)") .replace("non-array table found", &format!("{} not allowed", other.type_name()))));
+            return Err(mlua::Error::runtime(
+                format!("bad argument #1 to 'say' (non-array table found)").replace(
+                    "non-array table found",
+                    &format!("{} not allowed", other.type_name()),
+                ),
+            ));
         }
     }
     Ok(())
 }
 
-const OUTPUT_PHASES: &[Phase] = &[Phase::Rewrite, Phase::ServerRewrite, Phase::Access, Phase::Content];
+const OUTPUT_PHASES: &[Phase] = &[
+    Phase::Rewrite,
+    Phase::ServerRewrite,
+    Phase::Access,
+    Phase::Content,
+];
 
 fn emit(lua: &Lua, args: mlua::Variadic<Value>, newline: bool) -> mlua::Result<(i64,)> {
     check_phase(lua, OUTPUT_PHASES)?;
@@ -80,8 +99,14 @@ fn emit(lua: &Lua, args: mlua::Variadic<Value>, newline: bool) -> mlua::Result<(
 }
 
 pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
-    ngx.set("say", lua.create_function(|lua, args: mlua::Variadic<Value>| emit(lua, args, true))?)?;
-    ngx.set("print", lua.create_function(|lua, args: mlua::Variadic<Value>| emit(lua, args, false))?)?;
+    ngx.set(
+        "say",
+        lua.create_function(|lua, args: mlua::Variadic<Value>| emit(lua, args, true))?,
+    )?;
+    ngx.set(
+        "print",
+        lua.create_function(|lua, args: mlua::Variadic<Value>| emit(lua, args, false))?,
+    )?;
     ngx.set(
         "flush",
         lua.create_async_function(|lua, _wait: Option<bool>| async move {

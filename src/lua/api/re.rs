@@ -20,7 +20,11 @@ impl Regex {
 
     pub fn captures(&self, subject: &[u8]) -> Option<Vec<Option<(usize, usize)>>> {
         let caps = self.re.captures(subject).ok()??;
-        Some((0..caps.len()).map(|i| caps.get(i).map(|m| (m.start(), m.end()))).collect())
+        Some(
+            (0..caps.len())
+                .map(|i| caps.get(i).map(|m| (m.start(), m.end())))
+                .collect(),
+        )
     }
 
     pub fn names(&self) -> Vec<(String, usize)> {

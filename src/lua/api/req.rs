@@ -91,7 +91,11 @@ pub fn decode_args(lua: &Lua, args: &[u8], max: i64) -> mlua::Result<(Table, Opt
 }
 
 fn escape_component(s: &[u8]) -> String {
-    const SET: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+    const SET: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
     percent_encoding::percent_encode(s, SET).to_string()
 }
 
@@ -112,7 +116,12 @@ pub fn encode_args(t: &Table) -> mlua::Result<String> {
         let key = match &k {
             Value::String(s) => escape_component(&s.as_bytes()),
             Value::Integer(i) => i.to_string(),
-            other => return Err(mlua::Error::runtime(format!("bad argument #1 to 'encode_args' (bad key type \"{}\")", other.type_name()))),
+            other => {
+                return Err(mlua::Error::runtime(format!(
+                    "bad argument #1 to 'encode_args' (bad key type \"{}\")",
+                    other.type_name()
+                )))
+            }
         };
         match &v {
             Value::Boolean(true) => parts.push(key),
@@ -124,14 +133,24 @@ pub fn encode_args(t: &Table) -> mlua::Result<String> {
                         Value::Boolean(false) => {}
                         item => match arg_value(&item)? {
                             Some(b) => parts.push(format!("{}={}", key, escape_component(&b))),
-                            None => return Err(mlua::Error::runtime(format!("attempt to use {} as query arg value", item.type_name()))),
+                            None => {
+                                return Err(mlua::Error::runtime(format!(
+                                    "attempt to use {} as query arg value",
+                                    item.type_name()
+                                )))
+                            }
                         },
                     }
                 }
             }
             other => match arg_value(other)? {
                 Some(b) => parts.push(format!("{}={}", key, escape_component(&b))),
-                None => return Err(mlua::Error::runtime(format!("attempt to use {} as query arg value", other.type_name()))),
+                None => {
+                    return Err(mlua::Error::runtime(format!(
+                        "attempt to use {} as query arg value",
+                        other.type_name()
+                    )))
+                }
             },
         }
     }
@@ -139,10 +158,16 @@ pub fn encode_args(t: &Table) -> mlua::Result<String> {
 }
 
 fn header_name(name: &str) -> mlua::Result<HeaderName> {
-    HeaderName::from_bytes(name.replace('_', "-").as_bytes()).map_err(|_| mlua::Error::runtime(format!("invalid header name \"{}\"", name)))
+    HeaderName::from_bytes(name.replace('_', "-").as_bytes())
+        .map_err(|_| mlua::Error::runtime(format!("invalid header name \"{}\"", name)))
 }
 
-const BODY_PHASES: &[Phase] = &[Phase::Rewrite, Phase::ServerRewrite, Phase::Access, Phase::Content];
+const BODY_PHASES: &[Phase] = &[
+    Phase::Rewrite,
+    Phase::ServerRewrite,
+    Phase::Access,
+    Phase::Content,
+];
 
 pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     let req = lua.create_table()?;
@@ -158,8 +183,13 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
         "set_method",
         lua.create_function(|lua, m: i64| {
             let rc = current(lua)?;
-            let name = METHODS.iter().find(|(_, v)| *v == m).map(|(n, _)| *n).ok_or_else(|| mlua::Error::runtime(format!("unsupported HTTP method: {}", m)))?;
-            rc.st.borrow_mut().method = Method::from_bytes(name.as_bytes()).map_err(|e| mlua::Error::runtime(e.to_string()))?;
+            let name = METHODS
+                .iter()
+                .find(|(_, v)| *v == m)
+                .map(|(n, _)| *n)
+                .ok_or_else(|| mlua::Error::runtime(format!("unsupported HTTP method: {}", m)))?;
+            rc.st.borrow_mut().method = Method::from_bytes(name.as_bytes())
+                .map_err(|e| mlua::Error::runtime(e.to_string()))?;
             Ok(())
         })?,
     )?;
@@ -179,7 +209,12 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
                 Value::String(s) => s.to_str()?.to_string(),
                 Value::Table(t) => encode_args(&t)?,
                 Value::Integer(i) => i.to_string(),
-                other => return Err(mlua::Error::runtime(format!("bad argument #1 to 'set_uri_args' (string or table expected, got {})", other.type_name()))),
+                other => {
+                    return Err(mlua::Error::runtime(format!(
+                        "bad argument #1 to 'set_uri_args' (string or table expected, got {})",
+                        other.type_name()
+                    )))
+                }
             };
             rc.st.borrow_mut().args = Some(s);
             Ok(())
@@ -206,7 +241,8 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
             };
             for v in vals {
                 if let Some(b) = arg_value(&v)? {
-                    let hv = HeaderValue::from_bytes(&b).map_err(|_| mlua::Error::runtime("invalid header value"))?;
+                    let hv = HeaderValue::from_bytes(&b)
+                        .map_err(|_| mlua::Error::runtime("invalid header value"))?;
                     st.headers.append(name.clone(), hv);
                 }
             }
@@ -255,7 +291,10 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
         })?,
     )?;
     // Bodies are kept in memory (bounded by client_max_body_size): there is never a file.
-    req.set("get_body_file", lua.create_function(|_, ()| Ok(Value::Nil))?)?;
+    req.set(
+        "get_body_file",
+        lua.create_function(|_, ()| Ok(Value::Nil))?,
+    )?;
     req.set(
         "set_body_data",
         lua.create_function(|lua, data: mlua::LuaString| {
@@ -313,7 +352,9 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
                     http::Version::HTTP_10 => "HTTP/1.0",
                     _ => "HTTP/1.1",
                 };
-                out.extend_from_slice(format!("{} {} {}\r\n", st.method, st.request_uri, v).as_bytes());
+                out.extend_from_slice(
+                    format!("{} {} {}\r\n", st.method, st.request_uri, v).as_bytes(),
+                );
             }
             for (k, v) in st.headers.iter() {
                 out.extend_from_slice(k.as_str().as_bytes());
@@ -325,31 +366,36 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
             lua.create_string(&out)
         })?,
     )?;
-    req.set("start_time", lua.create_function(|lua, ()| Ok(current(lua)?.start_time))?)?;
+    req.set(
+        "start_time",
+        lua.create_function(|lua, ()| Ok(current(lua)?.start_time))?,
+    )?;
     req.set(
         "is_internal",
         lua.create_function(|lua, ()| Ok(current(lua)?.st.borrow().internal))?,
     )?;
     req.set(
         "set_uri",
-        lua.create_async_function(|lua, (uri, jump): (mlua::LuaString, Option<bool>)| async move {
-            let rc = current(&lua)?;
-            let uri = uri.to_str()?.to_string();
-            if uri.is_empty() {
-                return Err(mlua::Error::runtime("attempt to use zero-length uri"));
-            }
-            if jump.unwrap_or(false) {
-                let p = crate::lua::request::phase(&lua);
-                if p != Phase::Rewrite && p != Phase::ServerRewrite {
-                    return Err(mlua::Error::runtime("API disabled in the current context"));
+        lua.create_async_function(
+            |lua, (uri, jump): (mlua::LuaString, Option<bool>)| async move {
+                let rc = current(&lua)?;
+                let uri = uri.to_str()?.to_string();
+                if uri.is_empty() {
+                    return Err(mlua::Error::runtime("attempt to use zero-length uri"));
                 }
-                let args = rc.st.borrow().args.clone();
-                rc.st.borrow_mut().exit = Some(Exit::Exec(uri.clone(), args));
-                std::future::pending::<()>().await;
-            }
-            rc.st.borrow_mut().uri = uri;
-            Ok(())
-        })?,
+                if jump.unwrap_or(false) {
+                    let p = crate::lua::request::phase(&lua);
+                    if p != Phase::Rewrite && p != Phase::ServerRewrite {
+                        return Err(mlua::Error::runtime("API disabled in the current context"));
+                    }
+                    let args = rc.st.borrow().args.clone();
+                    rc.st.borrow_mut().exit = Some(Exit::Exec(uri.clone(), args));
+                    std::future::pending::<()>().await;
+                }
+                rc.st.borrow_mut().uri = uri;
+                Ok(())
+            },
+        )?,
     )?;
     ngx.set("req", req)
 }
