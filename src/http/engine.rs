@@ -38,6 +38,7 @@ pub enum Outcome {
 /// Serve one request on a worker: runs the phases in a local task so that a handler that
 /// flushes early can stream while hyper already writes the head.
 pub async fn serve(env: Rc<Env>, conn: Rc<ConnInfo>, req: Request<Incoming>) -> Response<Body> {
+    crate::lua::api::time::update_cached_time();
     let (head_tx, head_rx) = oneshot::channel();
     let rc = match new_request(env, conn, req, head_tx) {
         Ok(rc) => rc,
@@ -395,6 +396,14 @@ async fn phases(rc: &Rc<ReqCtx>, mut forced: Option<Arc<Location>>) -> Outcome {
                     );
                     return Outcome::Status(413);
                 }
+            }
+        }
+        {
+            // headers-more input headers run at the start of the location's rewrite phase.
+            let mut st = rc.st.borrow_mut();
+            let conf = st.conf.clone();
+            for m in &conf.more_set_input_headers {
+                filter::apply_more(rc, &mut st, m, false);
             }
         }
         // rewrite
