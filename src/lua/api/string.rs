@@ -356,9 +356,11 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
             let kind = match kind.unwrap_or(2) {
                 0 => 0,
                 2 => 2,
-                other => return Err(mlua::Error::runtime(format!(
+                other => {
+                    return Err(mlua::Error::runtime(format!(
                     "bad argument #2 to 'escape_uri' (unsupported type {other}, expected 0 or 2)"
-                ))),
+                )))
+                }
             };
             lua.create_string(escape_uri(&s, kind))
         })?,
