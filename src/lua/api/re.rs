@@ -111,6 +111,7 @@ const F_DOTALL: u8 = 4;
 const F_EXTENDED: u8 = 8;
 const F_UTF: u8 = 16;
 const F_DUPNAMES: u8 = 32;
+const F_ANCHORED: u8 = 64;
 
 /// The parsed `options` string: compile-time bits (the cache key) and match-time switches.
 #[derive(Clone, Copy, Default)]
@@ -131,7 +132,10 @@ fn parse_opts(opts: &[u8]) -> Result<Opts, String> {
             // (an invalid subject gives an error instead of undefined behaviour).
             b'u' | b'U' => o.compile |= F_UTF,
             b'D' => o.compile |= F_DUPNAMES,
-            b'a' => o.anchored = true,
+            b'a' => {
+                o.anchored = true;
+                o.compile |= F_ANCHORED;
+            }
             // JIT is always attempted and every pattern is cached, so `j` and `o` are implied.
             // `d` (DFA, longest match) runs as a normal match; `J` (JavaScript compat) is ignored.
             b'j' | b'o' | b'd' | b'J' => {}
@@ -159,7 +163,10 @@ struct Compiled {
 
 #[derive(Default)]
 struct ReCache {
-    map: HashMap<(Vec<u8>, u8), (Rc<Compiled>, u64)>,
+    /// Compile flags -> pattern -> (compiled, last use); split by flags so a hit needs no key
+    /// allocation.
+    maps: HashMap<u8, HashMap<Vec<u8>, (Rc<Compiled>, u64)>>,
+    len: usize,
     tick: u64,
 }
 
@@ -204,33 +211,46 @@ fn pattern_text(pat: &[u8], utf: bool) -> Result<String, String> {
     Ok(out)
 }
 
-fn compile(lua: &Lua, pat: &[u8], opts: Opts) -> Result<Rc<Compiled>, String> {
-    let cache = cache_of(lua);
-    let key = (pat.to_vec(), opts.compile);
-    {
-        let mut c = cache.0.borrow_mut();
-        c.tick += 1;
-        let tick = c.tick;
-        if let Some(entry) = c.map.get_mut(&key) {
-            entry.1 = tick;
-            return Ok(entry.0.clone());
-        }
-    }
-    let f = opts.compile;
-    let mut text = pattern_text(pat, f & F_UTF != 0)?;
-    if f & F_DUPNAMES != 0 {
-        // The crate has no PCRE2_DUPNAMES switch; the inline option means the same.
-        text.insert_str(0, "(?J)");
-    }
-    let re = RegexBuilder::new()
+fn build(text: &str, f: u8) -> Result<Pcre, pcre2::Error> {
+    RegexBuilder::new()
         .caseless(f & F_CASELESS != 0)
         .multi_line(f & F_MULTILINE != 0)
         .dotall(f & F_DOTALL != 0)
         .extended(f & F_EXTENDED != 0)
         .utf(f & F_UTF != 0)
         .jit_if_available(true)
-        .build(&text)
-        .map_err(|e| compile_error_text(&e, &String::from_utf8_lossy(pat)))?;
+        .build(text)
+}
+
+fn compile(lua: &Lua, pat: &[u8], opts: Opts) -> Result<Rc<Compiled>, String> {
+    let cache = cache_of(lua);
+    let f = opts.compile;
+    {
+        let mut c = cache.0.borrow_mut();
+        c.tick += 1;
+        let tick = c.tick;
+        if let Some(entry) = c.maps.get_mut(&f).and_then(|m| m.get_mut(pat)) {
+            entry.1 = tick;
+            return Ok(entry.0.clone());
+        }
+    }
+    let mut text = pattern_text(pat, f & F_UTF != 0)?;
+    if f & F_DUPNAMES != 0 {
+        // The crate has no PCRE2_DUPNAMES switch; the inline option means the same.
+        text.insert_str(0, "(?J)");
+    }
+    let mut re =
+        build(&text, f).map_err(|e| compile_error_text(&e, &String::from_utf8_lossy(pat)))?;
+    if f & F_ANCHORED != 0 {
+        // The crate cannot pass PCRE2_ANCHORED, so anchor with `\G` (true at the start offset).
+        // The plain pattern compiled, so the wrapped one means the same whenever it compiles too;
+        // when it does not (an `x`-mode comment eating our parenthesis, a leading `(*VERB)`),
+        // `exec` still rejects matches that do not begin at the start offset.
+        let sep = if f & F_EXTENDED != 0 { "\n" } else { "" };
+        if let Ok(anchored) = build(&format!("\\G(?:{text}{sep})"), f) {
+            re = anchored;
+        }
+    }
     let compiled = Rc::new(Compiled {
         ncaps: re.captures_len().saturating_sub(1),
         names: group_names(&re),
@@ -239,18 +259,29 @@ fn compile(lua: &Lua, pat: &[u8], opts: Opts) -> Result<Rc<Compiled>, String> {
         re,
     });
     let mut c = cache.0.borrow_mut();
-    if c.map.len() >= CACHE_MAX {
-        if let Some(oldest) = c
-            .map
+    if c.len >= CACHE_MAX {
+        let oldest = c
+            .maps
             .iter()
-            .min_by_key(|(_, v)| v.1)
-            .map(|(k, _)| k.clone())
-        {
-            c.map.remove(&oldest);
+            .flat_map(|(fl, m)| m.iter().map(move |(k, v)| (v.1, *fl, k)))
+            .min_by_key(|e| e.0)
+            .map(|(_, fl, k)| (fl, k.clone()));
+        if let Some((fl, k)) = oldest {
+            if let Some(m) = c.maps.get_mut(&fl) {
+                m.remove(&k);
+            }
+            c.len -= 1;
         }
     }
     let tick = c.tick;
-    c.map.insert(key, (compiled.clone(), tick));
+    if c.maps
+        .entry(f)
+        .or_default()
+        .insert(pat.to_vec(), (compiled.clone(), tick))
+        .is_none()
+    {
+        c.len += 1;
+    }
     Ok(compiled)
 }
 
@@ -263,8 +294,8 @@ fn exec(
     anchored: bool,
 ) -> Result<bool, String> {
     match c.re.captures_read_at(locs, subj, start) {
-        // The crate cannot pass PCRE2_ANCHORED; the leftmost match starts at `start` exactly when
-        // an anchored match exists, so checking its start gives the same answer.
+        // Backstop for patterns `compile` could not wrap in `\G`: the leftmost match starts at
+        // `start` exactly when an anchored match exists.
         Ok(Some(m)) => Ok(!anchored || m.start() == start),
         Ok(None) => Ok(false),
         Err(e) => Err(format!("pcre2_match() failed: {e}")),
@@ -938,6 +969,23 @@ mod tests {
                return table.concat(out, ",") .. tostring(miss)"#,
         );
         assert_eq!(r, "ab,12,cdnil");
+        // An `x`-mode comment at the end cannot be wrapped in `\G(?:...)`; the backstop anchors.
+        let r: String = eval(
+            &lua,
+            r#"local a = ngx.re.find("xx12", "[0-9]+ # digits", "ax")
+               local ctx = { pos = 3 }
+               local f, t = ngx.re.find("xx12", "[0-9]+ # digits", "ax", ctx)
+               local b = ngx.re.match("ab", "(?<=a)b", "a", { pos = 2 })
+               return tostring(a) .. f .. t .. b[0]"#,
+        );
+        assert_eq!(r, "nil34b");
+        let r: String = eval(
+            &lua,
+            r#"local m = ngx.re.match("hello, world", "(?<w>\\w+), (?<w>\\w+)", "Da")
+               local v = ngx.re.match("xab", "(*NO_JIT)ab", "a")
+               return table.concat(m.w, "+") .. tostring(v)"#,
+        );
+        assert_eq!(r, "hello+worldnil");
     }
 
     #[test]
@@ -1149,6 +1197,9 @@ mod tests {
                return n"#,
         );
         assert_eq!(n, 1100);
-        assert!(cache_of(&lua).0.borrow().map.len() <= CACHE_MAX);
+        let cache = cache_of(&lua);
+        let c = cache.0.borrow();
+        assert!(c.len <= CACHE_MAX);
+        assert_eq!(c.len, c.maps.values().map(HashMap::len).sum::<usize>());
     }
 }
