@@ -117,7 +117,11 @@ struct Inner {
 
 impl Inner {
     fn new() -> Self {
-        Inner { head: NIL, tail: NIL, ..Default::default() }
+        Inner {
+            head: NIL,
+            tail: NIL,
+            ..Default::default()
+        }
     }
 
     fn node(&self, i: u32) -> &Node {
@@ -264,13 +268,22 @@ impl Shard {
         // A panic while holding the lock cannot leave the list half-linked in a way later
         // operations trip over badly enough to justify poisoning the whole zone for every worker.
         let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        Guard { g, tail_tick: &self.tail_tick }
+        Guard {
+            g,
+            tail_tick: &self.tail_tick,
+        }
     }
 
     fn try_lock(&self) -> Option<Guard<'_>> {
         match self.inner.try_lock() {
-            Ok(g) => Some(Guard { g, tail_tick: &self.tail_tick }),
-            Err(TryLockError::Poisoned(e)) => Some(Guard { g: e.into_inner(), tail_tick: &self.tail_tick }),
+            Ok(g) => Some(Guard {
+                g,
+                tail_tick: &self.tail_tick,
+            }),
+            Err(TryLockError::Poisoned(e)) => Some(Guard {
+                g: e.into_inner(),
+                tail_tick: &self.tail_tick,
+            }),
             Err(TryLockError::WouldBlock) => None,
         }
     }
@@ -290,14 +303,16 @@ pub struct Zone {
     pub name: String,
     pub capacity: usize,
     used: AtomicUsize,
-    clock: AtomicU64,
+    /// Origin of LRU ticks.
+    epoch: Instant,
     shards: Box<[Shard]>,
 }
 
 /// All zones of a configuration by name.
 pub type Zones = Arc<HashMap<String, Arc<Zone>>>;
 
-fn check_key(key: &[u8]) -> Result<(), ShdictError> {
+/// Rejects keys OpenResty rejects: empty or longer than [`MAX_KEY_LEN`].
+pub fn check_key(key: &[u8]) -> Result<(), ShdictError> {
     if key.is_empty() {
         Err(ShdictError::EmptyKey)
     } else if key.len() > MAX_KEY_LEN {
@@ -340,13 +355,16 @@ impl Zone {
     /// A zone named `name` holding at most `capacity_bytes` of keys, values and overhead.
     pub fn new(name: &str, capacity_bytes: usize) -> Zone {
         let shards = (0..SHARDS)
-            .map(|_| Shard { inner: Mutex::new(Inner::new()), tail_tick: AtomicU64::new(u64::MAX) })
+            .map(|_| Shard {
+                inner: Mutex::new(Inner::new()),
+                tail_tick: AtomicU64::new(u64::MAX),
+            })
             .collect();
         Zone {
             name: name.to_string(),
             capacity: capacity_bytes,
             used: AtomicUsize::new(0),
-            clock: AtomicU64::new(0),
+            epoch: Instant::now(),
             shards,
         }
     }
@@ -358,11 +376,21 @@ impl Zone {
 
     /// Bytes not charged to any entry (`ngx.shared.DICT:free_space()`).
     pub fn free_space(&self) -> usize {
-        self.capacity.saturating_sub(self.used.load(Ordering::Relaxed))
+        self.capacity
+            .saturating_sub(self.used.load(Ordering::Relaxed))
     }
 
-    fn tick(&self) -> u64 {
-        self.clock.fetch_add(1, Ordering::Relaxed)
+    /// LRU tick for an entry touched at `now` in shard `g`: the monotonic clock in nanoseconds,
+    /// so shards compare without sharing a counter (one contended atomic per operation would
+    /// undo the sharding), nudged past the shard's head so order within a shard stays strict.
+    fn tick(&self, g: &Inner, now: Instant) -> u64 {
+        let t = now.saturating_duration_since(self.epoch).as_nanos() as u64;
+        let head = if g.head == NIL {
+            0
+        } else {
+            g.node(g.head).tick
+        };
+        t.max(head + 1)
     }
 
     fn try_reserve(&self, n: usize) -> bool {
@@ -371,7 +399,10 @@ impl Zone {
             if cur.saturating_add(n) > self.capacity {
                 return false;
             }
-            match self.used.compare_exchange_weak(cur, cur + n, Ordering::AcqRel, Ordering::Relaxed) {
+            match self
+                .used
+                .compare_exchange_weak(cur, cur + n, Ordering::AcqRel, Ordering::Relaxed)
+            {
                 Ok(_) => return true,
                 Err(v) => cur = v,
             }
@@ -391,18 +422,35 @@ impl Zone {
     /// Runs `f` on shard `j` while the caller holds shard `own`. Locks are only ever waited for
     /// in increasing shard order (a lower one is only tried), so two workers evicting for each
     /// other cannot deadlock; a busy lower shard is simply skipped.
-    fn with_shard<R>(&self, own: usize, g: &mut Inner, j: usize, f: impl FnOnce(&mut Inner) -> R) -> Option<R> {
+    fn with_shard<R>(
+        &self,
+        own: usize,
+        g: &mut Inner,
+        j: usize,
+        f: impl FnOnce(&mut Inner) -> R,
+    ) -> Option<R> {
         if j == own {
             return Some(f(g));
         }
-        let mut other = if j > own { self.shards[j].lock() } else { self.shards[j].try_lock()? };
+        let mut other = if j > own {
+            self.shards[j].lock()
+        } else {
+            self.shards[j].try_lock()?
+        };
         Some(f(&mut other))
     }
 
     /// Reserves `n` bytes, first by dropping expired entries near the LRU tails, then (when
     /// `force`) by evicting least recently used entries zone-wide. Returns whether a valid
     /// (unexpired) entry was evicted: the `forcible` flag of `set`.
-    fn reserve(&self, own: usize, g: &mut Inner, n: usize, force: bool, now: Instant) -> Result<bool, ShdictError> {
+    fn reserve(
+        &self,
+        own: usize,
+        g: &mut Inner,
+        n: usize,
+        force: bool,
+        now: Instant,
+    ) -> Result<bool, ShdictError> {
         if n > self.capacity {
             return Err(ShdictError::NoMemory);
         }
@@ -435,7 +483,11 @@ impl Zone {
             let victim = (0..SHARDS)
                 .filter(|&j| !skipped[j])
                 .map(|j| {
-                    let t = if j == own { g.tail_tick() } else { self.shards[j].tail_tick.load(Ordering::Relaxed) };
+                    let t = if j == own {
+                        g.tail_tick()
+                    } else {
+                        self.shards[j].tail_tick.load(Ordering::Relaxed)
+                    };
                     (t, j)
                 })
                 .filter(|&(t, _)| t != u64::MAX)
@@ -500,38 +552,72 @@ impl Zone {
             prev: NIL,
             next: NIL,
         };
-        g.insert(node, self.tick());
+        let tick = self.tick(&g, now);
+        g.insert(node, tick);
         Ok(forcible)
     }
 
     /// Stores `value` (`None` deletes), evicting LRU entries if needed; returns `forcible`.
-    pub fn set(&self, key: &[u8], value: Option<Value>, exptime: f64, flags: u32) -> Result<bool, ShdictError> {
+    pub fn set(
+        &self,
+        key: &[u8],
+        value: Option<Value>,
+        exptime: f64,
+        flags: u32,
+    ) -> Result<bool, ShdictError> {
         self.store(StoreOp::Set, key, value, exptime, flags, true)
     }
 
     /// Like [`Zone::set`] but fails with `NoMemory` instead of evicting valid entries.
-    pub fn safe_set(&self, key: &[u8], value: Option<Value>, exptime: f64, flags: u32) -> Result<(), ShdictError> {
-        self.store(StoreOp::Set, key, value, exptime, flags, false).map(|_| ())
+    pub fn safe_set(
+        &self,
+        key: &[u8],
+        value: Option<Value>,
+        exptime: f64,
+        flags: u32,
+    ) -> Result<(), ShdictError> {
+        self.store(StoreOp::Set, key, value, exptime, flags, false)
+            .map(|_| ())
     }
 
     /// Stores only if the key is absent or expired (`Exists` otherwise); returns `forcible`.
-    pub fn add(&self, key: &[u8], value: Option<Value>, exptime: f64, flags: u32) -> Result<bool, ShdictError> {
+    pub fn add(
+        &self,
+        key: &[u8],
+        value: Option<Value>,
+        exptime: f64,
+        flags: u32,
+    ) -> Result<bool, ShdictError> {
         self.store(StoreOp::Add, key, value, exptime, flags, true)
     }
 
     /// Like [`Zone::add`] but fails with `NoMemory` instead of evicting valid entries.
-    pub fn safe_add(&self, key: &[u8], value: Option<Value>, exptime: f64, flags: u32) -> Result<(), ShdictError> {
-        self.store(StoreOp::Add, key, value, exptime, flags, false).map(|_| ())
+    pub fn safe_add(
+        &self,
+        key: &[u8],
+        value: Option<Value>,
+        exptime: f64,
+        flags: u32,
+    ) -> Result<(), ShdictError> {
+        self.store(StoreOp::Add, key, value, exptime, flags, false)
+            .map(|_| ())
     }
 
     /// Stores only if the key holds a live value (`NotFound` otherwise); returns `forcible`.
-    pub fn replace(&self, key: &[u8], value: Option<Value>, exptime: f64, flags: u32) -> Result<bool, ShdictError> {
+    pub fn replace(
+        &self,
+        key: &[u8],
+        value: Option<Value>,
+        exptime: f64,
+        flags: u32,
+    ) -> Result<bool, ShdictError> {
         self.store(StoreOp::Replace, key, value, exptime, flags, true)
     }
 
     /// Removes the key (expired or not).
     pub fn delete(&self, key: &[u8]) -> Result<(), ShdictError> {
-        self.store(StoreOp::Set, key, None, 0.0, 0, false).map(|_| ())
+        self.store(StoreOp::Set, key, None, 0.0, 0, false)
+            .map(|_| ())
     }
 
     /// The live value and its flags; `None` if absent or expired. Lists give `IsAList`.
@@ -539,7 +625,9 @@ impl Zone {
         check_key(key)?;
         let now = Instant::now();
         let mut g = self.shards[shard_index(key)].lock();
-        let Some(i) = g.find(key) else { return Ok(None) };
+        let Some(i) = g.find(key) else {
+            return Ok(None);
+        };
         if g.node(i).expired(now) {
             return Ok(None);
         }
@@ -547,7 +635,8 @@ impl Zone {
             Data::Scalar(v) => (v.clone(), g.node(i).flags),
             Data::List(_) => return Err(ShdictError::IsAList),
         };
-        g.touch(i, self.tick());
+        let tick = self.tick(&g, now);
+        g.touch(i, tick);
         Ok(Some(out))
     }
 
@@ -556,14 +645,17 @@ impl Zone {
         check_key(key)?;
         let now = Instant::now();
         let mut g = self.shards[shard_index(key)].lock();
-        let Some(i) = g.find(key) else { return Ok(None) };
+        let Some(i) = g.find(key) else {
+            return Ok(None);
+        };
         let stale = g.node(i).expired(now);
         let out = match &g.node(i).data {
             Data::Scalar(v) => (v.clone(), g.node(i).flags, stale),
             Data::List(_) => return Err(ShdictError::IsAList),
         };
         if !stale {
-            g.touch(i, self.tick());
+            let tick = self.tick(&g, now);
+            g.touch(i, tick);
         }
         Ok(Some(out))
     }
@@ -571,7 +663,13 @@ impl Zone {
     /// Adds `by` to a number. A missing or expired key is created as `init + by` (with
     /// `init_ttl` seconds to live) when `init` is given, else `NotFound`. Returns the new value
     /// and `forcible`. An existing key keeps its TTL and flags.
-    pub fn incr(&self, key: &[u8], by: f64, init: Option<f64>, init_ttl: f64) -> Result<(f64, bool), ShdictError> {
+    pub fn incr(
+        &self,
+        key: &[u8],
+        by: f64,
+        init: Option<f64>,
+        init_ttl: f64,
+    ) -> Result<(f64, bool), ShdictError> {
         check_key(key)?;
         let own = shard_index(key);
         let now = Instant::now();
@@ -584,7 +682,8 @@ impl Zone {
                 };
                 *n += by;
                 let out = *n;
-                g.touch(i, self.tick());
+                let tick = self.tick(&g, now);
+                g.touch(i, tick);
                 return Ok((out, false));
             }
             if init.is_none() {
@@ -608,7 +707,8 @@ impl Zone {
             prev: NIL,
             next: NIL,
         };
-        g.insert(node, self.tick());
+        let tick = self.tick(&g, now);
+        g.insert(node, tick);
         Ok((init + by, forcible))
     }
 
@@ -646,7 +746,8 @@ impl Zone {
                     list.push_back(value);
                 }
                 let len = list.len();
-                g.touch(i, self.tick());
+                let tick = self.tick(&g, now);
+                g.touch(i, tick);
                 Ok(len)
             }
             None => {
@@ -662,7 +763,8 @@ impl Zone {
                     prev: NIL,
                     next: NIL,
                 };
-                g.insert(node, self.tick());
+                let tick = self.tick(&g, now);
+                g.insert(node, tick);
                 Ok(1)
             }
         }
@@ -672,7 +774,9 @@ impl Zone {
         check_key(key)?;
         let now = Instant::now();
         let mut g = self.shards[shard_index(key)].lock();
-        let Some(i) = g.find(key) else { return Ok(None) };
+        let Some(i) = g.find(key) else {
+            return Ok(None);
+        };
         if g.node(i).expired(now) {
             return Ok(None);
         }
@@ -680,7 +784,11 @@ impl Zone {
         let Data::List(list) = &mut node.data else {
             return Err(ShdictError::NotAList);
         };
-        let v = if front { list.pop_front() } else { list.pop_back() };
+        let v = if front {
+            list.pop_front()
+        } else {
+            list.pop_back()
+        };
         let empty = list.is_empty();
         if let Some(v) = &v {
             let sz = item_size(v);
@@ -690,7 +798,8 @@ impl Zone {
         if empty {
             self.remove_node(&mut g, i);
         } else {
-            g.touch(i, self.tick());
+            let tick = self.tick(&g, now);
+            g.touch(i, tick);
         }
         Ok(v)
     }
@@ -737,7 +846,9 @@ impl Zone {
         check_key(key)?;
         let now = Instant::now();
         let g = self.shards[shard_index(key)].lock();
-        let Some(i) = g.find(key) else { return Err(ShdictError::NotFound) };
+        let Some(i) = g.find(key) else {
+            return Err(ShdictError::NotFound);
+        };
         let node = g.node(i);
         match node.expires {
             None => Ok(0.0),
@@ -752,7 +863,9 @@ impl Zone {
         check_key(key)?;
         let now = Instant::now();
         let mut g = self.shards[shard_index(key)].lock();
-        let Some(i) = g.find(key) else { return Err(ShdictError::NotFound) };
+        let Some(i) = g.find(key) else {
+            return Err(ShdictError::NotFound);
+        };
         let node = g.node_mut(i);
         if node.expired(now) {
             return Err(ShdictError::NotFound);
@@ -862,12 +975,18 @@ mod tests {
         assert_eq!(z.set(b"a", s("x\0y"), 0.0, 0), Ok(false));
         assert_eq!(z.set(b"b", n(1.5), 0.0, 7), Ok(false));
         assert_eq!(z.set(b"c", Some(Value::Bool(false)), 0.0, 0), Ok(false));
-        assert_eq!(z.get(b"a").unwrap(), Some((Value::Str(Bytes::from_static(b"x\0y")), 0)));
+        assert_eq!(
+            z.get(b"a").unwrap(),
+            Some((Value::Str(Bytes::from_static(b"x\0y")), 0))
+        );
         assert_eq!(z.get(b"b").unwrap(), Some((Value::Number(1.5), 7)));
         assert_eq!(z.get(b"c").unwrap(), Some((Value::Bool(false), 0)));
         assert_eq!(z.get(b"zz").unwrap(), None);
         assert_eq!(z.get(b""), Err(ShdictError::EmptyKey));
-        assert_eq!(z.get(&vec![b'k'; MAX_KEY_LEN + 1]), Err(ShdictError::KeyTooLong));
+        assert_eq!(
+            z.get(&vec![b'k'; MAX_KEY_LEN + 1]),
+            Err(ShdictError::KeyTooLong)
+        );
         z.set(b"a", None, 0.0, 0).unwrap();
         assert_eq!(z.get(b"a").unwrap(), None);
         z.delete(b"b").unwrap();
@@ -933,12 +1052,18 @@ mod tests {
         z.set(b"k", s("v"), 0.05, 3).unwrap();
         let ttl = z.ttl(b"k").unwrap();
         assert!(ttl > 0.0 && ttl <= 0.05, "{ttl}");
-        assert_eq!(z.get_stale(b"k").unwrap(), Some((Value::Str(Bytes::from_static(b"v")), 3, false)));
+        assert_eq!(
+            z.get_stale(b"k").unwrap(),
+            Some((Value::Str(Bytes::from_static(b"v")), 3, false))
+        );
         sleep(Duration::from_millis(70));
         assert_eq!(z.get(b"k").unwrap(), None);
         assert_eq!(z.ttl(b"k"), Err(ShdictError::NotFound));
         assert_eq!(z.expire(b"k", 1.0), Err(ShdictError::NotFound));
-        assert_eq!(z.get_stale(b"k").unwrap(), Some((Value::Str(Bytes::from_static(b"v")), 3, true)));
+        assert_eq!(
+            z.get_stale(b"k").unwrap(),
+            Some((Value::Str(Bytes::from_static(b"v")), 3, true))
+        );
         // add and incr-with-init treat an expired key as absent.
         assert_eq!(z.add(b"k", s("w"), 0.0, 0), Ok(false));
         assert_eq!(z.ttl(b"k"), Ok(0.0));
@@ -956,7 +1081,10 @@ mod tests {
         assert_eq!(z.incr(b"c", -0.5, Some(100.0), 0.0), Ok((10.5, false)));
         z.set(b"s", s("x"), 0.0, 0).unwrap();
         assert_eq!(z.incr(b"s", 1.0, None, 0.0), Err(ShdictError::NotANumber));
-        assert_eq!(z.incr(b"s", 1.0, Some(0.0), 0.0), Err(ShdictError::NotANumber));
+        assert_eq!(
+            z.incr(b"s", 1.0, Some(0.0), 0.0),
+            Err(ShdictError::NotANumber)
+        );
         z.incr(b"t", 1.0, Some(0.0), 0.02).unwrap();
         sleep(Duration::from_millis(40));
         assert_eq!(z.get(b"t").unwrap(), None);
@@ -975,7 +1103,8 @@ mod tests {
                     for i in 0..10000 {
                         z.incr(b"n", 1.0, None, 0.0).unwrap();
                         // Other keys too, so shards contend and evict while we count.
-                        z.set(format!("k{t}-{}", i % 50).as_bytes(), n(1.0), 0.0, 0).unwrap();
+                        z.set(format!("k{t}-{}", i % 50).as_bytes(), n(1.0), 0.0, 0)
+                            .unwrap();
                     }
                 })
             })
@@ -994,7 +1123,12 @@ mod tests {
                 let z = z.clone();
                 std::thread::spawn(move || {
                     for i in 0..5000 {
-                        let _ = z.set(format!("k{t}-{i}").as_bytes(), s("0123456789abcdef0123456789"), 0.0, 0);
+                        let _ = z.set(
+                            format!("k{t}-{i}").as_bytes(),
+                            s("0123456789abcdef0123456789"),
+                            0.0,
+                            0,
+                        );
                     }
                 })
             })
@@ -1003,7 +1137,18 @@ mod tests {
             h.join().unwrap();
         }
         assert!(z.used.load(Ordering::Relaxed) <= z.capacity);
-        let charged: usize = z.shards.iter().map(|s| s.lock().slots.iter().flatten().map(|n| n.size).sum::<usize>()).sum();
+        let charged: usize = z
+            .shards
+            .iter()
+            .map(|s| {
+                s.lock()
+                    .slots
+                    .iter()
+                    .flatten()
+                    .map(|n| n.size)
+                    .sum::<usize>()
+            })
+            .sum();
         assert_eq!(charged, z.used.load(Ordering::Relaxed));
     }
 
@@ -1015,7 +1160,10 @@ mod tests {
         assert_eq!(z.rpush(b"l", Value::Str(Bytes::from_static(b"b"))), Ok(1));
         assert_eq!(z.lpush(b"l", Value::Number(1.0)), Ok(2));
         assert_eq!(z.rpush(b"l", Value::Str(Bytes::from_static(b"c"))), Ok(3));
-        assert_eq!(z.lpush(b"l", Value::Bool(true)), Err(ShdictError::BadValueType));
+        assert_eq!(
+            z.lpush(b"l", Value::Bool(true)),
+            Err(ShdictError::BadValueType)
+        );
         assert_eq!(z.llen(b"l"), Ok(3));
         assert_eq!(z.get(b"l"), Err(ShdictError::IsAList));
         assert_eq!(z.incr(b"l", 1.0, None, 0.0), Err(ShdictError::NotANumber));
@@ -1025,20 +1173,27 @@ mod tests {
         assert_eq!(z.rpop(b"l"), Ok(None));
         assert_eq!(z.free_space(), z.capacity());
         z.set(b"s", s("x"), 0.0, 0).unwrap();
-        assert_eq!(z.lpush(b"s", Value::Number(1.0)), Err(ShdictError::NotAList));
+        assert_eq!(
+            z.lpush(b"s", Value::Number(1.0)),
+            Err(ShdictError::NotAList)
+        );
         assert_eq!(z.lpop(b"s"), Err(ShdictError::NotAList));
         assert_eq!(z.llen(b"s"), Err(ShdictError::NotAList));
         // A full zone makes pushes fail rather than evict.
         let tiny = Zone::new("t", 200);
         tiny.set(b"x", s("y"), 0.0, 0).unwrap();
-        assert_eq!(tiny.rpush(b"l", Value::Str(Bytes::from(vec![0u8; 100]))), Err(ShdictError::NoMemory));
+        assert_eq!(
+            tiny.rpush(b"l", Value::Str(Bytes::from(vec![0u8; 100]))),
+            Err(ShdictError::NoMemory)
+        );
     }
 
     #[test]
     fn flush_all_flush_expired_get_keys() {
         let z = Zone::new("t", 1 << 20);
         for i in 0..2000 {
-            z.set(format!("k{i}").as_bytes(), n(i as f64), 0.0, 0).unwrap();
+            z.set(format!("k{i}").as_bytes(), n(i as f64), 0.0, 0)
+                .unwrap();
         }
         assert_eq!(z.get_keys(1024).len(), 1024);
         assert_eq!(z.get_keys(0).len(), 2000);
@@ -1051,7 +1206,10 @@ mod tests {
         let before = z.free_space();
         z.flush_all();
         assert_eq!(z.get(b"k1").unwrap(), None);
-        assert_eq!(z.get_stale(b"k1").unwrap(), Some((Value::Number(1.0), 0, true)));
+        assert_eq!(
+            z.get_stale(b"k1").unwrap(),
+            Some((Value::Number(1.0), 0, true))
+        );
         assert_eq!(z.get_keys(0).len(), 0);
         assert_eq!(z.free_space(), before);
         assert_eq!(z.flush_expired(100), 100);
