@@ -41,8 +41,11 @@ const NIL: u32 = u32::MAX;
 /// A scalar value stored in a zone (and the element type of lists).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
+    /// Binary-safe bytes (a Lua string).
     Str(Bytes),
+    /// A Lua number.
     Number(f64),
+    /// A Lua boolean (not allowed in lists).
     Bool(bool),
 }
 
@@ -300,7 +303,9 @@ enum StoreOp {
 /// One `lua_shared_dict` zone, shared by all worker threads.
 #[derive(Debug)]
 pub struct Zone {
+    /// The `lua_shared_dict` name.
     pub name: String,
+    /// Configured size in bytes.
     pub capacity: usize,
     used: AtomicUsize,
     /// Origin of LRU ticks.
