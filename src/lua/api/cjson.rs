@@ -189,8 +189,16 @@ enum ArraySource {
 
 /// A container whose elements are still being written.
 enum Frame {
-    Array { source: ArraySource, next: i64, len: i64 },
-    Object { items: Vec<(Value, Value)>, pos: usize, first: bool },
+    Array {
+        source: ArraySource,
+        next: i64,
+        len: i64,
+    },
+    Object {
+        items: Vec<(Value, Value)>,
+        pos: usize,
+        first: bool,
+    },
 }
 
 /// What to do next for the innermost open container.
@@ -214,9 +222,12 @@ fn cannot_serialise(v: &Value, reason: &str) -> String {
 
 fn is_unsupported(v: &Value) -> bool {
     match v {
-        Value::Nil | Value::Boolean(_) | Value::Integer(_) | Value::Number(_) | Value::String(_) | Value::Table(_) => {
-            false
-        }
+        Value::Nil
+        | Value::Boolean(_)
+        | Value::Integer(_)
+        | Value::Number(_)
+        | Value::String(_)
+        | Value::Table(_) => false,
         Value::LightUserData(p) => !(p.0.is_null() || *p == empty_array()),
         _ => true,
     }
@@ -246,7 +257,9 @@ impl Encoder<'_> {
                                 }
                                 _ => Value::Nil,
                             },
-                            ArraySource::Table(t) => t.raw_get::<Value>(i).map_err(|e| e.to_string())?,
+                            ArraySource::Table(t) => {
+                                t.raw_get::<Value>(i).map_err(|e| e.to_string())?
+                            }
                         };
                         Step::Value(v)
                     }
@@ -255,7 +268,10 @@ impl Encoder<'_> {
                     None => Step::Close(b'}'),
                     Some((k, v)) => {
                         *pos += 1;
-                        let (k, v) = (std::mem::replace(k, Value::Nil), std::mem::replace(v, Value::Nil));
+                        let (k, v) = (
+                            std::mem::replace(k, Value::Nil),
+                            std::mem::replace(v, Value::Nil),
+                        );
                         if self.cfg.skip_unsupported_value_types && is_unsupported(&v) {
                             continue;
                         }
@@ -323,7 +339,11 @@ impl Encoder<'_> {
         if mt == Some(self.markers.array_mt) {
             self.out.push(b'[');
             let len = t.raw_len() as i64;
-            stack.push(Frame::Array { source: ArraySource::Table(t.clone()), next: 1, len });
+            stack.push(Frame::Array {
+                source: ArraySource::Table(t.clone()),
+                next: 1,
+                len,
+            });
             return Ok(());
         }
 
@@ -356,17 +376,27 @@ impl Encoder<'_> {
                     .collect();
                 sorted.sort_unstable_by_key(|(i, _)| *i);
                 self.out.push(b'[');
-                stack.push(Frame::Array { source: ArraySource::Sorted(sorted, 0), next: 1, len: max });
+                stack.push(Frame::Array {
+                    source: ArraySource::Sorted(sorted, 0),
+                    next: 1,
+                    len: max,
+                });
                 return Ok(());
             }
         }
 
-        if items.is_empty() && (!self.cfg.empty_table_as_object || mt == Some(self.markers.empty_array_mt)) {
+        if items.is_empty()
+            && (!self.cfg.empty_table_as_object || mt == Some(self.markers.empty_array_mt))
+        {
             self.out.extend_from_slice(b"[]");
             return Ok(());
         }
         self.out.push(b'{');
-        stack.push(Frame::Object { items, pos: 0, first: true });
+        stack.push(Frame::Object {
+            items,
+            pos: 0,
+            first: true,
+        });
         Ok(())
     }
 
@@ -425,7 +455,9 @@ impl Encoder<'_> {
 fn array_index(k: &Value) -> Option<i64> {
     match k {
         Value::Integer(i) if *i >= 1 && *i <= i64::from(i32::MAX) => Some(*i),
-        Value::Number(n) if n.fract() == 0.0 && *n >= 1.0 && *n <= f64::from(i32::MAX) => Some(*n as i64),
+        Value::Number(n) if n.fract() == 0.0 && *n >= 1.0 && *n <= f64::from(i32::MAX) => {
+            Some(*n as i64)
+        }
         _ => None,
     }
 }
@@ -501,7 +533,11 @@ impl From<mlua::Error> for DecodeError {
 }
 
 fn expected(what: &str, t: &Token) -> DecodeError {
-    DecodeError::Json(format!("Expected {what} but found {} at character {}", t.tok.describe(), t.at + 1))
+    DecodeError::Json(format!(
+        "Expected {what} but found {} at character {}",
+        t.tok.describe(),
+        t.at + 1
+    ))
 }
 
 fn hex4(b: &[u8]) -> Option<u32> {
@@ -612,7 +648,8 @@ impl Parser<'_> {
         let sign = if negative { -1.0 } else { 1.0 };
         let rest = &self.s[p.min(self.s.len())..];
         let prefix = |w: &[u8]| rest.len() >= w.len() && rest[..w.len()].eq_ignore_ascii_case(w);
-        if self.at(p) == b'0' && self.at(p + 1) | 0x20 == b'x' && self.at(p + 2).is_ascii_hexdigit() {
+        if self.at(p) == b'0' && self.at(p + 1) | 0x20 == b'x' && self.at(p + 2).is_ascii_hexdigit()
+        {
             let mut q = p + 2;
             let mut v = 0.0f64;
             while let Some(d) = (self.at(q) as char).to_digit(16) {
@@ -669,7 +706,12 @@ impl Parser<'_> {
         loop {
             let c = self.at(self.i);
             match c {
-                0 => return Token { tok: Tok::Error("unexpected end of string"), at: self.i },
+                0 => {
+                    return Token {
+                        tok: Tok::Error("unexpected end of string"),
+                        at: self.i,
+                    }
+                }
                 b'"' => {
                     self.i += 1;
                     return Token { tok: Tok::Str, at };
@@ -686,11 +728,19 @@ impl Parser<'_> {
                         b't' => b'\t',
                         b'u' => {
                             if self.unicode_escape().is_none() {
-                                return Token { tok: Tok::Error("invalid unicode escape code"), at: self.i };
+                                return Token {
+                                    tok: Tok::Error("invalid unicode escape code"),
+                                    at: self.i,
+                                };
                             }
                             continue;
                         }
-                        _ => return Token { tok: Tok::Error("invalid escape code"), at: self.i },
+                        _ => {
+                            return Token {
+                                tok: Tok::Error("invalid escape code"),
+                                at: self.i,
+                            }
+                        }
                     };
                     self.text.push(unescaped);
                     self.i += 2;
@@ -729,7 +779,8 @@ impl Parser<'_> {
         };
         let ch = char::from_u32(cp)?;
         let mut tmp = [0u8; 4];
-        self.text.extend_from_slice(ch.encode_utf8(&mut tmp).as_bytes());
+        self.text
+            .extend_from_slice(ch.encode_utf8(&mut tmp).as_bytes());
         self.i += len;
         Some(())
     }
@@ -758,8 +809,11 @@ impl Parser<'_> {
     }
 
     fn decode(&mut self, lua: &Lua) -> Result<Value, DecodeError> {
-        let array_mt: Option<Table> =
-            if self.cfg.decode_array_with_array_mt { Some(lua.named_registry_value(REG_ARRAY_MT)?) } else { None };
+        let array_mt: Option<Table> = if self.cfg.decode_array_with_array_mt {
+            Some(lua.named_registry_value(REG_ARRAY_MT)?)
+        } else {
+            None
+        };
         let mut stack: Vec<Open> = Vec::new();
         let mut pending: Option<Token> = None;
         loop {
@@ -838,7 +892,9 @@ impl Parser<'_> {
                 };
                 debug_assert!(matches!(t.tok, Tok::ObjEnd | Tok::ArrEnd));
                 value = match stack.pop() {
-                    Some(Open::Object(table, _)) | Some(Open::Array(table, _)) => Value::Table(table),
+                    Some(Open::Object(table, _)) | Some(Open::Array(table, _)) => {
+                        Value::Table(table)
+                    }
                     None => Value::Nil,
                 };
             }
@@ -851,17 +907,34 @@ impl Parser<'_> {
 // ---------------------------------------------------------------------------------------------
 
 /// `cjson.encode(v)` before the glue: the JSON text, or `nil, err`.
-fn raw_encode(lua: &Lua, inst: &Instance, markers: Markers, args: MultiValue) -> mlua::Result<(Value, Value)> {
+fn raw_encode(
+    lua: &Lua,
+    inst: &Instance,
+    markers: Markers,
+    args: MultiValue,
+) -> mlua::Result<(Value, Value)> {
     if args.len() != 1 {
-        return fail(lua, "bad argument #1 to 'encode' (expected 1 argument)".to_string());
+        return fail(
+            lua,
+            "bad argument #1 to 'encode' (expected 1 argument)".to_string(),
+        );
     }
     let v = args.into_iter().next().unwrap_or(Value::Nil);
     let cfg = inst.cfg.get();
     let mut kept = inst.buf.borrow_mut();
     let mut fresh = Vec::new();
-    let out = if cfg.keep_buffer { &mut *kept } else { &mut fresh };
+    let out = if cfg.keep_buffer {
+        &mut *kept
+    } else {
+        &mut fresh
+    };
     out.clear();
-    let result = Encoder { cfg, markers, out: &mut *out }.encode(v);
+    let result = Encoder {
+        cfg,
+        markers,
+        out: &mut *out,
+    }
+    .encode(v);
     let ret = match result {
         Ok(()) => Ok((Value::String(lua.create_string(&*out)?), Value::Nil)),
         Err(msg) => fail(lua, msg),
@@ -878,20 +951,29 @@ fn fail(lua: &Lua, msg: String) -> mlua::Result<(Value, Value)> {
 
 /// `cjson.decode(s)` before the glue: `true, value` or `false, err`.
 fn raw_decode(lua: &Lua, inst: &Instance, args: MultiValue) -> mlua::Result<(bool, Value)> {
-    let err = |msg: String| -> mlua::Result<(bool, Value)> { Ok((false, Value::String(lua.create_string(msg)?))) };
+    let err = |msg: String| -> mlua::Result<(bool, Value)> {
+        Ok((false, Value::String(lua.create_string(msg)?)))
+    };
     if args.len() != 1 {
         return err("bad argument #1 to 'decode' (expected 1 argument)".to_string());
     }
     let v = args.into_iter().next().unwrap_or(Value::Nil);
     let type_name = lua_type_name(&v);
     let Some(text) = lua.coerce_string(v)? else {
-        return err(format!("bad argument #1 to 'decode' (string expected, got {type_name})"));
+        return err(format!(
+            "bad argument #1 to 'decode' (string expected, got {type_name})"
+        ));
     };
     let bytes = text.as_bytes();
     if bytes.len() >= 2 && (bytes[0] == 0 || bytes[1] == 0) {
         return err("JSON parser does not support UTF-16 or UTF-32".to_string());
     }
-    let mut parser = Parser { s: &bytes, i: 0, cfg: inst.cfg.get(), text: Vec::new() };
+    let mut parser = Parser {
+        s: &bytes,
+        i: 0,
+        cfg: inst.cfg.get(),
+        text: Vec::new(),
+    };
     match parser.decode(lua) {
         Ok(v) => Ok((true, v)),
         Err(DecodeError::Json(msg)) => err(msg),
@@ -900,7 +982,12 @@ fn raw_decode(lua: &Lua, inst: &Instance, args: MultiValue) -> mlua::Result<(boo
 }
 
 /// A settings argument that is a boolean or one of `options` (lua-cjson's "enum option").
-fn enum_option(fname: &str, n: usize, v: &Value, options: &[&str]) -> Result<Option<usize>, String> {
+fn enum_option(
+    fname: &str,
+    n: usize,
+    v: &Value,
+    options: &[&str],
+) -> Result<Option<usize>, String> {
     match v {
         Value::Nil => Ok(None),
         Value::Boolean(b) => Ok(Some(usize::from(*b))),
@@ -908,30 +995,50 @@ fn enum_option(fname: &str, n: usize, v: &Value, options: &[&str]) -> Result<Opt
             let s = s.to_string_lossy();
             match options.iter().position(|o| *o == s) {
                 Some(i) => Ok(Some(i)),
-                None => Err(format!("bad argument #{n} to '{fname}' (invalid option '{s}')")),
+                None => Err(format!(
+                    "bad argument #{n} to '{fname}' (invalid option '{s}')"
+                )),
             }
         }
         Value::Integer(_) | Value::Number(_) => {
             let mut buf = Vec::new();
             write_g(&mut buf, as_f64(v).unwrap_or_default(), 14);
-            Err(format!("bad argument #{n} to '{fname}' (invalid option '{}')", String::from_utf8_lossy(&buf)))
+            Err(format!(
+                "bad argument #{n} to '{fname}' (invalid option '{}')",
+                String::from_utf8_lossy(&buf)
+            ))
         }
-        _ => Err(format!("bad argument #{n} to '{fname}' (string expected, got {})", lua_type_name(v))),
+        _ => Err(format!(
+            "bad argument #{n} to '{fname}' (string expected, got {})",
+            lua_type_name(v)
+        )),
     }
 }
 
 /// A settings argument that is an integer within `min..=max`.
-fn int_option(lua: &Lua, fname: &str, n: usize, v: &Value, min: i64, max: i64) -> Result<Option<i64>, String> {
+fn int_option(
+    lua: &Lua,
+    fname: &str,
+    n: usize,
+    v: &Value,
+    min: i64,
+    max: i64,
+) -> Result<Option<i64>, String> {
     if v.is_nil() {
         return Ok(None);
     }
     let num = lua.coerce_number(v.clone()).ok().flatten();
     let Some(num) = num else {
-        return Err(format!("bad argument #{n} to '{fname}' (number expected, got {})", lua_type_name(v)));
+        return Err(format!(
+            "bad argument #{n} to '{fname}' (number expected, got {})",
+            lua_type_name(v)
+        ));
     };
     let i = num.trunc() as i64;
     if i < min || i > max {
-        return Err(format!("bad argument #{n} to '{fname}' (expected integer between {min} and {max})"));
+        return Err(format!(
+            "bad argument #{n} to '{fname}' (expected integer between {min} and {max})"
+        ));
     }
     Ok(Some(i))
 }
@@ -940,10 +1047,18 @@ const BOOL_OPTIONS: &[&str] = &["off", "on"];
 const INT_MAX: i64 = i32::MAX as i64;
 
 /// Apply one settings call to `cfg`; returns the current values as the Lua function returns them.
-fn configure(lua: &Lua, cfg: &mut Config, fname: &str, args: &[Value]) -> Result<Vec<Value>, String> {
+fn configure(
+    lua: &Lua,
+    cfg: &mut Config,
+    fname: &str,
+    args: &[Value],
+) -> Result<Vec<Value>, String> {
     let nargs = if fname == "encode_sparse_array" { 3 } else { 1 };
     if args.len() > nargs {
-        return Err(format!("bad argument #{} to '{fname}' (found too many arguments)", nargs + 1));
+        return Err(format!(
+            "bad argument #{} to '{fname}' (found too many arguments)",
+            nargs + 1
+        ));
     }
     let arg = |i: usize| args.get(i).cloned().unwrap_or(Value::Nil);
     let set_bool = |field: &mut bool| -> Result<Vec<Value>, String> {
@@ -1074,19 +1189,31 @@ return M
 fn markers(lua: &Lua) -> mlua::Result<Markers> {
     let array_mt: Table = lua.named_registry_value(REG_ARRAY_MT)?;
     let empty_array_mt: Table = lua.named_registry_value(REG_EMPTY_ARRAY_MT)?;
-    Ok(Markers { array_mt: array_mt.to_pointer(), empty_array_mt: empty_array_mt.to_pointer() })
+    Ok(Markers {
+        array_mt: array_mt.to_pointer(),
+        empty_array_mt: empty_array_mt.to_pointer(),
+    })
 }
 
 /// Build a fresh module instance (`require "cjson"`, `require "cjson.safe"`, `cjson.new()`).
 fn new_module(lua: &Lua, safe: bool) -> mlua::Result<Table> {
-    let inst = Rc::new(Instance { cfg: Cell::new(Config::default()), buf: RefCell::new(Vec::new()) });
+    let inst = Rc::new(Instance {
+        cfg: Cell::new(Config::default()),
+        buf: RefCell::new(Vec::new()),
+    });
     let markers = markers(lua)?;
     let raw = lua.create_table()?;
 
     let i = inst.clone();
-    raw.set("encode", lua.create_function(move |lua, args: MultiValue| raw_encode(lua, &i, markers, args))?)?;
+    raw.set(
+        "encode",
+        lua.create_function(move |lua, args: MultiValue| raw_encode(lua, &i, markers, args))?,
+    )?;
     let i = inst.clone();
-    raw.set("decode", lua.create_function(move |lua, args: MultiValue| raw_decode(lua, &i, args))?)?;
+    raw.set(
+        "decode",
+        lua.create_function(move |lua, args: MultiValue| raw_decode(lua, &i, args))?,
+    )?;
 
     let settings = lua.create_table()?;
     for &fname in SETTINGS {
@@ -1115,8 +1242,14 @@ fn new_module(lua: &Lua, safe: bool) -> mlua::Result<Table> {
     raw.set("null", null())?;
     raw.set("empty_array", empty_array())?;
     raw.set("array_mt", lua.named_registry_value::<Table>(REG_ARRAY_MT)?)?;
-    raw.set("empty_array_mt", lua.named_registry_value::<Table>(REG_EMPTY_ARRAY_MT)?)?;
-    raw.set("new", lua.create_function(move |lua, ()| new_module(lua, safe))?)?;
+    raw.set(
+        "empty_array_mt",
+        lua.named_registry_value::<Table>(REG_EMPTY_ARRAY_MT)?,
+    )?;
+    raw.set(
+        "new",
+        lua.create_function(move |lua, ()| new_module(lua, safe))?,
+    )?;
 
     let glue: Function = lua.named_registry_value(REG_GLUE)?;
     let name = if safe { "cjson.safe" } else { "cjson" };
@@ -1132,8 +1265,14 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
 
     let package: Table = lua.globals().get("package")?;
     let preload: Table = package.get("preload")?;
-    preload.set("cjson", lua.create_function(|lua, _: MultiValue| new_module(lua, false))?)?;
-    preload.set("cjson.safe", lua.create_function(|lua, _: MultiValue| new_module(lua, true))?)?;
+    preload.set(
+        "cjson",
+        lua.create_function(|lua, _: MultiValue| new_module(lua, false))?,
+    )?;
+    preload.set(
+        "cjson.safe",
+        lua.create_function(|lua, _: MultiValue| new_module(lua, true))?,
+    )?;
     Ok(())
 }
 
@@ -1142,12 +1281,14 @@ mod tests {
     use super::*;
 
     fn state() -> Lua {
-        crate::lua::vm::new_state(&crate::lua::vm::VmOptions::standalone(std::env::temp_dir())).unwrap()
+        crate::lua::vm::new_state(&crate::lua::vm::VmOptions::standalone(std::env::temp_dir()))
+            .unwrap()
     }
 
     /// Run a chunk that returns a string; the chunk sees `cjson` and `safe` as locals.
     fn run(lua: &Lua, body: &str) -> String {
-        let code = format!("local cjson = require 'cjson'\nlocal safe = require 'cjson.safe'\n{body}");
+        let code =
+            format!("local cjson = require 'cjson'\nlocal safe = require 'cjson.safe'\n{body}");
         match lua.load(&code).eval::<String>() {
             Ok(s) => s,
             Err(e) => panic!("lua failed: {e}\n{body}"),
@@ -1160,7 +1301,10 @@ mod tests {
 
     /// The error text `cjson.encode`/`cjson.decode` raise for a call.
     fn err(lua: &Lua, call: &str) -> String {
-        run(lua, &format!("local ok, e = pcall(function() return {call} end) assert(not ok) return e"))
+        run(
+            lua,
+            &format!("local ok, e = pcall(function() return {call} end) assert(not ok) return e"),
+        )
     }
 
     #[test]
@@ -1190,14 +1334,26 @@ mod tests {
             run(&lua, "local c = cjson.new() assert(c.encode_number_precision(16) == 16) return c.encode(1/3)"),
             "0.3333333333333333"
         );
-        assert_eq!(run(&lua, "local c = cjson.new() c.encode_number_precision(3) return c.encode(3.14159)"), "3.14");
+        assert_eq!(
+            run(
+                &lua,
+                "local c = cjson.new() c.encode_number_precision(3) return c.encode(3.14159)"
+            ),
+            "3.14"
+        );
     }
 
     #[test]
     fn cjson_invalid_numbers() {
         let lua = state();
-        assert_eq!(err(&lua, "cjson.encode(0/0)"), "Cannot serialise number: must not be NaN or Infinity");
-        assert_eq!(err(&lua, "cjson.encode({math.huge})"), "Cannot serialise number: must not be NaN or Infinity");
+        assert_eq!(
+            err(&lua, "cjson.encode(0/0)"),
+            "Cannot serialise number: must not be NaN or Infinity"
+        );
+        assert_eq!(
+            err(&lua, "cjson.encode({math.huge})"),
+            "Cannot serialise number: must not be NaN or Infinity"
+        );
         assert_eq!(
             run(&lua, "local c = cjson.new() assert(c.encode_invalid_numbers(true) == true) return c.encode({1/0, -1/0})"),
             "[Infinity,-Infinity]"
@@ -1213,11 +1369,23 @@ mod tests {
         let lua = state();
         assert_eq!(enc(&lua, r#""a/b""#), r#""a\/b""#);
         assert_eq!(enc(&lua, r#""q\"b\\s""#), r#""q\"b\\s""#);
-        assert_eq!(enc(&lua, r#""\n\r\t\b\f\0\1\31\127""#), r#""\n\r\t\b\f\u0000\u0001\u001f\u007f""#);
-        assert_eq!(enc(&lua, r#""héllo ☃""#), "\"héllo ☃\"");
-        assert_eq!(run(&lua, r#"return tostring(cjson.encode("\255\128") == '"\255\128"')"#), "true");
         assert_eq!(
-            run(&lua, r#"local c = cjson.new() assert(c.encode_escape_forward_slash(false) == false) return c.encode("a/b")"#),
+            enc(&lua, r#""\n\r\t\b\f\0\1\31\127""#),
+            r#""\n\r\t\b\f\u0000\u0001\u001f\u007f""#
+        );
+        assert_eq!(enc(&lua, r#""héllo ☃""#), "\"héllo ☃\"");
+        assert_eq!(
+            run(
+                &lua,
+                r#"return tostring(cjson.encode("\255\128") == '"\255\128"')"#
+            ),
+            "true"
+        );
+        assert_eq!(
+            run(
+                &lua,
+                r#"local c = cjson.new() assert(c.encode_escape_forward_slash(false) == false) return c.encode("a/b")"#
+            ),
             r#""a/b""#
         );
     }
@@ -1231,27 +1399,51 @@ mod tests {
         assert_eq!(enc(&lua, "nil"), "null");
         assert_eq!(enc(&lua, "false"), "false");
         assert_eq!(enc(&lua, "{1, nil, 3}"), "[1,null,3]");
-        assert_eq!(enc(&lua, "{[1] = 'a', [2] = 'b', x = 1}").len(), r#"{"1":"a","2":"b","x":1}"#.len());
+        assert_eq!(
+            enc(&lua, "{[1] = 'a', [2] = 'b', x = 1}").len(),
+            r#"{"1":"a","2":"b","x":1}"#.len()
+        );
         assert_eq!(enc(&lua, "{[1.5] = true}"), r#"{"1.5":true}"#);
         assert_eq!(enc(&lua, "{[0] = true}"), r#"{"0":true}"#);
         assert_eq!(enc(&lua, "cjson.null"), "null");
         assert_eq!(enc(&lua, "ngx.null"), "null");
-        assert_eq!(run(&lua, "return tostring(cjson.null == ngx.null and safe.null == ngx.null)"), "true");
+        assert_eq!(
+            run(
+                &lua,
+                "return tostring(cjson.null == ngx.null and safe.null == ngx.null)"
+            ),
+            "true"
+        );
         assert_eq!(enc(&lua, "{a = cjson.null}"), r#"{"a":null}"#);
         assert_eq!(enc(&lua, "cjson.empty_array"), "[]");
         assert_eq!(enc(&lua, "{list = cjson.empty_array}"), r#"{"list":[]}"#);
         assert_eq!(enc(&lua, "setmetatable({}, cjson.array_mt)"), "[]");
-        assert_eq!(enc(&lua, "setmetatable({1, 2, nil, 4}, cjson.array_mt)").starts_with("[1,2"), true);
+        assert_eq!(
+            enc(&lua, "setmetatable({1, 2, nil, 4}, cjson.array_mt)").starts_with("[1,2"),
+            true
+        );
         assert_eq!(enc(&lua, "setmetatable({x = 1}, cjson.array_mt)"), "[]");
         assert_eq!(enc(&lua, "setmetatable({}, cjson.empty_array_mt)"), "[]");
         assert_eq!(enc(&lua, "setmetatable({1}, cjson.empty_array_mt)"), "[1]");
-        assert_eq!(enc(&lua, "setmetatable({a = 1}, cjson.empty_array_mt)"), r#"{"a":1}"#);
-        assert_eq!(run(&lua, "return tostring(cjson.array_mt == safe.array_mt)"), "true");
+        assert_eq!(
+            enc(&lua, "setmetatable({a = 1}, cjson.empty_array_mt)"),
+            r#"{"a":1}"#
+        );
+        assert_eq!(
+            run(&lua, "return tostring(cjson.array_mt == safe.array_mt)"),
+            "true"
+        );
         assert_eq!(
             run(&lua, "local c = cjson.new() assert(c.encode_empty_table_as_object(false) == false) return c.encode({a = {}})"),
             r#"{"a":[]}"#
         );
-        assert_eq!(run(&lua, "local c = cjson.new() c.encode_empty_table_as_object('off') return c.encode({})"), "[]");
+        assert_eq!(
+            run(
+                &lua,
+                "local c = cjson.new() c.encode_empty_table_as_object('off') return c.encode({})"
+            ),
+            "[]"
+        );
         // Settings are per instance: the module itself is untouched by the instances above.
         assert_eq!(enc(&lua, "{}"), "{}");
     }
@@ -1260,15 +1452,27 @@ mod tests {
     fn cjson_sparse_arrays() {
         let lua = state();
         assert_eq!(enc(&lua, "{[1] = 1, [3] = 3}"), "[1,null,3]");
-        assert_eq!(enc(&lua, "{[10] = 1}"), "[null,null,null,null,null,null,null,null,null,1]");
-        assert_eq!(err(&lua, "cjson.encode({[11] = 1})"), "Cannot serialise table: excessively sparse array");
-        assert_eq!(err(&lua, "cjson.encode({[1000] = 1, [1] = 2})"), "Cannot serialise table: excessively sparse array");
+        assert_eq!(
+            enc(&lua, "{[10] = 1}"),
+            "[null,null,null,null,null,null,null,null,null,1]"
+        );
+        assert_eq!(
+            err(&lua, "cjson.encode({[11] = 1})"),
+            "Cannot serialise table: excessively sparse array"
+        );
+        assert_eq!(
+            err(&lua, "cjson.encode({[1000] = 1, [1] = 2})"),
+            "Cannot serialise table: excessively sparse array"
+        );
         assert_eq!(
             run(&lua, "local c = cjson.new() local a, b, d = c.encode_sparse_array(true) assert(a == true and b == 2 and d == 10) return c.encode({[1000] = 1})"),
             r#"{"1000":1}"#
         );
         assert_eq!(
-            run(&lua, "local c = cjson.new() c.encode_sparse_array(false, 0) return c.encode({[20] = 1})"),
+            run(
+                &lua,
+                "local c = cjson.new() c.encode_sparse_array(false, 0) return c.encode({[20] = 1})"
+            ),
             format!("[{}1]", "null,".repeat(19))
         );
         assert_eq!(run(&lua, "local a, b, c = cjson.encode_sparse_array() return tostring(a) .. ',' .. b .. ',' .. c"), "false,2,10");
@@ -1277,14 +1481,35 @@ mod tests {
     #[test]
     fn cjson_encode_errors() {
         let lua = state();
-        assert_eq!(err(&lua, "cjson.encode(print)"), "Cannot serialise function: type not supported");
-        assert_eq!(err(&lua, "cjson.encode({f = print})"), "Cannot serialise function: type not supported");
-        assert_eq!(err(&lua, "cjson.encode(coroutine.create(print))"), "Cannot serialise thread: type not supported");
-        assert_eq!(err(&lua, "cjson.encode({[true] = 1})"), "Cannot serialise boolean: table key must be a number or string");
-        assert_eq!(err(&lua, "cjson.encode()"), "bad argument #1 to 'encode' (expected 1 argument)");
-        assert_eq!(err(&lua, "cjson.encode(1, 2)"), "bad argument #1 to 'encode' (expected 1 argument)");
         assert_eq!(
-            err(&lua, "(function() local t = {} t.t = t return cjson.encode(t) end)()"),
+            err(&lua, "cjson.encode(print)"),
+            "Cannot serialise function: type not supported"
+        );
+        assert_eq!(
+            err(&lua, "cjson.encode({f = print})"),
+            "Cannot serialise function: type not supported"
+        );
+        assert_eq!(
+            err(&lua, "cjson.encode(coroutine.create(print))"),
+            "Cannot serialise thread: type not supported"
+        );
+        assert_eq!(
+            err(&lua, "cjson.encode({[true] = 1})"),
+            "Cannot serialise boolean: table key must be a number or string"
+        );
+        assert_eq!(
+            err(&lua, "cjson.encode()"),
+            "bad argument #1 to 'encode' (expected 1 argument)"
+        );
+        assert_eq!(
+            err(&lua, "cjson.encode(1, 2)"),
+            "bad argument #1 to 'encode' (expected 1 argument)"
+        );
+        assert_eq!(
+            err(
+                &lua,
+                "(function() local t = {} t.t = t return cjson.encode(t) end)()"
+            ),
             "Cannot serialise, excessive nesting (1001)"
         );
         assert_eq!(
@@ -1295,9 +1520,18 @@ mod tests {
             run(&lua, "local c = cjson.new() c.encode_skip_unsupported_value_types(true) return c.encode({a = print, b = 1})"),
             r#"{"b":1}"#
         );
-        assert_eq!(err(&lua, "cjson.encode_max_depth(0)"), "bad argument #1 to 'encode_max_depth' (expected integer between 1 and 2147483647)");
-        assert_eq!(err(&lua, "cjson.encode_number_precision(17)"), "bad argument #1 to 'encode_number_precision' (expected integer between 1 and 16)");
-        assert_eq!(err(&lua, "cjson.encode_keep_buffer('maybe')"), "bad argument #1 to 'encode_keep_buffer' (invalid option 'maybe')");
+        assert_eq!(
+            err(&lua, "cjson.encode_max_depth(0)"),
+            "bad argument #1 to 'encode_max_depth' (expected integer between 1 and 2147483647)"
+        );
+        assert_eq!(
+            err(&lua, "cjson.encode_number_precision(17)"),
+            "bad argument #1 to 'encode_number_precision' (expected integer between 1 and 16)"
+        );
+        assert_eq!(
+            err(&lua, "cjson.encode_keep_buffer('maybe')"),
+            "bad argument #1 to 'encode_keep_buffer' (invalid option 'maybe')"
+        );
         // A deep but allowed document does not need a deep Rust stack.
         assert_eq!(
             run(&lua, "local c = cjson.new() c.encode_max_depth(100000) local t = {} local cur = t for i = 1, 50000 do cur[1] = {} cur = cur[1] end return #c.encode(t) .. ''"),
@@ -1308,12 +1542,17 @@ mod tests {
     #[test]
     fn cjson_decode_values() {
         let lua = state();
-        let check = |code: &str| assert_eq!(run(&lua, &format!("{code}\nreturn 'ok'")), "ok", "{code}");
-        check(r#"local t = cjson.decode([[{"a":[1,2,{"b":null}],"c":"x\/y","d":true,"e":false}]])
+        let check =
+            |code: &str| assert_eq!(run(&lua, &format!("{code}\nreturn 'ok'")), "ok", "{code}");
+        check(
+            r#"local t = cjson.decode([[{"a":[1,2,{"b":null}],"c":"x\/y","d":true,"e":false}]])
                  assert(t.a[1] == 1 and t.a[2] == 2 and t.a[3].b == cjson.null and t.a[3].b == ngx.null)
                  assert(t.c == "x/y" and t.d == true and t.e == false)
-                 assert(getmetatable(t.a) == nil)"#);
-        check(r#"assert(cjson.decode([["\u00e9\ud83d\ude00\n\t\"\\"]]) == "\195\169\240\159\152\128\n\t\"\\")"#);
+                 assert(getmetatable(t.a) == nil)"#,
+        );
+        check(
+            r#"assert(cjson.decode([["\u00e9\ud83d\ude00\n\t\"\\"]]) == "\195\169\240\159\152\128\n\t\"\\")"#,
+        );
         check(r#"assert(cjson.decode(' 12.5e1 ') == 125)"#);
         check(r#"assert(cjson.decode('-0.25') == -0.25)"#);
         check(r#"assert(cjson.decode('12345678901234567890') == 1.2345678901234567e19)"#);
@@ -1326,47 +1565,97 @@ mod tests {
         check(r#"assert(cjson.decode([["\u0000"]]) == "\0")"#);
         check(r#"local t = cjson.decode('{"a":1,"a":2}') assert(t.a == 2)"#);
         check(r#"local t = cjson.decode('[]') assert(next(t) == nil and getmetatable(t) == nil)"#);
-        check(r#"local c = cjson.new() assert(c.decode_array_with_array_mt(true) == true)
+        check(
+            r#"local c = cjson.new() assert(c.decode_array_with_array_mt(true) == true)
                  local t = c.decode('{"a":[],"b":[1,2],"o":{}}')
                  assert(getmetatable(t.a) == cjson.array_mt and getmetatable(t.b) == cjson.array_mt)
                  assert(getmetatable(t) == nil and getmetatable(t.o) == nil)
-                 assert(c.encode(t.a) == "[]")"#);
-        check(r#"local s = '{"k":[1,"two",{"three":3.5}],"z":null}'
+                 assert(c.encode(t.a) == "[]")"#,
+        );
+        check(
+            r#"local s = '{"k":[1,"two",{"three":3.5}],"z":null}'
                  local t = cjson.decode(cjson.encode(cjson.decode(s)))
-                 assert(t.k[1] == 1 and t.k[2] == "two" and t.k[3].three == 3.5 and t.z == cjson.null)"#);
+                 assert(t.k[1] == 1 and t.k[2] == "two" and t.k[3].three == 3.5 and t.z == cjson.null)"#,
+        );
     }
 
     #[test]
     fn cjson_decode_errors() {
         let lua = state();
         for (json, want) in [
-            ("abc", "Expected value but found invalid token at character 1"),
+            (
+                "abc",
+                "Expected value but found invalid token at character 1",
+            ),
             ("", "Expected value but found T_END at character 1"),
             ("[", "Expected value but found T_END at character 2"),
-            ("{1:2}", "Expected object key string but found T_NUMBER at character 2"),
-            (r#"{"a" 1}"#, "Expected colon but found T_NUMBER at character 6"),
-            (r#"{"a":1 "b":2}"#, "Expected comma or object end but found T_STRING at character 8"),
-            ("[1 2]", "Expected comma or array end but found T_NUMBER at character 4"),
+            (
+                "{1:2}",
+                "Expected object key string but found T_NUMBER at character 2",
+            ),
+            (
+                r#"{"a" 1}"#,
+                "Expected colon but found T_NUMBER at character 6",
+            ),
+            (
+                r#"{"a":1 "b":2}"#,
+                "Expected comma or object end but found T_STRING at character 8",
+            ),
+            (
+                "[1 2]",
+                "Expected comma or array end but found T_NUMBER at character 4",
+            ),
             ("[1,]", "Expected value but found T_ARR_END at character 4"),
-            (r#"{"a":1,}"#, "Expected object key string but found T_OBJ_END at character 8"),
-            ("[1] x", "Expected the end but found invalid token at character 5"),
-            ("truex", "Expected the end but found invalid token at character 5"),
-            (r#""abc"#, "Expected value but found unexpected end of string at character 5"),
-            (r#""\q""#, "Expected value but found invalid escape code at character 2"),
-            (r#""\ud800""#, "Expected value but found invalid unicode escape code at character 2"),
-            ("-", "Expected value but found invalid number at character 1"),
+            (
+                r#"{"a":1,}"#,
+                "Expected object key string but found T_OBJ_END at character 8",
+            ),
+            (
+                "[1] x",
+                "Expected the end but found invalid token at character 5",
+            ),
+            (
+                "truex",
+                "Expected the end but found invalid token at character 5",
+            ),
+            (
+                r#""abc"#,
+                "Expected value but found unexpected end of string at character 5",
+            ),
+            (
+                r#""\q""#,
+                "Expected value but found invalid escape code at character 2",
+            ),
+            (
+                r#""\ud800""#,
+                "Expected value but found invalid unicode escape code at character 2",
+            ),
+            (
+                "-",
+                "Expected value but found invalid number at character 1",
+            ),
         ] {
-            let code = format!("local ok, e = pcall(cjson.decode, {json:?}) assert(not ok) return e");
+            let code =
+                format!("local ok, e = pcall(cjson.decode, {json:?}) assert(not ok) return e");
             assert_eq!(run(&lua, &code), want, "decode({json})");
         }
-        assert_eq!(err(&lua, "cjson.decode()"), "bad argument #1 to 'decode' (expected 1 argument)");
-        assert_eq!(err(&lua, "cjson.decode({})"), "bad argument #1 to 'decode' (string expected, got table)");
+        assert_eq!(
+            err(&lua, "cjson.decode()"),
+            "bad argument #1 to 'decode' (expected 1 argument)"
+        );
+        assert_eq!(
+            err(&lua, "cjson.decode({})"),
+            "bad argument #1 to 'decode' (string expected, got table)"
+        );
         assert_eq!(
             run(&lua, "local c = cjson.new() c.decode_max_depth(2) local ok, e = pcall(c.decode, '[[[1]]]') return e"),
             "Found too many nested data structures (3) at character 3"
         );
         assert_eq!(
-            err(&lua, "cjson.decode(string.rep('[', 1001) .. string.rep(']', 1001))"),
+            err(
+                &lua,
+                "cjson.decode(string.rep('[', 1001) .. string.rep(']', 1001))"
+            ),
             "Found too many nested data structures (1001) at character 1001"
         );
         assert_eq!(
@@ -1383,14 +1672,32 @@ mod tests {
     fn cjson_safe_and_instances() {
         let lua = state();
         assert_eq!(
-            run(&lua, "local v, e = safe.decode('{') assert(v == nil) return e"),
+            run(
+                &lua,
+                "local v, e = safe.decode('{') assert(v == nil) return e"
+            ),
             "Expected object key string but found T_END at character 2"
         );
-        assert_eq!(run(&lua, "local v, e = safe.encode(print) assert(v == nil) return e"), "Cannot serialise function: type not supported");
+        assert_eq!(
+            run(
+                &lua,
+                "local v, e = safe.encode(print) assert(v == nil) return e"
+            ),
+            "Cannot serialise function: type not supported"
+        );
         assert_eq!(run(&lua, "return safe.encode({1})"), "[1]");
         assert_eq!(run(&lua, "return safe.decode('[1]')[1] .. ''"), "1");
-        assert_eq!(run(&lua, "local v, e = safe.new().decode('x') return e"), "Expected value but found invalid token at character 1");
-        assert_eq!(run(&lua, "return cjson._NAME .. ' ' .. safe._NAME .. ' ' .. cjson._VERSION"), "cjson cjson.safe 2.1.0.14");
+        assert_eq!(
+            run(&lua, "local v, e = safe.new().decode('x') return e"),
+            "Expected value but found invalid token at character 1"
+        );
+        assert_eq!(
+            run(
+                &lua,
+                "return cjson._NAME .. ' ' .. safe._NAME .. ' ' .. cjson._VERSION"
+            ),
+            "cjson cjson.safe 2.1.0.14"
+        );
         assert_eq!(run(&lua, "return tostring(require('cjson') == cjson and cjson ~= safe and cjson.new() ~= cjson)"), "true");
         // Settings of one instance do not leak into another.
         assert_eq!(run(&lua, "local a = cjson.new() a.encode_escape_forward_slash(false) return a.encode('/') .. cjson.encode('/') .. safe.encode('/')"), r#""/""\/""\/""#);

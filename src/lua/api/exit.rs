@@ -62,16 +62,17 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
                 if uri.is_empty() {
                     return Err(mlua::Error::runtime("uri is empty"));
                 }
-                let args =
-                    match args {
-                        None | Some(Value::Nil) => None,
-                        Some(Value::String(s)) => Some(s.to_str()?.to_string()),
-                        Some(Value::Table(t)) => Some(super::req::encode_args(&t)?),
-                        Some(other) => return Err(mlua::Error::runtime(format!(
+                let args = match args {
+                    None | Some(Value::Nil) => None,
+                    Some(Value::String(s)) => Some(s.to_str()?.to_string()),
+                    Some(Value::Table(t)) => Some(super::req::encode_args(&t)?),
+                    Some(other) => {
+                        return Err(mlua::Error::runtime(format!(
                             "bad argument #2 to 'exec' (string, number, or table expected, got {})",
                             other.type_name()
-                        ))),
-                    };
+                        )))
+                    }
+                };
                 if crate::http::engine::output_started(&rc.st.borrow()) {
                     return Err(mlua::Error::runtime(
                         "attempt to call ngx.exec after sending out response headers",

@@ -81,8 +81,6 @@ const OUTPUT_PHASES: &[Phase] = &[
 ];
 
 fn emit(lua: &Lua, args: mlua::Variadic<Value>, newline: bool) -> mlua::Result<(i64,)> {
-    check_phase(lua, OUTPUT_PHASES)?;
-    let rc = current(lua)?;
     let mut buf = Vec::new();
     for a in args.iter() {
         render(&mut buf, a, 0)?;
@@ -90,6 +88,17 @@ fn emit(lua: &Lua, args: mlua::Variadic<Value>, newline: bool) -> mlua::Result<(
     if newline {
         buf.push(b'\n');
     }
+    // Outside any request (`tidegate resty`, `tidegate spec`) output goes to stdout, as
+    // resty-cli prints it.
+    if crate::lua::request::try_current(lua).is_none()
+        && crate::lua::request::phase(lua) == Phase::Timer
+    {
+        use std::io::Write;
+        let _ = std::io::stdout().write_all(&buf);
+        return Ok((1,));
+    }
+    check_phase(lua, OUTPUT_PHASES)?;
+    let rc = current(lua)?;
     let mut st = rc.st.borrow_mut();
     if st.eof_sent {
         return Ok((0,));

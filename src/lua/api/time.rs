@@ -14,7 +14,9 @@ use chrono::{DateTime, Datelike, Local, NaiveDateTime, TimeZone, Timelike, Utc};
 use mlua::{Lua, MultiValue, Table, Value};
 
 const WEEKDAYS: [&str; 7] = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
-const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+const MONTHS: [&str; 12] = [
+    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+];
 
 thread_local! {
     /// Milliseconds since the epoch at the last refresh; negative until the first read.
@@ -104,7 +106,11 @@ pub fn http_time(secs: i64) -> String {
 /// up to 2037 for old browsers and writes four digits after that.
 pub fn cookie_time(secs: i64) -> String {
     let t = utc_at(secs);
-    let year = if t.year() > 2037 { format!("{}", t.year()) } else { format!("{:02}", t.year().rem_euclid(100)) };
+    let year = if t.year() > 2037 {
+        format!("{}", t.year())
+    } else {
+        format!("{:02}", t.year().rem_euclid(100))
+    };
     format!(
         "{}, {:02}-{}-{} {:02}:{:02}:{:02} GMT",
         WEEKDAYS[t.weekday().num_days_from_monday() as usize],
@@ -153,7 +159,9 @@ impl Cursor<'_> {
 
     fn month(&mut self) -> Option<u32> {
         let name = self.s.get(self.i..self.i + 3)?;
-        let m = MONTHS.iter().position(|m| m.as_bytes().eq_ignore_ascii_case(name))?;
+        let m = MONTHS
+            .iter()
+            .position(|m| m.as_bytes().eq_ignore_ascii_case(name))?;
         self.i += 3;
         Some(m as u32 + 1)
     }
@@ -256,8 +264,12 @@ fn one_seconds_arg(lua: &Lua, args: MultiValue, name: &str) -> mlua::Result<i64>
     let type_name = v.type_name();
     match lua.coerce_number(v)? {
         Some(n) if n.is_finite() => Ok(n.trunc() as i64),
-        Some(_) => Err(mlua::Error::runtime(format!("bad argument #1 to '{name}' (number out of range)"))),
-        None => Err(mlua::Error::runtime(format!("bad argument #1 to '{name}' (number expected, got {type_name})"))),
+        Some(_) => Err(mlua::Error::runtime(format!(
+            "bad argument #1 to '{name}' (number out of range)"
+        ))),
+        None => Err(mlua::Error::runtime(format!(
+            "bad argument #1 to '{name}' (number expected, got {type_name})"
+        ))),
     }
 }
 
@@ -272,16 +284,29 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
             Ok(())
         })?,
     )?;
-    ngx.set("today", lua.create_function(|_, ()| Ok(format_local(cached_secs(), false)))?)?;
-    ngx.set("localtime", lua.create_function(|_, ()| Ok(format_local(cached_secs(), true)))?)?;
-    ngx.set("utctime", lua.create_function(|_, ()| Ok(format_utc(cached_secs())))?)?;
+    ngx.set(
+        "today",
+        lua.create_function(|_, ()| Ok(format_local(cached_secs(), false)))?,
+    )?;
+    ngx.set(
+        "localtime",
+        lua.create_function(|_, ()| Ok(format_local(cached_secs(), true)))?,
+    )?;
+    ngx.set(
+        "utctime",
+        lua.create_function(|_, ()| Ok(format_utc(cached_secs())))?,
+    )?;
     ngx.set(
         "http_time",
-        lua.create_function(|lua, args: MultiValue| Ok(http_time(one_seconds_arg(lua, args, "http_time")?)))?,
+        lua.create_function(|lua, args: MultiValue| {
+            Ok(http_time(one_seconds_arg(lua, args, "http_time")?))
+        })?,
     )?;
     ngx.set(
         "cookie_time",
-        lua.create_function(|lua, args: MultiValue| Ok(cookie_time(one_seconds_arg(lua, args, "cookie_time")?)))?,
+        lua.create_function(|lua, args: MultiValue| {
+            Ok(cookie_time(one_seconds_arg(lua, args, "cookie_time")?))
+        })?,
     )?;
     ngx.set(
         "parse_http_time",
@@ -307,7 +332,8 @@ mod tests {
     use super::*;
 
     fn state() -> Lua {
-        crate::lua::vm::new_state(&crate::lua::vm::VmOptions::standalone(std::env::temp_dir())).unwrap()
+        crate::lua::vm::new_state(&crate::lua::vm::VmOptions::standalone(std::env::temp_dir()))
+            .unwrap()
     }
 
     #[test]
@@ -324,12 +350,30 @@ mod tests {
 
     #[test]
     fn time_parse_http_time_forms() {
-        assert_eq!(parse_http_time(b"Thu, 18 Nov 2010 11:27:35 GMT"), Some(1290079655));
-        assert_eq!(parse_http_time(b"Thursday, 18-Nov-10 11:27:35 GMT"), Some(1290079655));
-        assert_eq!(parse_http_time(b"Thu, 18-Nov-10 11:27:35 GMT"), Some(1290079655));
-        assert_eq!(parse_http_time(b"Thu Nov 18 11:27:35 2010"), Some(1290079655));
-        assert_eq!(parse_http_time(b"Sun Nov  6 08:49:37 1994"), Some(784111777));
-        assert_eq!(parse_http_time(b"Tue, 29 Feb 2000 00:00:00 GMT"), Some(951782400));
+        assert_eq!(
+            parse_http_time(b"Thu, 18 Nov 2010 11:27:35 GMT"),
+            Some(1290079655)
+        );
+        assert_eq!(
+            parse_http_time(b"Thursday, 18-Nov-10 11:27:35 GMT"),
+            Some(1290079655)
+        );
+        assert_eq!(
+            parse_http_time(b"Thu, 18-Nov-10 11:27:35 GMT"),
+            Some(1290079655)
+        );
+        assert_eq!(
+            parse_http_time(b"Thu Nov 18 11:27:35 2010"),
+            Some(1290079655)
+        );
+        assert_eq!(
+            parse_http_time(b"Sun Nov  6 08:49:37 1994"),
+            Some(784111777)
+        );
+        assert_eq!(
+            parse_http_time(b"Tue, 29 Feb 2000 00:00:00 GMT"),
+            Some(951782400)
+        );
         assert_eq!(parse_http_time(b"Thu, 29 Feb 2001 00:00:00 GMT"), None);
         assert_eq!(parse_http_time(b"Thu, 18 Nov 2010 25:27:35 GMT"), None);
         assert_eq!(parse_http_time(b"garbage"), None);
