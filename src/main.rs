@@ -200,13 +200,10 @@ fn send_signal(opts: &LoadOptions, sig: &str) -> i32 {
 fn spec(args: &[String]) -> i32 {
     let prefix = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
     let paths: Vec<PathBuf> = args.iter().map(PathBuf::from).collect();
-    let _ = (&prefix, &paths);
-    eprintln!("tidegate spec: runner not built yet");
-    1
+    tidegate::lua::spec::run_spec(&prefix, &paths)
 }
 
 fn resty(args: &[String]) -> i32 {
-    let _ = args;
-    eprintln!("tidegate resty: not built yet");
-    1
+    let prefix = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+    tidegate::lua::resty_cli::run_resty(&prefix, args)
 }

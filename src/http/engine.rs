@@ -38,6 +38,7 @@ pub enum Outcome {
 /// Serve one request on a worker: runs the phases in a local task so that a handler that
 /// flushes early can stream while hyper already writes the head.
 pub async fn serve(env: Rc<Env>, conn: Rc<ConnInfo>, req: Request<Incoming>) -> Response<Body> {
+    crate::lua::api::time::update_cached_time();
     let (head_tx, head_rx) = oneshot::channel();
     let rc = match new_request(env, conn, req, head_tx) {
         Ok(rc) => rc,
@@ -76,9 +77,6 @@ fn new_request(
     };
     let uri = normalize_uri(&raw_path).ok_or(400u16)?;
     let server = find_server(&env.cfg.http.servers, conn.local, &parts.headers).ok_or(400u16)?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
     let st = ReqState {
         method: parts.method,
         uri,
@@ -113,7 +111,8 @@ fn new_request(
     Ok(Rc::new(ReqCtx {
         conn,
         env,
-        start_time: now.as_secs_f64(),
+        // ngx.req.start_time() and ngx.now() share nginx's cached clock.
+        start_time: crate::lua::api::time::cached_now(),
         start: Instant::now(),
         id: rand::random(),
         st: std::cell::RefCell::new(st),
@@ -395,6 +394,14 @@ async fn phases(rc: &Rc<ReqCtx>, mut forced: Option<Arc<Location>>) -> Outcome {
                     );
                     return Outcome::Status(413);
                 }
+            }
+        }
+        {
+            // headers-more input headers run at the start of the location's rewrite phase.
+            let mut st = rc.st.borrow_mut();
+            let conf = st.conf.clone();
+            for m in &conf.more_set_input_headers {
+                filter::apply_more(rc, &mut st, m, false);
             }
         }
         // rewrite

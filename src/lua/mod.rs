@@ -7,4 +7,6 @@ pub mod api;
 pub mod bundled;
 pub mod phase;
 pub mod request;
+pub mod resty_cli;
+pub mod spec;
 pub mod vm;

@@ -37,8 +37,12 @@ impl VmOptions {
 pub fn new_state(opts: &VmOptions) -> mlua::Result<Lua> {
     // SAFETY: FFI is part of the OpenResty contract (lua-resty-core and many libraries use it);
     // the user's Lua code is trusted exactly as it is in OpenResty.
-    let lua =
-        unsafe { Lua::unsafe_new_with(StdLib::ALL_SAFE | StdLib::FFI, LuaOptions::default()) };
+    let lua = unsafe {
+        Lua::unsafe_new_with(
+            StdLib::ALL_SAFE | StdLib::FFI | StdLib::DEBUG,
+            LuaOptions::default(),
+        )
+    };
     let ngx = lua.create_table()?;
     lua.globals().set("ngx", &ngx)?;
     register_all(&lua, &ngx, opts)?;

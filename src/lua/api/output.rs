@@ -62,12 +62,10 @@ pub fn render(out: &mut Vec<u8>, v: &Value, depth: usize) -> mlua::Result<()> {
             }
         }
         other => {
-            return Err(mlua::Error::runtime(
-                format!("bad argument #1 to 'say' (non-array table found)").replace(
-                    "non-array table found",
-                    &format!("{} not allowed", other.type_name()),
-                ),
-            ));
+            return Err(mlua::Error::runtime(format!(
+                "bad argument #1 to 'say' ({} not allowed)",
+                other.type_name()
+            )));
         }
     }
     Ok(())
@@ -81,8 +79,6 @@ const OUTPUT_PHASES: &[Phase] = &[
 ];
 
 fn emit(lua: &Lua, args: mlua::Variadic<Value>, newline: bool) -> mlua::Result<(i64,)> {
-    check_phase(lua, OUTPUT_PHASES)?;
-    let rc = current(lua)?;
     let mut buf = Vec::new();
     for a in args.iter() {
         render(&mut buf, a, 0)?;
@@ -90,6 +86,17 @@ fn emit(lua: &Lua, args: mlua::Variadic<Value>, newline: bool) -> mlua::Result<(
     if newline {
         buf.push(b'\n');
     }
+    // Outside any request (`tidegate resty`, `tidegate spec`) output goes to stdout, as
+    // resty-cli prints it.
+    if crate::lua::request::try_current(lua).is_none()
+        && crate::lua::request::phase(lua) == Phase::Timer
+    {
+        use std::io::Write;
+        let _ = std::io::stdout().write_all(&buf);
+        return Ok((1,));
+    }
+    check_phase(lua, OUTPUT_PHASES)?;
+    let rc = current(lua)?;
     let mut st = rc.st.borrow_mut();
     if st.eof_sent {
         return Ok((0,));
@@ -142,7 +149,7 @@ mod tests {
         assert_eq!(format_number(1.5), "1.5");
         assert_eq!(format_number(0.1), "0.1");
         assert_eq!(format_number(1e20), "1e+20");
-        assert_eq!(format_number(3.14159265358979), "3.1415926535898");
+        assert_eq!(format_number(1.2345678901234567), "1.2345678901235");
         assert_eq!(format_number(1e-5), "1e-05");
         assert_eq!(format_number(-2.0), "-2");
     }

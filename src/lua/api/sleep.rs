@@ -6,7 +6,7 @@ use mlua::{Lua, Table};
 
 pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     let sleep = lua.create_async_function(|_, secs: f64| async move {
-        if !(secs >= 0.0) || !secs.is_finite() {
+        if secs.is_nan() || secs < 0.0 || !secs.is_finite() {
             return Err(mlua::Error::runtime("invalid sleep duration"));
         }
         // tokio timers tick in whole milliseconds; 0 still yields once, as in OpenResty.
