@@ -893,6 +893,12 @@ fn reload_under_load_drops_nothing() {
         all_errors.extend(errs);
         closes += ic;
     }
+    eprintln!(
+        "reload under load: {} ok, {} errors, {} idle keep-alive closes",
+        total,
+        all_errors.len(),
+        closes
+    );
     assert!(total > 50, "too few requests completed: {}", total);
     assert!(
         all_errors.is_empty(),
