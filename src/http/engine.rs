@@ -163,6 +163,9 @@ fn find_server(
     local: std::net::SocketAddr,
     headers: &HeaderMap,
 ) -> Option<Arc<Server>> {
+    if let [only] = servers {
+        return Some(only.clone());
+    }
     let on_addr: Vec<&Arc<Server>> = servers
         .iter()
         .filter(|s| {
@@ -342,8 +345,8 @@ async fn phases(rc: &Rc<ReqCtx>, mut forced: Option<Arc<Location>>) -> Outcome {
             return Outcome::Status(500);
         }
         if server_rewrite {
-            let ops = rc.st.borrow().server.rewrites.clone();
-            match rewrite::run(rc, &ops).await {
+            let server = rc.st.borrow().server.clone();
+            match rewrite::run(rc, &server.rewrites).await {
                 RwResult::Continue | RwResult::Break | RwResult::Last => {}
                 RwResult::Finish(o) => return o,
             }
@@ -401,14 +404,9 @@ async fn phases(rc: &Rc<ReqCtx>, mut forced: Option<Arc<Location>>) -> Outcome {
             }
         }
         // rewrite
-        let ops = rc
-            .st
-            .borrow()
-            .location
-            .as_ref()
-            .map(|l| l.rewrites.clone())
-            .unwrap_or_default();
-        match rewrite::run(rc, &ops).await {
+        let loc = rc.st.borrow().location.clone();
+        let ops: &[crate::conf::model::RewriteOp] = loc.as_ref().map(|l| l.rewrites.as_slice()).unwrap_or(&[]);
+        match rewrite::run(rc, ops).await {
             RwResult::Continue | RwResult::Break => {}
             RwResult::Last => {
                 rc.st.borrow_mut().redirects += 1;
