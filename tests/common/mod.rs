@@ -58,7 +58,11 @@ impl Server {
         let mut files = vec![("conf/nginx.conf", conf)];
         files.extend_from_slice(extra);
         let prefix = prefix_with(&files, port);
-        let mut s = Server { child: None, port, prefix };
+        let mut s = Server {
+            child: None,
+            port,
+            prefix,
+        };
         s.spawn();
         s
     }
@@ -76,7 +80,9 @@ impl Server {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() && self.prefix.path().join("logs/nginx.pid").exists() {
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+                && self.prefix.path().join("logs/nginx.pid").exists()
+            {
                 return;
             }
             if let Some(c) = self.child.as_mut() {
@@ -85,12 +91,21 @@ impl Server {
                     if let Some(mut e) = c.stderr.take() {
                         let _ = e.read_to_string(&mut err);
                     }
-                    panic!("tidegate exited early ({}): {}\nerror.log:\n{}", status, err, self.error_log());
+                    panic!(
+                        "tidegate exited early ({}): {}\nerror.log:\n{}",
+                        status,
+                        err,
+                        self.error_log()
+                    );
                 }
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("tidegate did not start listening on {}\n{}", self.port, self.error_log());
+        panic!(
+            "tidegate did not start listening on {}\n{}",
+            self.port,
+            self.error_log()
+        );
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -133,7 +148,10 @@ impl Server {
 
     /// GET `path` with an optional Host header.
     pub fn get(&self, path: &str) -> Response {
-        self.request(&format!("GET {} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n", path))
+        self.request(&format!(
+            "GET {} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+            path
+        ))
     }
 
     /// Send raw bytes on a new connection and read one response (connection closed after).
@@ -143,7 +161,8 @@ impl Server {
 
     pub fn request_bytes(&self, raw: &[u8]) -> Response {
         let mut s = TcpStream::connect(self.addr()).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
         s.write_all(raw).expect("write");
         read_response(&mut s).expect("response")
     }
@@ -168,10 +187,17 @@ pub struct Response {
 
 impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
     pub fn headers_all(&self, name: &str) -> Vec<&str> {
-        self.headers.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str()).collect()
+        self.headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
     }
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
@@ -192,17 +218,34 @@ pub fn read_response_for(s: &mut TcpStream, head: bool) -> std::io::Result<Respo
         }
         let n = s.read(&mut tmp)?;
         if n == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("eof before headers: {:?}", String::from_utf8_lossy(&buf))));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("eof before headers: {:?}", String::from_utf8_lossy(&buf)),
+            ));
         }
         buf.extend_from_slice(&tmp[..n]);
     };
     let head_text = String::from_utf8_lossy(&buf[..head_end]).into_owned();
     let mut lines = head_text.split("\r\n");
     let status_line = lines.next().unwrap_or("");
-    let status: u16 = status_line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let headers: Vec<(String, String)> = lines.filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))).collect();
+    let status: u16 = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| {
+            l.split_once(':')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        })
+        .collect();
     let mut rest = buf[head_end + 4..].to_vec();
-    let get = |n: &str| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(n)).map(|(_, v)| v.clone());
+    let get = |n: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(n))
+            .map(|(_, v)| v.clone())
+    };
     let body = if head || status == 204 || status == 304 || (100..200).contains(&status) {
         Vec::new()
     } else if let Some(cl) = get("content-length") {
@@ -222,12 +265,24 @@ pub fn read_response_for(s: &mut TcpStream, head: bool) -> std::io::Result<Respo
             while find(&rest, b"\r\n").is_none() {
                 let k = s.read(&mut tmp)?;
                 if k == 0 {
-                    return Ok(Response { status, headers, body });
+                    return Ok(Response {
+                        status,
+                        headers,
+                        body,
+                    });
                 }
                 rest.extend_from_slice(&tmp[..k]);
             }
             let le = find(&rest, b"\r\n").unwrap_or(0);
-            let size = usize::from_str_radix(String::from_utf8_lossy(&rest[..le]).split(';').next().unwrap_or("0").trim(), 16).unwrap_or(0);
+            let size = usize::from_str_radix(
+                String::from_utf8_lossy(&rest[..le])
+                    .split(';')
+                    .next()
+                    .unwrap_or("0")
+                    .trim(),
+                16,
+            )
+            .unwrap_or(0);
             rest.drain(..le + 2);
             if size == 0 {
                 break;
@@ -253,7 +308,11 @@ pub fn read_response_for(s: &mut TcpStream, head: bool) -> std::io::Result<Respo
         }
         rest
     };
-    Ok(Response { status, headers, body })
+    Ok(Response {
+        status,
+        headers,
+        body,
+    })
 }
 
 fn find(h: &[u8], n: &[u8]) -> Option<usize> {
@@ -262,6 +321,15 @@ fn find(h: &[u8], n: &[u8]) -> Option<usize> {
 
 /// Run `tidegate -t` (or other flags) on a prefix and return (exit code, stderr).
 pub fn run_cli(prefix: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(bin()).arg("-p").arg(prefix).args(args).output().expect("run tidegate");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = Command::new(bin())
+        .arg("-p")
+        .arg(prefix)
+        .args(args)
+        .output()
+        .expect("run tidegate");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
