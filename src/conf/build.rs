@@ -77,7 +77,7 @@ struct Builder {
     formats: HashMap<String, Arc<Template>>,
 }
 
-fn arg<'a>(d: &'a Directive, i: usize) -> &'a str {
+fn arg(d: &Directive, i: usize) -> &str {
     d.args.get(i).map(String::as_str).unwrap_or("")
 }
 

@@ -77,9 +77,6 @@ fn new_request(
     };
     let uri = normalize_uri(&raw_path).ok_or(400u16)?;
     let server = find_server(&env.cfg.http.servers, conn.local, &parts.headers).ok_or(400u16)?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
     let st = ReqState {
         method: parts.method,
         uri,
@@ -114,7 +111,8 @@ fn new_request(
     Ok(Rc::new(ReqCtx {
         conn,
         env,
-        start_time: now.as_secs_f64(),
+        // ngx.req.start_time() and ngx.now() share nginx's cached clock.
+        start_time: crate::lua::api::time::cached_now(),
         start: Instant::now(),
         id: rand::random(),
         st: std::cell::RefCell::new(st),

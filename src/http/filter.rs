@@ -27,35 +27,39 @@ pub async fn send(rc: &Rc<ReqCtx>, eof: bool) -> Result<(), String> {
     }
     let chunk = rc.st.borrow_mut().out.split().freeze();
     let (chunk, eof) = body_filter(rc, chunk, eof).await;
-    let mut st = rc.st.borrow_mut();
-    st.body_bytes_sent += chunk.len() as u64;
-    if let Some(head_tx) = st.head_tx.take() {
-        let body = if eof {
-            Body::full(chunk)
-        } else {
-            let (tx, rx) = mpsc::channel(16);
-            if !chunk.is_empty() {
-                let _ = tx.try_send(chunk);
+    // Decide under the borrow, await after it: another request's coroutine may run meanwhile.
+    let (head, tx) = {
+        let mut st = rc.st.borrow_mut();
+        st.body_bytes_sent += chunk.len() as u64;
+        if let Some(head_tx) = st.head_tx.take() {
+            let body = if eof {
+                Body::full(chunk.clone())
+            } else {
+                let (tx, rx) = mpsc::channel(16);
+                if !chunk.is_empty() {
+                    let _ = tx.try_send(chunk.clone());
+                }
+                st.body_tx = Some(tx);
+                Body::Stream(rx)
+            };
+            if eof {
+                st.eof_sent = true;
             }
-            st.body_tx = Some(tx);
-            Body::Stream(rx)
-        };
-        let resp = build_response(&st, body);
-        if eof {
-            st.eof_sent = true;
+            (Some((head_tx, build_response(&st, body))), None)
+        } else {
+            let tx = st.body_tx.clone();
+            if eof {
+                st.eof_sent = true;
+                st.body_tx = None;
+            }
+            (None, tx)
         }
-        drop(st);
-        head_tx
+    };
+    if let Some((head_tx, resp)) = head {
+        return head_tx
             .send(resp)
-            .map_err(|_| "client closed connection".to_string())?;
-        return Ok(());
+            .map_err(|_| "client closed connection".to_string());
     }
-    let tx = st.body_tx.clone();
-    if eof {
-        st.eof_sent = true;
-        st.body_tx = None;
-    }
-    drop(st);
     if let Some(tx) = tx {
         if !chunk.is_empty() {
             tx.send(chunk)
@@ -156,7 +160,7 @@ pub fn apply_more(rc: &ReqCtx, st: &mut super::request::ReqState, m: &MoreHeader
             .unwrap_or("")
             .trim()
             .to_ascii_lowercase();
-        if !m.types.iter().any(|t| *t == ct) {
+        if !m.types.contains(&ct) {
             return;
         }
     }

@@ -44,7 +44,7 @@ pub fn reason(code: u16) -> &'static str {
 
 /// Whether nginx sends its built-in HTML page for this status when no body was produced.
 pub fn has_page(code: u16) -> bool {
-    (code >= 301 && code != 304 && reason(code) != "") && !(code == 204)
+    code >= 301 && code != 304 && !reason(code).is_empty()
 }
 
 /// The HTML page for a status, as nginx shapes it.

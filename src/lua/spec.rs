@@ -224,12 +224,9 @@ fn install_console(lua: &Lua, sink: Sink) -> mlua::Result<()> {
     globals.set("print", print)?;
 
     let ngx: Table = globals.get("ngx")?;
-    if ngx.get::<Value>("say")?.is_nil() {
-        ngx.set("say", output_fn(lua, sink.clone(), true)?)?;
-    }
-    if ngx.get::<Value>("print")?.is_nil() {
-        ngx.set("print", output_fn(lua, sink, false)?)?;
-    }
+    // A standalone state has no request: ngx.say/ngx.print write to the same sink as print.
+    ngx.set("say", output_fn(lua, sink.clone(), true)?)?;
+    ngx.set("print", output_fn(lua, sink, false)?)?;
     if ngx.get::<Value>("get_phase")?.is_nil() {
         ngx.set("get_phase", lua.create_function(|_, ()| Ok("timer"))?)?;
     }

@@ -235,14 +235,14 @@ async fn accept_loop(w: Rc<Worker>, listener: TcpListener) {
 }
 
 async fn serve_conn(w: &Rc<Worker>, conn: Rc<ConnInfo>, stream: tokio::net::TcpStream) {
-    let (header_timeout, keepalive) = {
+    // hyper's header timer also runs while a keep-alive connection waits for its next request,
+    // so it serves as keepalive_timeout (0 turns keep-alive off, as in nginx).
+    let keepalive_ms = {
         let env = w.env.borrow();
-        let s = env.cfg.http.servers.first().map(|s| s.conf.clone());
-        (
-            Duration::from_secs(60),
-            s.map(|c| c.keepalive_timeout_ms > 0).unwrap_or(true),
-        )
+        env.cfg.http.servers.first().map(|s| s.conf.keepalive_timeout_ms).unwrap_or(75_000)
     };
+    let header_timeout = Duration::from_millis(keepalive_ms.max(1000));
+    let keepalive = keepalive_ms > 0;
     let w2 = w.clone();
     let c2 = conn.clone();
     let svc = service_fn(move |req| {

@@ -1158,7 +1158,11 @@ local M = {
 }
 local encode, decode = raw.encode, raw.decode
 if safe then
-    M.encode = function(v) return encode(v) end
+    M.encode = function(v)
+        local s, err = encode(v)
+        if s == nil then return nil, err end
+        return s
+    end
     M.decode = function(s)
         local ok, v = decode(s)
         if ok then return v end
@@ -1418,10 +1422,7 @@ mod tests {
         assert_eq!(enc(&lua, "cjson.empty_array"), "[]");
         assert_eq!(enc(&lua, "{list = cjson.empty_array}"), r#"{"list":[]}"#);
         assert_eq!(enc(&lua, "setmetatable({}, cjson.array_mt)"), "[]");
-        assert_eq!(
-            enc(&lua, "setmetatable({1, 2, nil, 4}, cjson.array_mt)").starts_with("[1,2"),
-            true
-        );
+        assert!(enc(&lua, "setmetatable({1, 2, nil, 4}, cjson.array_mt)").starts_with("[1,2"));
         assert_eq!(enc(&lua, "setmetatable({x = 1}, cjson.array_mt)"), "[]");
         assert_eq!(enc(&lua, "setmetatable({}, cjson.empty_array_mt)"), "[]");
         assert_eq!(enc(&lua, "setmetatable({1}, cjson.empty_array_mt)"), "[1]");

@@ -99,16 +99,17 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
             let rc = current(&lua)?;
             let status = status.unwrap_or(302);
             if ![301, 302, 303, 307, 308].contains(&status) {
-                return Err(mlua::Error::runtime(format!("only ngx.HTTP_MOVED_TEMPORARILY, ngx.HTTP_MOVED_PERMANENTLY, ngx.HTTP_PERMANENT_REDIRECT, ngx.HTTP_SEE_OTHER, and ngx.HTTP_TEMPORARY_REDIRECT are allowed")));
+                return Err(mlua::Error::runtime("only ngx.HTTP_MOVED_TEMPORARILY, ngx.HTTP_MOVED_PERMANENTLY, ngx.HTTP_PERMANENT_REDIRECT, ngx.HTTP_SEE_OTHER, and ngx.HTTP_TEMPORARY_REDIRECT are allowed"));
             }
             if crate::http::engine::output_started(&rc.st.borrow()) {
                 return Err(mlua::Error::runtime("attempt to call ngx.redirect after sending out the headers"));
             }
             let v = http::HeaderValue::from_bytes(&uri.as_bytes()).map_err(|_| mlua::Error::runtime("invalid redirect uri"))?;
-            let mut st = rc.st.borrow_mut();
-            st.resp_headers.insert("location", v);
-            st.exit = Some(Exit::Status(status as i32));
-            drop(st);
+            {
+                let mut st = rc.st.borrow_mut();
+                st.resp_headers.insert("location", v);
+                st.exit = Some(Exit::Status(status as i32));
+            }
             never().await
         })?,
     )?;

@@ -84,7 +84,7 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
                 crate::log::request_error(
                     &rc,
                     crate::log::Level::Error,
-                    &format!("attempt to set ngx.header.HEADER after sending out response headers"),
+                    "attempt to set ngx.header.HEADER after sending out response headers",
                 );
                 return Ok(());
             }
@@ -141,14 +141,12 @@ pub fn headers_table(
     raw: bool,
 ) -> mlua::Result<(Table, Option<String>)> {
     let t = lua.create_table()?;
-    let mut count = 0i64;
     let mut truncated = None;
-    for (name, value) in headers.iter() {
-        if max > 0 && count >= max {
+    for (count, (name, value)) in headers.iter().enumerate() {
+        if max > 0 && count as i64 >= max {
             truncated = Some("truncated".to_string());
             break;
         }
-        count += 1;
         let k = name.as_str();
         let v = lua.create_string(value.as_bytes())?;
         match t.raw_get::<Value>(k)? {

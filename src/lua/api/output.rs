@@ -62,12 +62,10 @@ pub fn render(out: &mut Vec<u8>, v: &Value, depth: usize) -> mlua::Result<()> {
             }
         }
         other => {
-            return Err(mlua::Error::runtime(
-                format!("bad argument #1 to 'say' (non-array table found)").replace(
-                    "non-array table found",
-                    &format!("{} not allowed", other.type_name()),
-                ),
-            ));
+            return Err(mlua::Error::runtime(format!(
+                "bad argument #1 to 'say' ({} not allowed)",
+                other.type_name()
+            )));
         }
     }
     Ok(())
@@ -151,7 +149,7 @@ mod tests {
         assert_eq!(format_number(1.5), "1.5");
         assert_eq!(format_number(0.1), "0.1");
         assert_eq!(format_number(1e20), "1e+20");
-        assert_eq!(format_number(3.14159265358979), "3.1415926535898");
+        assert_eq!(format_number(1.2345678901234567), "1.2345678901235");
         assert_eq!(format_number(1e-5), "1e-05");
         assert_eq!(format_number(-2.0), "-2");
     }

@@ -161,11 +161,14 @@ struct Compiled {
     utf: bool,
 }
 
+/// Pattern bytes -> (compiled, last use).
+type PatternMap = HashMap<Vec<u8>, (Rc<Compiled>, u64)>;
+
 #[derive(Default)]
 struct ReCache {
     /// Compile flags -> pattern -> (compiled, last use); split by flags so a hit needs no key
     /// allocation.
-    maps: HashMap<u8, HashMap<Vec<u8>, (Rc<Compiled>, u64)>>,
+    maps: HashMap<u8, PatternMap>,
     len: usize,
     tick: u64,
 }

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: the same nginx.conf on nginx + lua-nginx-module (Debian packages) and
+# on tidegate, alternated in one run, pinned (server on CPU 1, wrk on CPU 0), one worker each.
+# Reports req/s, p99 and server CPU per request, and tidegate/nginx ratios.
+#   bench/run.sh                       # scenarios d_lua_content g_access_shdict, 3 rounds
+#   SCENARIOS=d_lua_content ROUNDS=5 DURATION=10s bench/run.sh
+set -euo pipefail
+cd "$(dirname "$0")"
+BENCH=$(pwd)
+ROOT=$(cd .. && pwd)
+SCENARIOS=${SCENARIOS:-"d_lua_content g_access_shdict"}
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-8s}
+WARMUP=${WARMUP:-2s}
+CONNS=${CONNS:-50}
+PORT=${PORT:-18080}
+RUN_DIR=${RUN_DIR:-/tmp/tidegate-bench}
+TIDEGATE=${TIDEGATE:-$ROOT/target/release/tidegate}
+NGINX=${NGINX:-/usr/sbin/nginx}
+OUT=${OUT:-$BENCH/results/run-$(date +%Y%m%dT%H%M%S).md}
+
+need=()
+command -v wrk >/dev/null || need+=(wrk)
+[ -x "$NGINX" ] || need+=(nginx)
+[ -f /usr/lib/nginx/modules/ngx_http_lua_module.so ] || need+=(libnginx-mod-http-lua lua-resty-core)
+if [ ${#need[@]} -gt 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+[ -x "$TIDEGATE" ] || (cd "$ROOT" && cargo build --release)
+mkdir -p "$(dirname "$OUT")" "$RUN_DIR"
+
+ticks() { # utime+stime of a pid and its children (threads are included in the process)
+    local t=0 p v
+    for p in $1 $(ps -o pid= --ppid "$1" 2>/dev/null); do
+        v=$(awk '{sub(/^.*\) /, ""); print $12 + $13}' "/proc/$p/stat" 2>/dev/null || echo 0)
+        t=$((t + ${v:-0}))
+    done
+    echo $t
+}
+
+run_one() { # server scenario -> "rps p99_ms cpu_us_per_req"
+    local server=$1 sc=$2 prefix=$RUN_DIR/$1
+    rm -rf "$prefix"; mkdir -p "$prefix/logs" "$prefix/tmp"
+    sed -e "s|@PROXY_PORT@|$PORT|g" -e "s|@PROXY_WORKERS@|1|g" "$BENCH/conf/$sc.conf" > "$prefix/nginx.conf"
+    if [ "$server" = nginx ]; then
+        taskset -c 1 "$NGINX" -p "$prefix" -c "$prefix/nginx.conf" > "$prefix/out.log" 2>&1 &
+    else
+        taskset -c 1 "$TIDEGATE" -p "$prefix" -c "$prefix/nginx.conf" > "$prefix/out.log" 2>&1 &
+    fi
+    local pid=$!
+    for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.1; done
+    curl -sf -H 'Host: bench.test' "http://127.0.0.1:$PORT/" > /dev/null || { echo "sanity failed for $server $sc" >&2; cat "$prefix/out.log" >&2; }
+    taskset -c 0 wrk -t2 -c"$CONNS" -d"$WARMUP" -H 'Host: bench.test' "http://127.0.0.1:$PORT/" > /dev/null
+    local t0; t0=$(ticks $pid)
+    local out; out=$(taskset -c 0 wrk -t2 -c"$CONNS" -d"$DURATION" --latency -H 'Host: bench.test' "http://127.0.0.1:$PORT/")
+    local t1; t1=$(ticks $pid)
+    kill -TERM $pid 2>/dev/null; wait $pid 2>/dev/null || true
+    local rps reqs p99
+    rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+    reqs=$(echo "$out" | awk '/requests in/ {print $1}')
+    p99=$(echo "$out" | awk '$1=="99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v=v*1000}; print v}')
+    local cpu_us; cpu_us=$(awk -v t=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" -v n="$reqs" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
+    echo "$rps $p99 $cpu_us"
+}
+
+{
+echo "# tidegate vs nginx + lua-nginx-module ($(date -u +%Y-%m-%dT%H:%MZ))"
+echo
+echo "wrk -t2 -c$CONNS -d$DURATION on CPU 0, one server worker on CPU 1, $ROUNDS alternated rounds."
+echo "nginx $("$NGINX" -v 2>&1 | sed 's|.*nginx/||'), tidegate $("$TIDEGATE" -v 2>&1 | sed 's|.*tidegate/||')"
+echo
+echo "| scenario | round | nginx req/s | tidegate req/s | ratio req/s | nginx p99 ms | tidegate p99 ms | nginx CPU us/req | tidegate CPU us/req | ratio CPU/req |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+} | tee "$OUT"
+for sc in $SCENARIOS; do
+    for r in $(seq "$ROUNDS"); do
+        read -r n_rps n_p99 n_cpu < <(run_one nginx "$sc")
+        read -r t_rps t_p99 t_cpu < <(run_one tidegate "$sc")
+        awk -v sc="$sc" -v r="$r" -v nr="$n_rps" -v tr="$t_rps" -v np="$n_p99" -v tp="$t_p99" -v nc="$n_cpu" -v tc="$t_cpu" \
+            'BEGIN { printf "| %s | %d | %.0f | %.0f | %.2f | %.2f | %.2f | %.1f | %.1f | %.2f |\n", sc, r, nr, tr, tr/nr, np, tp, nc, tc, tc/nc }' | tee -a "$OUT"
+    done
+done
+echo "results: $OUT"
