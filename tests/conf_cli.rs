@@ -360,7 +360,6 @@ fn unknown_directive_at_main_level() {
 }
 
 #[test]
-#[ignore = "BUG: an unknown $variable in return text passes -t (nginx: [emerg] unknown \"no_such_var_xyz\" variable)"]
 fn unknown_variable_is_rejected() {
     let conf =
         conf_with("server {\n  listen 127.0.0.1:PORT;\n  return 200 \"$no_such_var_xyz\";\n}");

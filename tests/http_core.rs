@@ -250,7 +250,6 @@ fn server_name_selection() {
 }
 
 #[test]
-#[ignore = "BUG: server_name *.example.com also matches the bare example.com (nginx: only .example.com does)"]
 fn star_suffix_does_not_match_bare_domain() {
     let s = server(SERVERS);
     let r = get_host(&s, "/", "example.com", &[]);
@@ -265,7 +264,6 @@ fn http10_without_host_goes_to_default_server() {
 }
 
 #[test]
-#[ignore = "BUG: an HTTP/1.1 request without Host is served (200); nginx answers 400"]
 fn http11_without_host_is_400() {
     let s = server(SERVERS);
     let r = s.request("GET / HTTP/1.1\r\nConnection: close\r\n\r\n");
@@ -556,7 +554,6 @@ fn if_file_tests_on_absolute_paths() {
 }
 
 #[test]
-#[ignore = "BUG: $document_root is the raw `root` value (\"html\"), not the prefix-absolute path, so `-f $document_root/x` tests the cwd"]
 fn if_file_tests_with_document_root() {
     let s = Server::start_with(
         &http_conf(IFS),
@@ -567,7 +564,6 @@ fn if_file_tests_with_document_root() {
 }
 
 #[test]
-#[ignore = "BUG: $document_root is the raw `root` value, not prefix + root"]
 fn document_root_is_absolute() {
     let s = server(r#"server { listen 127.0.0.1:PORT; root html; return 200 "$document_root"; }"#);
     let want = s.path("html");
@@ -683,7 +679,6 @@ fn add_header_only_on_success_unless_always() {
 }
 
 #[test]
-#[ignore = "BUG: add_header in a location is appended to the inherited server-level ones (nginx replaces them)"]
 fn add_header_in_location_replaces_inherited_ones() {
     let s = server(HEADERS);
     let r = s.get("/own");
@@ -714,7 +709,6 @@ fn more_set_headers_on_all_statuses_and_status_filter() {
 }
 
 #[test]
-#[ignore = "BUG: more_clear_headers Server leaves `server: tidegate` in the response"]
 fn more_clear_headers_removes_server() {
     let s = server(HEADERS);
     let r = s.get("/ok");
@@ -735,7 +729,6 @@ fn more_set_input_headers_visible_as_variable() {
 }
 
 #[test]
-#[ignore = "BUG: more_set_input_headers is evaluated before the location's `set` directives (headers-more runs at the rewrite tail: X-Species must be \"cat\", got nil)"]
 fn more_set_input_headers_sees_variables_after_all_set_directives() {
     let s = server(HEADERS);
     let r = s.get("/species");
@@ -743,7 +736,6 @@ fn more_set_input_headers_sees_variables_after_all_set_directives() {
 }
 
 #[test]
-#[ignore = "BUG: more_set_input_headers runs before the rewrite module's `return` (headers-more: phase rewrite tail, after ngx_rewrite)"]
 fn more_set_input_headers_runs_after_rewrite_directives() {
     // headers-more's input filters run at the tail of the rewrite phase: a `return` in the
     // same location has already answered and sees the client's original header.
@@ -821,7 +813,6 @@ fn static_file_has_last_modified_and_etag() {
 }
 
 #[test]
-#[ignore = "BUG: static files ignore If-Modified-Since (200 instead of 304)"]
 fn if_modified_since_gives_304() {
     let s = static_server();
     let r = s.get("/ok.txt");
@@ -835,7 +826,6 @@ fn if_modified_since_gives_304() {
 }
 
 #[test]
-#[ignore = "BUG: directory redirect sends a relative Location \"/dir/\" (nginx absolute_redirect on: http://host:port/dir/)"]
 fn directory_without_slash_redirects() {
     let s = static_server();
     let r = s.get("/dir");
@@ -897,7 +887,6 @@ fn missing_file_gives_nginx_404_page() {
 }
 
 #[test]
-#[ignore = "BUG: a location's error_page is appended to the inherited server-level list, so the server's page wins (nginx: the location's replaces them)"]
 fn error_page_to_missing_page_falls_back_to_nginx_page() {
     let s = static_server();
     let r = s.get("/plain404/x");
@@ -910,7 +899,6 @@ fn error_page_to_missing_page_falls_back_to_nginx_page() {
 }
 
 #[test]
-#[ignore = "BUG: a location's error_page is appended to the inherited server-level list, so the server's page wins (nginx: the location's replaces them)"]
 fn error_page_with_status_override() {
     let s = static_server();
     let r = s.get("/swap/missing");
@@ -918,7 +906,6 @@ fn error_page_with_status_override() {
 }
 
 #[test]
-#[ignore = "BUG: a location's error_page is appended to the inherited server-level list, so the server's page wins (nginx: the location's replaces them)"]
 fn internal_location_is_404_directly_but_reachable_by_error_page() {
     let s = static_server();
     let r = s.get("/secret.html");
@@ -1181,7 +1168,6 @@ fn garbage_in_header_line_is_400() {
 }
 
 #[test]
-#[ignore = "BUG: a 70 KB header line is accepted (200); nginx (large_client_header_buffers 4 8k) answers 400"]
 fn huge_header_is_rejected() {
     let s = server(PROTO);
     let big = "a".repeat(70 * 1024);

@@ -49,6 +49,7 @@ pub fn load(opts: &LoadOptions) -> Result<Config, ConfError> {
         parsed.tree = extra;
     }
     table::check(&parsed.tree, directives::ALL)?;
+    VAR_USES.with(|v| v.borrow_mut().clear());
     let mut b = Builder {
         prefix: opts.prefix.clone(),
         chunks: Vec::new(),
@@ -81,8 +82,38 @@ fn arg(d: &Directive, i: usize) -> &str {
     d.args.get(i).map(String::as_str).unwrap_or("")
 }
 
+thread_local! {
+    /// Variables used by the templates of the configuration being built, with where they were
+    /// used: checked once every `set` is known, as nginx rejects unknown variables at load.
+    static VAR_USES: std::cell::RefCell<Vec<(String, String, usize)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 fn template(d: &Directive, s: &str) -> Result<Template, ConfError> {
-    Template::parse(s).map_err(|e| ConfError::directive(d, e))
+    let t = Template::parse(s).map_err(|e| ConfError::directive(d, e))?;
+    VAR_USES.with(|v| {
+        let mut v = v.borrow_mut();
+        for p in &t.parts {
+            if let super::template::Part::Var(name) = p {
+                v.push((name.clone(), d.file.to_string(), d.line));
+            }
+        }
+    });
+    Ok(t)
+}
+
+/// nginx's `unknown "x" variable` for a variable that is neither built in nor declared.
+fn check_vars(declared: &[String]) -> Result<(), ConfError> {
+    let uses = VAR_USES.with(|v| std::mem::take(&mut *v.borrow_mut()));
+    for (name, file, line) in uses {
+        if !crate::http::variables::is_known(&name) && !declared.contains(&name) {
+            return Err(ConfError::at(
+                format!("unknown \"{}\" variable", name),
+                &file,
+                line,
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn time_ms(d: &Directive, s: &str) -> Result<u64, ConfError> {
@@ -182,6 +213,7 @@ impl Builder {
             }
         }
         cfg.http.lua.chunks = std::mem::take(&mut self.chunks);
+        check_vars(&self.declared)?;
         cfg.http.declared_vars = std::mem::take(&mut self.declared);
         cfg.notices = std::mem::take(&mut self.notices);
         cfg.parsed = parsed;
@@ -388,9 +420,17 @@ fn is_rewrite_op(name: &str) -> bool {
 impl Builder {
     /// Apply one inheritable setting to `conf`.
     /// Start a level: `access_log` at this level replaces the inherited list, as in nginx.
+    /// nginx inherits these list-valued directives only when a level has none of its own.
     fn level_start(conf: &mut LocConf, list: &[Directive]) {
-        if list.iter().any(|d| d.name == "access_log") {
+        let has = |n: &str| list.iter().any(|d| d.name == n);
+        if has("access_log") {
             conf.access_logs.clear();
+        }
+        if has("add_header") {
+            conf.add_headers.clear();
+        }
+        if has("error_page") {
+            conf.error_pages.clear();
         }
     }
 
@@ -942,11 +982,10 @@ fn server_name(d: &Directive, n: &str) -> Result<ServerName, ConfError> {
     Ok(if let Some(re) = n.strip_prefix('~') {
         ServerName::Regex(Regex::new(re, true).map_err(|e| ConfError::directive(d, e))?)
     } else if let Some(s) = n.strip_prefix("*.") {
-        ServerName::Suffix(format!(".{}", s.to_ascii_lowercase()))
+        ServerName::Suffix(format!(".{}", s.to_ascii_lowercase()), false)
     } else if let Some(s) = n.strip_prefix('.') {
-        // `.example.com` matches example.com and *.example.com; store the suffix form and
-        // let the matcher also accept the bare name.
-        ServerName::Suffix(format!(".{}", s.to_ascii_lowercase()))
+        // `.example.com` matches example.com itself and every subdomain.
+        ServerName::Suffix(format!(".{}", s.to_ascii_lowercase()), true)
     } else if let Some(p) = n.strip_suffix(".*") {
         ServerName::Prefix(format!("{}.", p.to_ascii_lowercase()))
     } else {

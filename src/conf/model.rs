@@ -84,8 +84,9 @@ pub struct Listen {
 #[derive(Debug)]
 pub enum ServerName {
     Exact(String),
-    /// `*.example.com` stored as `.example.com`.
-    Suffix(String),
+    /// `*.example.com` stored as (`.example.com`, false); `.example.com` also matches the
+    /// bare name (true).
+    Suffix(String, bool),
     /// `www.example.*` stored as `www.example.`.
     Prefix(String),
     Regex(Regex),

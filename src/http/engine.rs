@@ -76,6 +76,10 @@ fn new_request(
         None => (request_uri.clone(), None),
     };
     let uri = normalize_uri(&raw_path).ok_or(400u16)?;
+    if parts.version == http::Version::HTTP_11 && !parts.headers.contains_key("host") {
+        // nginx: "client sent HTTP/1.1 request without "Host" header".
+        return Err(400);
+    }
     let server = find_server(&env.cfg.http.servers, conn.local, &parts.headers).ok_or(400u16)?;
     let st = ReqState {
         method: parts.method,
@@ -195,8 +199,8 @@ fn find_server(
         let mut best: Option<(&Arc<Server>, usize)> = None;
         for s in &candidates {
             for n in &s.names {
-                if let ServerName::Suffix(suf) = n {
-                    if (host.ends_with(suf.as_str()) || host == suf[1..])
+                if let ServerName::Suffix(suf, bare) = n {
+                    if (host.ends_with(suf.as_str()) || (*bare && host == suf[1..]))
                         && best.is_none_or(|(_, l)| suf.len() > l)
                     {
                         best = Some((s, suf.len()));
@@ -396,14 +400,6 @@ async fn phases(rc: &Rc<ReqCtx>, mut forced: Option<Arc<Location>>) -> Outcome {
                 }
             }
         }
-        {
-            // headers-more input headers run at the start of the location's rewrite phase.
-            let mut st = rc.st.borrow_mut();
-            let conf = st.conf.clone();
-            for m in &conf.more_set_input_headers {
-                filter::apply_more(rc, &mut st, m, false);
-            }
-        }
         // rewrite
         let ops = rc
             .st
@@ -419,6 +415,14 @@ async fn phases(rc: &Rc<ReqCtx>, mut forced: Option<Arc<Location>>) -> Outcome {
                 continue;
             }
             RwResult::Finish(o) => return o,
+        }
+        {
+            // headers-more input headers run after the rewrite module's directives.
+            let mut st = rc.st.borrow_mut();
+            let conf = st.conf.clone();
+            for m in &conf.more_set_input_headers {
+                filter::apply_more(rc, &mut st, m, false);
+            }
         }
         let conf = rc.st.borrow().conf.clone();
         if let Some(chunk) = &conf.rewrite_by_lua {

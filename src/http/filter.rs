@@ -75,9 +75,6 @@ fn build_response(st: &super::request::ReqState, body: Body) -> Response<Body> {
     *resp.status_mut() = StatusCode::from_u16(st.status).unwrap_or(StatusCode::OK);
     let h = resp.headers_mut();
     *h = st.resp_headers.clone();
-    if !h.contains_key("server") {
-        h.insert("server", HeaderValue::from_static("tidegate"));
-    }
     if st.status == 444 {
         h.insert("connection", HeaderValue::from_static("close"));
     }
@@ -104,6 +101,16 @@ async fn header_filter(rc: &Rc<ReqCtx>) {
             }
         }
         let conf = st.conf.clone();
+        // Added before headers-more runs so that `more_clear_headers Server` can remove it.
+        if !st.resp_headers.contains_key("server") {
+            let v = if conf.server_tokens {
+                concat!("tidegate/", env!("CARGO_PKG_VERSION"))
+            } else {
+                "tidegate"
+            };
+            st.resp_headers
+                .insert("server", HeaderValue::from_static(v));
+        }
         for ah in &conf.add_headers {
             if ah.always || ADD_HEADER_STATUSES.contains(&status) {
                 let v = super::variables::eval(rc, st, &ah.value);

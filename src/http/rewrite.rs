@@ -169,7 +169,7 @@ pub fn run<'a>(
 }
 
 /// nginx's `absolute_redirect on`: `scheme://host[:port]` + path.
-fn absolute(rc: &ReqCtx, st: &ReqState, path: &str) -> String {
+pub fn absolute(rc: &ReqCtx, st: &ReqState, path: &str) -> String {
     let host = super::variables::host(st).unwrap_or_else(|| st.server.primary_name.clone());
     let port = rc.conn.local.port();
     if port == 80 {

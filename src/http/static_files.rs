@@ -84,7 +84,11 @@ pub async fn serve(rc: &Rc<ReqCtx>) -> Outcome {
     };
     if meta.is_dir() {
         let mut st = rc.st.borrow_mut();
-        let loc = format!("{}/", uri);
+        let mut loc = super::rewrite::absolute(rc, &st, &format!("{}/", uri));
+        if let Some(a) = st.args.as_ref().filter(|a| !a.is_empty()) {
+            loc.push('?');
+            loc.push_str(a);
+        }
         if let Ok(v) = HeaderValue::from_str(&loc) {
             st.resp_headers.insert("location", v);
         }
@@ -135,6 +139,19 @@ pub async fn serve(rc: &Rc<ReqCtx>) -> Outcome {
         if let Ok(v) = HeaderValue::from_str(&format!("\"{:x}-{:x}\"", secs, meta.len())) {
             st.resp_headers.insert("etag", v);
         }
+    }
+    // nginx's `if_modified_since exact`: 304 when the client has this very version.
+    let not_modified = match (
+        st.headers.get("if-modified-since"),
+        st.resp_headers.get("last-modified"),
+    ) {
+        (Some(ims), Some(lm)) => ims.as_bytes() == lm.as_bytes(),
+        _ => false,
+    };
+    if not_modified && st.status == 200 {
+        st.status = 304;
+        st.resp_headers.remove("content-type");
+        return Outcome::Done;
     }
     st.out.extend_from_slice(&data);
     Outcome::Done

@@ -91,7 +91,17 @@ pub fn get(rc: &ReqCtx, st: &ReqState, name: &str) -> Option<Vec<u8>> {
         "connection_requests" => rc.conn.requests.get().to_string(),
         "nginx_version" => "1.25.3".to_string(),
         "pid" => std::process::id().to_string(),
-        "document_root" | "realpath_root" => st.conf.root.clone(),
+        "document_root" | "realpath_root" => {
+            rc.env.cfg.prefix.join(&st.conf.root).display().to_string()
+        }
+        "request_filename" => rc
+            .env
+            .cfg
+            .prefix
+            .join(&st.conf.root)
+            .join(st.uri.trim_start_matches('/'))
+            .display()
+            .to_string(),
         "remote_user" => return None,
         "request_length" => "0".to_string(),
         "request_body" => {
@@ -240,4 +250,87 @@ pub fn set_captures(st: &mut ReqState, subject: &[u8], caps: &[Option<(usize, us
         .iter()
         .map(|c| c.map(|(s, e)| Bytes::copy_from_slice(&subject[s..e])))
         .collect();
+}
+
+/// Built-in variable names (besides the `http_`, `arg_`, `cookie_`, `sent_http_` families).
+const KNOWN: &[&str] = &[
+    "uri",
+    "document_uri",
+    "request_uri",
+    "args",
+    "query_string",
+    "is_args",
+    "host",
+    "http_host",
+    "remote_addr",
+    "realip_remote_addr",
+    "remote_port",
+    "realip_remote_port",
+    "binary_remote_addr",
+    "server_addr",
+    "server_port",
+    "server_name",
+    "server_protocol",
+    "scheme",
+    "https",
+    "request_method",
+    "request",
+    "request_time",
+    "status",
+    "body_bytes_sent",
+    "bytes_sent",
+    "content_type",
+    "content_length",
+    "hostname",
+    "msec",
+    "time_local",
+    "time_iso8601",
+    "request_id",
+    "connection",
+    "connection_requests",
+    "nginx_version",
+    "pid",
+    "document_root",
+    "realpath_root",
+    "remote_user",
+    "request_length",
+    "request_body",
+    "request_filename",
+    "limit_rate",
+    "proxy_host",
+    "proxy_port",
+    "proxy_add_x_forwarded_for",
+    "upstream_addr",
+    "upstream_status",
+    "upstream_response_time",
+    "upstream_connect_time",
+    "upstream_header_time",
+    "upstream_response_length",
+    "upstream_bytes_received",
+    "upstream_bytes_sent",
+    "upstream_cache_status",
+    "connection_upgrade",
+    "ssl_protocol",
+    "ssl_cipher",
+    "ssl_server_name",
+    "http2",
+    "gzip_ratio",
+    "pipe",
+    "server_tokens",
+];
+
+/// Whether nginx would know `$name` without a `set` (checked at load, like nginx).
+pub fn is_known(name: &str) -> bool {
+    KNOWN.contains(&name)
+        || [
+            "http_",
+            "arg_",
+            "cookie_",
+            "sent_http_",
+            "upstream_http_",
+            "sent_trailer_",
+            "upstream_cookie_",
+        ]
+        .iter()
+        .any(|p| name.starts_with(p))
 }

@@ -239,7 +239,12 @@ async fn serve_conn(w: &Rc<Worker>, conn: Rc<ConnInfo>, stream: tokio::net::TcpS
     // so it serves as keepalive_timeout (0 turns keep-alive off, as in nginx).
     let keepalive_ms = {
         let env = w.env.borrow();
-        env.cfg.http.servers.first().map(|s| s.conf.keepalive_timeout_ms).unwrap_or(75_000)
+        env.cfg
+            .http
+            .servers
+            .first()
+            .map(|s| s.conf.keepalive_timeout_ms)
+            .unwrap_or(75_000)
     };
     let header_timeout = Duration::from_millis(keepalive_ms.max(1000));
     let keepalive = keepalive_ms > 0;
@@ -257,7 +262,7 @@ async fn serve_conn(w: &Rc<Worker>, conn: Rc<ConnInfo>, stream: tokio::net::TcpS
         .timer(TokioTimer::new())
         .keep_alive(keepalive)
         .header_read_timeout(header_timeout)
-        .max_buf_size(64 * 1024);
+        .max_buf_size(32 * 1024);
     let c = builder.serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(c);
     let mut shutdown = w.shutdown.subscribe();

@@ -39,7 +39,8 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
                         return Ok(Value::Boolean(false));
                     };
                     let st = rc.st.borrow();
-                    Ok(Value::Boolean(st.headers_sent))
+                    // ngx.say/print send the header in OpenResty: buffered output counts as sent.
+                    Ok(Value::Boolean(crate::http::engine::output_started(&st)))
                 }
                 _ => Ok(Value::Nil),
             }
@@ -77,7 +78,7 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
                     }
                 };
                 let mut st = rc.st.borrow_mut();
-                if st.headers_sent && st.phase != Phase::HeaderFilter {
+                if crate::http::engine::output_started(&st) && st.phase != Phase::HeaderFilter {
                     drop(st);
                     crate::log::request_error(
                         &rc,

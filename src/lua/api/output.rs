@@ -18,7 +18,8 @@ pub fn format_number(n: f64) -> String {
     if n.is_infinite() {
         return if n > 0.0 { "inf".into() } else { "-inf".into() };
     }
-    if n == n.trunc() && n.abs() < 1e15 {
+    // %.14g prints integers below 1e14 without an exponent.
+    if n == n.trunc() && n.abs() < 1e14 {
         return format!("{}", n as i64);
     }
     let sci = format!("{:.13e}", n);
@@ -51,12 +52,23 @@ fn trim_zeros(s: &str) -> &str {
 pub fn render(out: &mut Vec<u8>, v: &Value, depth: usize) -> mlua::Result<()> {
     match v {
         Value::String(s) => out.extend_from_slice(&s.as_bytes()),
-        Value::Integer(i) => out.extend_from_slice(i.to_string().as_bytes()),
+        Value::Integer(i) => out.extend_from_slice(format_number(*i as f64).as_bytes()),
         Value::Number(n) => out.extend_from_slice(format_number(*n).as_bytes()),
         Value::Boolean(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
         Value::Nil => out.extend_from_slice(b"nil"),
         Value::LightUserData(p) if p.0.is_null() => out.extend_from_slice(b"null"),
         Value::Table(t) if depth < 100 => {
+            let n = t.raw_len();
+            for pair in t.clone().pairs::<Value, Value>() {
+                let (k, _) = pair?;
+                let in_seq = matches!(k, Value::Integer(i) if i >= 1 && (i as usize) <= n)
+                    || matches!(k, Value::Number(f) if f >= 1.0 && f.fract() == 0.0 && (f as usize) <= n);
+                if !in_seq {
+                    return Err(mlua::Error::runtime(
+                        "bad argument #1 to 'say' (non-array table found)",
+                    ));
+                }
+            }
             for item in t.clone().sequence_values::<Value>() {
                 render(out, &item?, depth + 1)?;
             }
