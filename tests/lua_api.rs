@@ -902,7 +902,6 @@ fn req_misc_functions() {
 }
 
 #[test]
-#[ignore = "BUG: ngx.is_subrequest is a function; in OpenResty it is a boolean field (false for main requests)"]
 fn is_subrequest_is_a_boolean_field() {
     let s = start(
         "        location /s { content_by_lua_block { ngx.say(type(ngx.is_subrequest), \" \", tostring(ngx.is_subrequest)) } }\n",

@@ -734,7 +734,6 @@ fn require_of_missing_module_is_500_with_search_paths_logged() {
 // More phase semantics
 
 #[test]
-#[ignore = "BUG: ngx.ctx survives ngx.exec; OpenResty gives the redirected request a fresh ngx.ctx"]
 fn ctx_is_dropped_by_internal_redirect() {
     // README (ngx.ctx): internal redirects destroy the original request's ngx.ctx data.
     let s = start(
@@ -832,7 +831,7 @@ fn user_coroutines_without_waits() {
 }
 
 #[test]
-#[ignore = "BUG: ngx.sleep inside coroutine.wrap/resume returns mlua's pending marker to the caller instead of waiting"]
+#[ignore = "not yet (async Lua issue): ngx.sleep inside coroutine.wrap/resume returns mlua's pending marker instead of waiting"]
 fn user_coroutines_may_wait() {
     // lua-nginx-module replaces the coroutine API so that a user coroutine may call yielding
     // ngx APIs (ngx.sleep, cosockets): the wait happens and the coroutine then continues.

@@ -405,7 +405,8 @@ async fn phases(rc: &Rc<ReqCtx>, mut forced: Option<Arc<Location>>) -> Outcome {
         }
         // rewrite
         let loc = rc.st.borrow().location.clone();
-        let ops: &[crate::conf::model::RewriteOp] = loc.as_ref().map(|l| l.rewrites.as_slice()).unwrap_or(&[]);
+        let ops: &[crate::conf::model::RewriteOp] =
+            loc.as_ref().map(|l| l.rewrites.as_slice()).unwrap_or(&[]);
         match rewrite::run(rc, ops).await {
             RwResult::Continue | RwResult::Break => {}
             RwResult::Last => {
@@ -500,6 +501,8 @@ async fn lua_step(rc: &Rc<ReqCtx>, chunk: &crate::conf::model::LuaChunk, phase: 
         }
         LuaOutcome::Exit(Exit::Exec(uri, args)) => {
             let mut st = rc.st.borrow_mut();
+            // An internal redirect starts a fresh ngx.ctx, as in OpenResty.
+            st.ctx_table = None;
             st.uri = uri;
             st.args = args;
             st.internal = true;
@@ -508,6 +511,7 @@ async fn lua_step(rc: &Rc<ReqCtx>, chunk: &crate::conf::model::LuaChunk, phase: 
         }
         LuaOutcome::Exit(Exit::Named(name)) => {
             let mut st = rc.st.borrow_mut();
+            st.ctx_table = None;
             st.internal = true;
             st.redirects += 1;
             match st.server.named.get(&name).cloned() {

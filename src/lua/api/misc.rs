@@ -2,16 +2,14 @@
 
 use mlua::{Lua, Table};
 
-use crate::lua::request::{phase, try_current};
+use crate::lua::request::phase;
 
 pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     ngx.set(
         "get_phase",
         lua.create_function(|lua, ()| Ok(phase(lua).name()))?,
     )?;
-    ngx.set(
-        "is_subrequest",
-        lua.create_function(|lua, ()| Ok(try_current(lua).is_some_and(|_| false)))?,
-    )?;
+    // A field in OpenResty; there are no subrequests yet, so it is always false.
+    ngx.set("is_subrequest", false)?;
     Ok(())
 }
