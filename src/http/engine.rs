@@ -80,6 +80,14 @@ fn new_request(
         // nginx: "client sent HTTP/1.1 request without "Host" header".
         return Err(400);
     }
+    if parts
+        .headers
+        .get("host")
+        .is_some_and(|h| !valid_host(h.as_bytes()))
+    {
+        // nginx: "client sent invalid host header".
+        return Err(400);
+    }
     let server = find_server(&env.cfg.http.servers, conn.local, &parts.headers).ok_or(400u16)?;
     let st = ReqState {
         method: parts.method,
@@ -129,7 +137,7 @@ pub fn normalize_uri(raw: &str) -> Option<String> {
     if !raw.starts_with('/') {
         return if raw == "*" { Some("*".into()) } else { None };
     }
-    let decoded = percent_encoding::percent_decode_str(raw).collect::<Vec<u8>>();
+    let decoded = decode_path(raw)?;
     let decoded = String::from_utf8_lossy(&decoded).into_owned();
     let mut segs: Vec<&str> = Vec::new();
     for seg in decoded.split('/').skip(1) {
@@ -154,6 +162,65 @@ pub fn normalize_uri(raw: &str) -> Option<String> {
         out.push('/');
     }
     Some(out)
+}
+
+/// `%XX` decoding as nginx's URI parser does it: a `%` without two hex digits, or an
+/// encoded NUL, makes the request invalid (`None`, a 400) instead of passing through.
+fn decode_path(raw: &str) -> Option<Vec<u8>> {
+    let b = raw.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = |j: usize| b.get(j).and_then(|c| (*c as char).to_digit(16));
+            let v = (hex(i + 1)? * 16 + hex(i + 2)?) as u8;
+            if v == 0 {
+                return None;
+            }
+            out.push(v);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    Some(out)
+}
+
+/// nginx's `ngx_http_validate_host`: no `/`, `..` or control bytes, and not empty once
+/// the port and a trailing dot are cut. Guards `$host` users (paths, cache keys) from the
+/// client.
+fn valid_host(h: &[u8]) -> bool {
+    let mut host_len = h.len();
+    let mut dot_pos: Option<usize> = None;
+    let mut in_literal = false;
+    let mut in_rest = false;
+    for (i, &c) in h.iter().enumerate() {
+        match c {
+            b'.' => {
+                if i > 0 && dot_pos == Some(i - 1) {
+                    return false;
+                }
+                dot_pos = Some(i);
+            }
+            b':' if !in_rest && !in_literal => {
+                host_len = i;
+                in_rest = true;
+            }
+            b'[' if i == 0 => in_literal = true,
+            b']' if in_literal && !in_rest => {
+                host_len = i + 1;
+                in_rest = true;
+                in_literal = false;
+            }
+            b'/' | 0..=0x20 | 0x7f => return false,
+            _ => {}
+        }
+    }
+    if host_len > 0 && dot_pos == Some(host_len - 1) {
+        host_len -= 1;
+    }
+    host_len > 0
 }
 
 /// nginx's virtual server choice: among the servers listening on this address, exact name,
