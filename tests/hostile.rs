@@ -114,6 +114,26 @@ fn request_line_garbage_is_400() {
 }
 
 #[test]
+fn lower_case_method_is_400() {
+    let s = hostile_server("");
+    // nginx's parser takes only A-Z, `_` and `-` in a method name.
+    for m in ["get", "Get", "G.T", "GET1"] {
+        let raw = format!(
+            "{} / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+            m
+        );
+        assert_eq!(status_of(&s, raw.as_bytes()), 400, "method {}", m);
+    }
+    // Unknown but well-formed methods are not the parser's business.
+    let st = status_of(
+        &s,
+        b"FOO_BAR / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(st, 405);
+    assert_alive(&s);
+}
+
+#[test]
 fn unsupported_http_version_is_rejected() {
     let s = hostile_server("");
     // nginx answers 505 for a major version above 1; a 400 is an acceptable refusal too.
@@ -287,6 +307,14 @@ fn invalid_host_header_is_400() {
         let st = status_of(&s, &raw);
         assert_eq!(st, 400, "Host {:?}", String::from_utf8_lossy(host));
     }
+    // Two Host headers: nginx's "client sent duplicate host header".
+    assert_eq!(
+        status_of(
+            &s,
+            b"GET /lua HTTP/1.1\r\nHost: localhost\r\nHost: evil\r\nConnection: close\r\n\r\n"
+        ),
+        400
+    );
     // A trailing dot and a port are fine.
     let r = send_raw(
         &s,

@@ -80,12 +80,18 @@ fn new_request(
         // nginx: "client sent HTTP/1.1 request without "Host" header".
         return Err(400);
     }
-    if parts
-        .headers
-        .get("host")
-        .is_some_and(|h| !valid_host(h.as_bytes()))
+    let mut hosts = parts.headers.get_all("host").iter();
+    if hosts.next().is_some_and(|h| !valid_host(h.as_bytes())) || hosts.next().is_some() {
+        // nginx: "client sent invalid host header" / "client sent duplicate host header".
+        return Err(400);
+    }
+    if !parts
+        .method
+        .as_str()
+        .bytes()
+        .all(|b| b.is_ascii_uppercase() || b == b'_' || b == b'-')
     {
-        // nginx: "client sent invalid host header".
+        // nginx's request-line parser only knows upper-case method names.
         return Err(400);
     }
     let server = find_server(&env.cfg.http.servers, conn.local, &parts.headers).ok_or(400u16)?;
