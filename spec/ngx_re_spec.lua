@@ -129,6 +129,27 @@ describe("ngx.re options", function()
         assert.equal("ll", m[0])
     end)
 
+    it("u with invalid UTF-8 in the subject returns nil and an error", function()
+        local m, err = ngx.re.match("\255", ".", "u")
+        assert.is_nil(m)
+        assert.is_string(err)
+    end)
+
+    it("d (DFA) is accepted", function()
+        local from, to = ngx.re.find("hello", "l+", "d")
+        assert.equal(3, from)
+        assert.equal(4, to)
+    end)
+
+    -- lua-nginx-module documents d as "the DFA mode (or the longest token match semantics)";
+    -- tidegate runs d as an ordinary backtracking match (src/lua/api/re.rs) and returns "l".
+    pending("BUG: d (DFA) should give the longest match: match('hello', 'l|ll', 'd')[0] is 'l'", function()
+        assert.equal("ll", ngx.re.match("hello", "l|ll", "d")[0])
+        local from, to = ngx.re.find("hello", "l|ll", "d")
+        assert.equal(3, from)
+        assert.equal(4, to)
+    end)
+
     it("o and j change nothing observable", function()
         for _ = 1, 3 do
             assert.equal("123", ngx.re.match("abc123", "[0-9]+", "jo")[0])
@@ -156,6 +177,13 @@ describe("ngx.re.find", function()
 
     it("returns nil when nothing matches", function()
         local from, to, err = ngx.re.find("hello", "[0-9]+")
+        assert.is_nil(from)
+        assert.is_nil(to)
+        assert.is_nil(err)
+    end)
+
+    it("nth of an unmatched capture returns nil", function()
+        local from, to, err = ngx.re.find("b", "(a)?b", "", nil, 1)
         assert.is_nil(from)
         assert.is_nil(to)
         assert.is_nil(err)
@@ -254,6 +282,18 @@ describe("ngx.re.sub", function()
         assert.equal("[]", out)
     end)
 
+    it("a bad template returns nil, nil and an error", function()
+        local out, n, err = ngx.re.sub("a", "a", "$")
+        assert.is_nil(out)
+        assert.is_nil(n)
+        assert.matches("failed to compile the replacement template", err, 1, true)
+    end)
+
+    it("$10 is capture ten, ${1}0 is capture one then 0", function()
+        local out = ngx.re.sub("abcdefghijk", "(a)(b)(c)(d)(e)(f)(g)(h)(i)(j)", "$10|${1}0")
+        assert.equal("j|a0k", out)
+    end)
+
     it("a bad regex returns nil and an error", function()
         local out, n, err = ngx.re.sub("x", "(", "y")
         assert.is_nil(out)
@@ -334,6 +374,28 @@ describe("require 'ngx.re'", function()
         assert.equal("b", mine[2])
         assert.is_nil(mine[3])
         assert.equal("Z", mine[4])
+    end)
+
+    it("split keeps a leading empty field and drops a trailing one", function()
+        assert.same({ "", "a", "b", "c", "d" }, ngx_re.split(",a,b,c,d,", ","))
+    end)
+
+    it("split without a match returns the whole subject", function()
+        assert.same({ "abcd" }, ngx_re.split("abcd", ","))
+    end)
+
+    it("split with an empty regex splits into characters", function()
+        assert.same({ "1", "2", "3", "4", "5" }, ngx_re.split("12345", "", "jo"))
+        assert.same({ "1", "2", "345" }, ngx_re.split("12345", "", "jo", nil, 3))
+        assert.same({ "2", "3", "4", "5" }, ngx_re.split("12345", "", "jo", { pos = 2 }))
+    end)
+
+    it("split with ctx.pos past the end returns an empty table", function()
+        assert.same({}, ngx_re.split("a,b,c,d,e", ",", nil, { pos = 10 }))
+    end)
+
+    it("split converts a non-string subject", function()
+        assert.same({ "1", "451", "45" }, ngx_re.split(1234512345, "23", "jo"))
     end)
 
     it("split with a bad regex returns nil and an error", function()

@@ -1,6 +1,10 @@
 -- ngx time functions and ngx.sleep against lua-nginx-module's documented behaviour.
 
 describe("ngx formatted times", function()
+    it("http_time drops the fraction of a second", function()
+        assert.equal("Thu, 18 Nov 2010 11:27:35 GMT", ngx.http_time(1290079655.9))
+    end)
+
     it("http_time formats RFC 1123 dates", function()
         assert.equal("Thu, 18 Nov 2010 11:27:35 GMT", ngx.http_time(1290079655))
         assert.equal("Thu, 01 Jan 1970 00:00:00 GMT", ngx.http_time(0))
@@ -9,6 +13,11 @@ describe("ngx formatted times", function()
 
     it("cookie_time uses dashes and a two-digit year before 2038", function()
         assert.equal("Thu, 18-Nov-10 11:27:35 GMT", ngx.cookie_time(1290079655))
+    end)
+
+    it("cookie_time switches to four digits exactly at 2038", function()
+        assert.equal("Thu, 31-Dec-37 23:59:59 GMT", ngx.cookie_time(2145916799))
+        assert.equal("Fri, 01-Jan-2038 00:00:00 GMT", ngx.cookie_time(2145916800))
     end)
 
     it("cookie_time uses a four-digit year after 2037", function()
@@ -20,6 +29,11 @@ describe("ngx formatted times", function()
         for _, t in ipairs({ 0, 86399, 951782400, 1290079655, 1700000000 }) do
             assert.equal(t, ngx.parse_http_time(ngx.http_time(t)))
         end
+    end)
+
+    it("parse_http_time also reads RFC 850 and asctime dates", function()
+        assert.equal(1290079655, ngx.parse_http_time("Thursday, 18-Nov-10 11:27:35 GMT"))
+        assert.equal(1290079655, ngx.parse_http_time("Thu Nov 18 11:27:35 2010"))
     end)
 
     it("parse_http_time returns nil for garbage", function()
