@@ -40,7 +40,7 @@ if [ "$cargo_rc" -ne 0 ] && ! grep -q '^test result: FAILED' /tmp/tidegate-cargo
 fi
 
 echo "== tidegate spec"
-bin=target/debug/tidegate
+bin=${CARGO_TARGET_DIR:-target}/debug/tidegate
 [ -x "$bin" ] || cargo build -q
 "$bin" spec spec 2>&1 | tee /tmp/tidegate-spec.log
 spec_rc=${PIPESTATUS[0]}

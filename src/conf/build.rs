@@ -321,7 +321,7 @@ impl Builder {
         let mut conf = LocConf {
             root: "html".to_string(),
             index: vec!["index.html".to_string()],
-            default_type: "text/plain".to_string(),
+            default_type: http::HeaderValue::from_static("text/plain"),
             types: Arc::new(default_types()),
             add_headers: Vec::new(),
             more_set_headers: Vec::new(),
@@ -438,7 +438,10 @@ impl Builder {
         match d.name.as_str() {
             "root" => conf.root = arg(d, 0).to_string(),
             "index" => conf.index = d.args.clone(),
-            "default_type" => conf.default_type = arg(d, 0).to_string(),
+            "default_type" => {
+                conf.default_type = http::HeaderValue::from_str(arg(d, 0))
+                    .map_err(|_| ConfError::invalid_value(d, arg(d, 0)))?
+            }
             "types" => {
                 let mut m = HashMap::new();
                 for t in d.block.iter().flatten() {

@@ -178,7 +178,8 @@ pub struct AccessLog {
 pub struct LocConf {
     pub root: String,
     pub index: Vec<String>,
-    pub default_type: String,
+    /// Kept as a ready header value: it goes on most responses.
+    pub default_type: http::HeaderValue,
     pub types: Arc<HashMap<String, String>>,
     pub add_headers: Vec<AddHeader>,
     pub more_set_headers: Vec<MoreHeaders>,

@@ -132,7 +132,7 @@ fn new_request(
         // ngx.req.start_time() and ngx.now() share nginx's cached clock.
         start_time: crate::lua::api::time::cached_now(),
         start: Instant::now(),
-        id: rand::random(),
+        id: std::cell::Cell::new(None),
         st: std::cell::RefCell::new(st),
     }))
 }
@@ -140,6 +140,10 @@ fn new_request(
 /// Decode `%XX`, merge slashes and resolve `.`/`..` as nginx does; `None` when the path
 /// climbs above the root or is not a path (nginx answers 400).
 pub fn normalize_uri(raw: &str) -> Option<String> {
+    // Most paths need no work: no escapes, no empty or dot segments.
+    if raw.starts_with('/') && !raw.contains('%') && !raw.contains("//") && !raw.contains("/.") {
+        return Some(raw.to_string());
+    }
     if !raw.starts_with('/') {
         return if raw == "*" { Some("*".into()) } else { None };
     }

@@ -96,9 +96,8 @@ async fn header_filter(rc: &Rc<ReqCtx>) {
             && status != 304
             && status >= 200
         {
-            if let Ok(v) = HeaderValue::from_str(&st.conf.default_type) {
-                st.resp_headers.insert("content-type", v);
-            }
+            let v = st.conf.default_type.clone();
+            st.resp_headers.insert("content-type", v);
         }
         let conf = st.conf.clone();
         // Added before headers-more runs so that `more_clear_headers Server` can remove it.

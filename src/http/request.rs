@@ -146,13 +146,22 @@ pub struct ReqCtx {
     /// Unix time (seconds, float) the request started: `ngx.req.start_time()`.
     pub start_time: f64,
     pub start: Instant,
-    pub id: [u8; 16],
+    /// `$request_id`, made on first use (most requests never ask for it).
+    pub id: Cell<Option<[u8; 16]>>,
     pub st: RefCell<ReqState>,
 }
 
 impl ReqCtx {
     /// `$request_id`: 32 hex digits.
     pub fn request_id(&self) -> String {
-        self.id.iter().map(|b| format!("{:02x}", b)).collect()
+        let id = match self.id.get() {
+            Some(id) => id,
+            None => {
+                let id: [u8; 16] = rand::random();
+                self.id.set(Some(id));
+                id
+            }
+        };
+        id.iter().map(|b| format!("{:02x}", b)).collect()
     }
 }

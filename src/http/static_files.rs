@@ -119,13 +119,11 @@ pub async fn serve(rc: &Rc<ReqCtx>) -> Outcome {
         .and_then(|e| e.to_str())
         .unwrap_or("")
         .to_ascii_lowercase();
-    let ct = st
-        .conf
-        .types
-        .get(&ext)
-        .cloned()
-        .unwrap_or_else(|| st.conf.default_type.clone());
-    if let Ok(v) = HeaderValue::from_str(&ct) {
+    let ct = match st.conf.types.get(&ext) {
+        Some(t) => HeaderValue::from_str(t).ok(),
+        None => Some(st.conf.default_type.clone()),
+    };
+    if let Some(v) = ct {
         st.resp_headers.insert("content-type", v);
     }
     if let Ok(m) = meta.modified() {

@@ -30,7 +30,7 @@ pub enum Outcome {
 struct WithReq<'a, F> {
     lua: &'a Lua,
     rc: Rc<ReqCtx>,
-    fut: Pin<Box<F>>,
+    fut: Pin<&'a mut F>,
 }
 
 impl<F: Future> Future for WithReq<'_, F> {
@@ -65,10 +65,11 @@ pub async fn run(rc: &Rc<ReqCtx>, chunk: &LuaChunk, phase: Phase) -> Outcome {
         Err(e) => return fail(rc, chunk, &e.to_string()),
     };
     let fut = f.call_async::<MultiValue>(());
+    let fut = std::pin::pin!(fut);
     let res = WithReq {
         lua: &vm.lua,
         rc: rc.clone(),
-        fut: Box::pin(fut),
+        fut,
     }
     .await;
     match res {
