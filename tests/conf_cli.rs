@@ -104,7 +104,9 @@ fn start_args(conf: &str, args: &[&str]) -> Server {
 fn wait_ready(s: &mut Server) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
-        if TcpStream::connect(("127.0.0.1", s.port)).is_ok() && s.path("logs/nginx.pid").exists() {
+        // Our own child's pid in the pid file: a bare connect could reach another test's server.
+        let pid = std::fs::read_to_string(s.path("logs/nginx.pid")).unwrap_or_default();
+        if pid.trim() == s.pid().to_string() && TcpStream::connect(("127.0.0.1", s.port)).is_ok() {
             return;
         }
         if let Some(st) = s.wait_exit(Duration::from_millis(0)) {

@@ -45,7 +45,7 @@ pub async fn send(rc: &Rc<ReqCtx>, eof: bool) -> Result<(), String> {
             if eof {
                 st.eof_sent = true;
             }
-            (Some((head_tx, build_response(&st, body))), None)
+            (Some((head_tx, build_response(&mut st, body, eof))), None)
         } else {
             let tx = st.body_tx.clone();
             if eof {
@@ -70,11 +70,17 @@ pub async fn send(rc: &Rc<ReqCtx>, eof: bool) -> Result<(), String> {
     Ok(())
 }
 
-fn build_response(st: &super::request::ReqState, body: Body) -> Response<Body> {
+fn build_response(st: &mut super::request::ReqState, body: Body, eof: bool) -> Response<Body> {
     let mut resp = Response::new(body);
     *resp.status_mut() = StatusCode::from_u16(st.status).unwrap_or(StatusCode::OK);
     let h = resp.headers_mut();
-    *h = st.resp_headers.clone();
+    // Once the response is complete only the log phase may read the headers again
+    // ($sent_http_*, ngx.header); without one they can move out instead of being copied.
+    *h = if !eof || st.conf.log_by_lua.is_some() || !st.conf.access_logs.is_empty() {
+        st.resp_headers.clone()
+    } else {
+        std::mem::take(&mut st.resp_headers)
+    };
     if st.status == 444 {
         h.insert("connection", HeaderValue::from_static("close"));
     }

@@ -80,9 +80,16 @@ impl Server {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok()
-                && self.prefix.path().join("logs/nginx.pid").exists()
-            {
+            // Ready when our own child wrote its pid (after binding): a bare connect could reach
+            // another test's server that grabbed the same free port first.
+            let pid = std::fs::read_to_string(self.prefix.path().join("logs/nginx.pid"))
+                .unwrap_or_default();
+            let ours = self
+                .child
+                .as_ref()
+                .map(|c| c.id().to_string())
+                .unwrap_or_default();
+            if pid.trim() == ours && TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
                 return;
             }
             if let Some(c) = self.child.as_mut() {
