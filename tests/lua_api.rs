@@ -965,3 +965,49 @@ fn header_filter_reads_and_rewrites_response_headers() {
     assert_eq!(r.header("X-Seen"), Some("text/plain;up;200"));
     assert_eq!(r.header("Content-Type"), Some("application/x-changed"));
 }
+
+#[test]
+fn gc_finalizers_calling_ngx_apis_do_not_panic() {
+    // Making Lua values can run a __gc finalizer that itself calls ngx APIs; no API may hold
+    // the request state borrowed while it makes Lua values.
+    let s = start(
+        r#"
+        location /gc {
+            content_by_lua_block {
+                local hits = 0
+                local function fin()
+                    local _ = ngx.ctx.x
+                    local _ = ngx.var.uri
+                    ngx.req.set_header("X-Gc", "1")
+                    hits = hits + 1
+                end
+                for i = 1, 20000 do
+                    local p = newproxy(true)
+                    getmetatable(p).__gc = fin
+                    local h = ngx.req.get_headers()
+                    local _ = ngx.var.http_x_h1
+                end
+                ngx.say("ok ", hits > 0)
+            }
+        }
+"#,
+    );
+    let mut req = String::from("GET /gc HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    for i in 0..40 {
+        req.push_str(&format!("X-H{}: value-{}\r\n", i, i));
+    }
+    req.push_str("\r\n");
+    let r = s.request(&req);
+    assert_eq!(
+        (r.status, r.text()),
+        (200, "ok true\n".to_string()),
+        "{}",
+        s.error_log()
+    );
+    let err = s.stderr();
+    assert!(
+        !err.contains("panicked"),
+        "stderr: {}",
+        &err[..err.len().min(2000)]
+    );
+}

@@ -68,13 +68,17 @@ impl Server {
     }
 
     fn spawn(&mut self) {
+        // stderr goes to a file: a pipe nobody reads would block the server once full, and
+        // tests can look for panics there.
+        let stderr =
+            std::fs::File::create(self.prefix.path().join("logs/stderr.log")).expect("stderr file");
         let child = Command::new(bin())
             .arg("-p")
             .arg(self.prefix.path())
             .arg("-c")
             .arg("conf/nginx.conf")
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(stderr)
             .spawn()
             .expect("spawn tidegate");
         self.child = Some(child);
@@ -94,10 +98,8 @@ impl Server {
             }
             if let Some(c) = self.child.as_mut() {
                 if let Ok(Some(status)) = c.try_wait() {
-                    let mut err = String::new();
-                    if let Some(mut e) = c.stderr.take() {
-                        let _ = e.read_to_string(&mut err);
-                    }
+                    let err = std::fs::read_to_string(self.prefix.path().join("logs/stderr.log"))
+                        .unwrap_or_default();
                     panic!(
                         "tidegate exited early ({}): {}\nerror.log:\n{}",
                         status,
@@ -121,6 +123,11 @@ impl Server {
 
     pub fn path(&self, p: &str) -> PathBuf {
         self.prefix.path().join(p)
+    }
+
+    /// What the server wrote to stderr (panics would show up here).
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.prefix.path().join("logs/stderr.log")).unwrap_or_default()
     }
 
     pub fn error_log(&self) -> String {

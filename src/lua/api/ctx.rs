@@ -19,12 +19,19 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
             match &*k.as_bytes() {
                 b"ctx" => {
                     let rc = current(lua)?;
-                    let mut st = rc.st.borrow_mut();
-                    if let Some(key) = &st.ctx_table {
-                        return lua.registry_value::<Value>(key);
+                    // No Lua allocation under a borrow: a __gc finalizer may call ngx APIs.
+                    let existing = rc
+                        .st
+                        .borrow()
+                        .ctx_table
+                        .as_ref()
+                        .map(|k| lua.registry_value::<Value>(k));
+                    if let Some(v) = existing {
+                        return v;
                     }
                     let t = lua.create_table()?;
-                    st.ctx_table = Some(lua.create_registry_value(&t)?);
+                    let key = lua.create_registry_value(&t)?;
+                    rc.st.borrow_mut().ctx_table = Some(key);
                     Ok(Value::Table(t))
                 }
                 b"status" => {
@@ -107,18 +114,21 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
         "__index",
         lua.create_function(|lua, (_t, idx): (Table, i64)| {
             let rc = current(lua)?;
-            let st = rc.st.borrow();
-            match &st.arg {
-                LuaArgs::Set(v) => match v.get((idx - 1).max(0) as usize).filter(|_| idx >= 1) {
-                    Some(b) => Ok(Value::String(lua.create_string(b)?)),
-                    None => Ok(Value::Nil),
-                },
-                LuaArgs::Body { chunk, eof } => match idx {
-                    1 => Ok(Value::String(lua.create_string(chunk)?)),
-                    2 => Ok(Value::Boolean(*eof)),
-                    _ => Ok(Value::Nil),
-                },
-                LuaArgs::None => Ok(Value::Nil),
+            // Copy out (Bytes clones are cheap) before making Lua values: no borrow may be
+            // held while a __gc finalizer could run.
+            let (bytes, flag) = {
+                let st = rc.st.borrow();
+                match &st.arg {
+                    LuaArgs::Set(v) if idx >= 1 => (v.get((idx - 1) as usize).cloned(), None),
+                    LuaArgs::Body { chunk, .. } if idx == 1 => (Some(chunk.clone()), None),
+                    LuaArgs::Body { eof, .. } if idx == 2 => (None, Some(*eof)),
+                    _ => (None, None),
+                }
+            };
+            match (bytes, flag) {
+                (Some(b), _) => Ok(Value::String(lua.create_string(&b)?)),
+                (None, Some(f)) => Ok(Value::Boolean(f)),
+                _ => Ok(Value::Nil),
             }
         })?,
     )?;

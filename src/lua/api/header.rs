@@ -36,15 +36,16 @@ fn value_bytes(v: &Value) -> mlua::Result<Option<Vec<u8>>> {
 
 /// Multi-valued headers OpenResty returns as a table even with one value are the ones set
 /// from a table; we return a table whenever there is more than one value.
-fn get_value(lua: &Lua, headers: &http::HeaderMap, name: &HeaderName) -> mlua::Result<Value> {
-    let vals: Vec<&HeaderValue> = headers.get_all(name).iter().collect();
+/// Values copied out of the request state first: making Lua values may run a `__gc`
+/// finalizer that calls ngx APIs, so no borrow may be held meanwhile.
+fn get_values(lua: &Lua, vals: Vec<Vec<u8>>) -> mlua::Result<Value> {
     match vals.len() {
         0 => Ok(Value::Nil),
-        1 => Ok(Value::String(lua.create_string(vals[0].as_bytes())?)),
+        1 => Ok(Value::String(lua.create_string(&vals[0])?)),
         _ => {
             let t = lua.create_table()?;
             for v in vals {
-                t.raw_push(lua.create_string(v.as_bytes())?)?;
+                t.raw_push(lua.create_string(&v)?)?;
             }
             Ok(Value::Table(t))
         }
@@ -59,8 +60,15 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
         lua.create_function(|lua, (_t, key): (Table, mlua::LuaString)| {
             let rc = current(lua)?;
             let name = header_name(&key.to_str()?)?;
-            let st = rc.st.borrow();
-            get_value(lua, &st.resp_headers, &name)
+            let vals: Vec<Vec<u8>> = rc
+                .st
+                .borrow()
+                .resp_headers
+                .get_all(&name)
+                .iter()
+                .map(|v| v.as_bytes().to_vec())
+                .collect();
+            get_values(lua, vals)
         })?,
     )?;
     mt.set(
@@ -119,13 +127,8 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
         "get_headers",
         lua.create_function(|lua, (max, raw): (Option<i64>, Option<bool>)| {
             let rc = current(lua)?;
-            let st = rc.st.borrow();
-            headers_table(
-                lua,
-                &st.resp_headers,
-                max.unwrap_or(100),
-                raw.unwrap_or(false),
-            )
+            let headers = rc.st.borrow().resp_headers.clone();
+            headers_table(lua, &headers, max.unwrap_or(100), raw.unwrap_or(false))
         })?,
     )?;
     ngx.set("resp", resp)?;

@@ -224,8 +224,8 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
         "get_headers",
         lua.create_function(|lua, (max, raw): (Option<i64>, Option<bool>)| {
             let rc = current(lua)?;
-            let st = rc.st.borrow();
-            super::header::headers_table(lua, &st.headers, max.unwrap_or(100), raw.unwrap_or(false))
+            let headers = rc.st.borrow().headers.clone();
+            super::header::headers_table(lua, &headers, max.unwrap_or(100), raw.unwrap_or(false))
         })?,
     )?;
     req.set(
@@ -283,10 +283,13 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
         "get_body_data",
         lua.create_function(|lua, ()| {
             let rc = current(lua)?;
-            let st = rc.st.borrow();
-            match &st.body {
-                ReqBody::Read(b) if !b.is_empty() => Ok(Value::String(lua.create_string(b)?)),
-                _ => Ok(Value::Nil),
+            let body = match &rc.st.borrow().body {
+                ReqBody::Read(b) if !b.is_empty() => Some(b.clone()),
+                _ => None,
+            };
+            match body {
+                Some(b) => Ok(Value::String(lua.create_string(&b)?)),
+                None => Ok(Value::Nil),
             }
         })?,
     )?;
@@ -312,18 +315,23 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
         "get_post_args",
         lua.create_function(|lua, max: Option<i64>| {
             let rc = current(lua)?;
-            let st = rc.st.borrow();
-            match &st.body {
-                ReqBody::Read(b) => {
-                    let (t, e) = decode_args(lua, b, max.unwrap_or(100))?;
+            // Copied out first: no borrow may be held while Lua values are made.
+            let body = match &rc.st.borrow().body {
+                ReqBody::Read(b) => ReqBodyView::Read(b.clone()),
+                ReqBody::Unread(_) => ReqBodyView::Unread,
+                ReqBody::Discarded => ReqBodyView::Discarded,
+            };
+            match body {
+                ReqBodyView::Read(b) => {
+                    let (t, e) = decode_args(lua, &b, max.unwrap_or(100))?;
                     let err = match e {
                         Some(e) => Value::String(lua.create_string(&e)?),
                         None => Value::Nil,
                     };
                     Ok((Value::Table(t), err))
                 }
-                ReqBody::Unread(_) => Err(mlua::Error::runtime("request body not read")),
-                ReqBody::Discarded => Ok((Value::Table(lua.create_table()?), Value::Nil)),
+                ReqBodyView::Unread => Err(mlua::Error::runtime("request body not read")),
+                ReqBodyView::Discarded => Ok((Value::Table(lua.create_table()?), Value::Nil)),
             }
         })?,
     )?;
@@ -345,8 +353,8 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
         "raw_header",
         lua.create_function(|lua, no_request_line: Option<bool>| {
             let rc = current(lua)?;
-            let st = rc.st.borrow();
             let mut out = Vec::new();
+            let st = rc.st.borrow();
             if !no_request_line.unwrap_or(false) {
                 let v = match st.version {
                     http::Version::HTTP_10 => "HTTP/1.0",
@@ -363,6 +371,7 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
                 out.extend_from_slice(b"\r\n");
             }
             out.extend_from_slice(b"\r\n");
+            drop(st);
             lua.create_string(&out)
         })?,
     )?;
@@ -398,4 +407,11 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
         )?,
     )?;
     ngx.set("req", req)
+}
+
+/// The request body's state without the (non-clonable) unread stream.
+enum ReqBodyView {
+    Read(Bytes),
+    Unread,
+    Discarded,
 }

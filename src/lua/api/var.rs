@@ -16,16 +16,22 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
             let name = match &key {
                 Value::String(s) => s.to_str()?.to_ascii_lowercase(),
                 Value::Integer(i) => {
-                    let st = rc.st.borrow();
-                    return match st.captures.get(*i as usize) {
-                        Some(Some(c)) => Ok(Value::String(lua.create_string(c)?)),
-                        _ => Ok(Value::Nil),
+                    let cap = rc
+                        .st
+                        .borrow()
+                        .captures
+                        .get((*i).max(0) as usize)
+                        .cloned()
+                        .flatten();
+                    return match cap {
+                        Some(c) => Ok(Value::String(lua.create_string(&c)?)),
+                        None => Ok(Value::Nil),
                     };
                 }
                 _ => return Err(mlua::Error::runtime("bad variable name")),
             };
-            let st = rc.st.borrow();
-            match crate::http::variables::get(&rc, &st, &name) {
+            let v = crate::http::variables::get(&rc, &rc.st.borrow(), &name);
+            match v {
                 Some(v) => Ok(Value::String(lua.create_string(&v)?)),
                 None => Ok(Value::Nil),
             }
