@@ -954,3 +954,34 @@ fn log_phase_sees_final_status_and_vars_after_eof() {
         "{log}"
     );
 }
+
+#[test]
+fn client_gone_mid_request_still_runs_content_and_log_phases() {
+    // nginx (without lua_check_client_abort) finishes a request whose client left: the rest
+    // of the content handler and the log phase still run.
+    let s = start(
+        "",
+        r#"
+        location /slow {
+            content_by_lua_block {
+                ngx.sleep(0.3)
+                ngx.log(ngx.WARN, "content finished")
+                ngx.say("late")
+            }
+            log_by_lua_block {
+                ngx.log(ngx.WARN, "log phase ran for ", ngx.var.uri)
+            }
+        }
+"#,
+    );
+    {
+        let mut c = std::net::TcpStream::connect(s.addr()).expect("connect");
+        std::io::Write::write_all(&mut c, b"GET /slow HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .expect("write");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = wait_log(&s, "log phase ran for /slow");
+    assert!(log.contains("content finished"), "{}", log);
+    // The worker is fine afterwards.
+    assert_eq!(s.get("/slow").text(), "late\n");
+}
