@@ -44,51 +44,13 @@ pub async fn serve(env: Rc<Env>, conn: Rc<ConnInfo>, req: Request<Incoming>) -> 
         Ok(rc) => rc,
         Err(code) => return plain_error(code),
     };
-    // Run the request inline while it has not sent its head; once it has (a flush) or if
-    // hyper drops us (client gone), the rest continues as a task of its own, so the body and
-    // the log phase always complete, as in nginx.
-    let mut walk = Detach(Some(Box::pin(run(rc))));
-    let mut head_rx = head_rx;
-    let head = tokio::select! {
-        biased;
-        _ = walk.as_mut() => head_rx.try_recv().ok(),
-        r = &mut head_rx => {
-            walk.detach();
-            r.ok()
-        }
-    };
-    head.unwrap_or_else(|| plain_error(500))
-}
-
-type Walk = std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
-
-/// The request walk, spawned as a task if it is dropped before it finished.
-struct Detach(Option<Walk>);
-
-impl Detach {
-    fn as_mut(&mut self) -> impl std::future::Future<Output = ()> + '_ {
-        std::future::poll_fn(move |cx| match self.0.as_mut() {
-            Some(f) => {
-                let r = f.as_mut().poll(cx);
-                if r.is_ready() {
-                    self.0 = None;
-                }
-                r
-            }
-            None => std::task::Poll::Ready(()),
-        })
-    }
-
-    fn detach(&mut self) {
-        if let Some(f) = self.0.take() {
-            tokio::task::spawn_local(f);
-        }
-    }
-}
-
-impl Drop for Detach {
-    fn drop(&mut self) {
-        self.detach();
+    // The walk runs as its own task: measured under load (bench/run.sh, 50 connections) this
+    // costs less CPU per request than polling it inline in hyper's connection task, and it
+    // lets the body and the log phase finish when the client goes away, as in nginx.
+    tokio::task::spawn_local(run(rc));
+    match head_rx.await {
+        Ok(resp) => resp,
+        Err(_) => plain_error(500),
     }
 }
 
