@@ -503,42 +503,37 @@ async fn phases(rc: &Rc<ReqCtx>, mut forced: Option<Arc<Location>>) -> Outcome {
                 filter::apply_more(rc, &mut st, m, false);
             }
         }
+        // rewrite_by_lua, access_by_lua, content_by_lua, in nginx's order.
         let conf = rc.st.borrow().conf.clone();
-        if let Some(chunk) = &conf.rewrite_by_lua {
-            match lua_step(rc, chunk, Phase::Rewrite).await {
+        let content_lua = match &conf.content {
+            Content::Lua(chunk) => Some(chunk),
+            Content::Static => None,
+        };
+        let steps = [
+            (conf.rewrite_by_lua.as_ref(), Phase::Rewrite),
+            (conf.access_by_lua.as_ref(), Phase::Access),
+            (content_lua, Phase::Content),
+        ];
+        let mut redirect = None;
+        for (chunk, phase) in steps {
+            let Some(chunk) = chunk else { continue };
+            match lua_step(rc, chunk, phase).await {
                 Step::Next => {}
                 Step::Again(l) => {
-                    forced = l;
-                    server_rewrite = forced.is_none();
-                    continue;
+                    redirect = Some(l);
+                    break;
                 }
                 Step::Finish(o) => return o,
             }
         }
-        // access
-        if let Some(chunk) = &conf.access_by_lua {
-            match lua_step(rc, chunk, Phase::Access).await {
-                Step::Next => {}
-                Step::Again(l) => {
-                    forced = l;
-                    server_rewrite = forced.is_none();
-                    continue;
-                }
-                Step::Finish(o) => return o,
-            }
+        if let Some(l) = redirect {
+            forced = l;
+            server_rewrite = forced.is_none();
+            continue;
         }
-        // content
-        return match &conf.content {
-            Content::Lua(chunk) => match lua_step(rc, chunk, Phase::Content).await {
-                Step::Next => Outcome::Done,
-                Step::Again(l) => {
-                    forced = l;
-                    server_rewrite = forced.is_none();
-                    continue;
-                }
-                Step::Finish(o) => o,
-            },
-            Content::Static => super::static_files::serve(rc).await,
+        return match content_lua {
+            Some(_) => Outcome::Done,
+            None => super::static_files::serve(rc).await,
         };
     }
 }

@@ -65,16 +65,7 @@ pub async fn serve(rc: &Rc<ReqCtx>) -> Outcome {
     let meta = match tokio::fs::metadata(&path).await {
         Ok(m) => m,
         Err(e) => {
-            crate::log::request_error(
-                rc,
-                crate::log::Level::Error,
-                &format!(
-                    "open() \"{}\" failed ({}: {})",
-                    path.display(),
-                    e.raw_os_error().unwrap_or(0),
-                    os_reason(&e)
-                ),
-            );
+            log_open_error(rc, &path, &e);
             return Outcome::Status(if e.kind() == std::io::ErrorKind::PermissionDenied {
                 403
             } else {
@@ -97,16 +88,7 @@ pub async fn serve(rc: &Rc<ReqCtx>) -> Outcome {
     let data = match tokio::fs::read(&path).await {
         Ok(d) => d,
         Err(e) => {
-            crate::log::request_error(
-                rc,
-                crate::log::Level::Error,
-                &format!(
-                    "open() \"{}\" failed ({}: {})",
-                    path.display(),
-                    e.raw_os_error().unwrap_or(0),
-                    os_reason(&e)
-                ),
-            );
+            log_open_error(rc, &path, &e);
             return Outcome::Status(403);
         }
     };
@@ -153,6 +135,17 @@ pub async fn serve(rc: &Rc<ReqCtx>) -> Outcome {
     }
     st.out.extend_from_slice(&data);
     Outcome::Done
+}
+
+/// nginx's `open() "/path" failed (2: No such file or directory)`.
+fn log_open_error(rc: &ReqCtx, path: &std::path::Path, e: &std::io::Error) {
+    let msg = format!(
+        "open() \"{}\" failed ({}: {})",
+        path.display(),
+        e.raw_os_error().unwrap_or(0),
+        os_reason(e)
+    );
+    crate::log::request_error(rc, crate::log::Level::Error, &msg);
 }
 
 fn os_reason(e: &std::io::Error) -> String {
