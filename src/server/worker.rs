@@ -259,6 +259,9 @@ async fn serve_conn(w: &Rc<Worker>, conn: Rc<ConnInfo>, stream: tokio::net::TcpS
     });
     let mut builder = http1::Builder::new();
     builder
+        // One flat buffer per response: measured 1-5% less CPU per request than writev with
+        // separate head and body slices (bench/results/ab-writev-vs-flat.md).
+        .writev(false)
         .timer(TokioTimer::new())
         .keep_alive(keepalive)
         .header_read_timeout(header_timeout)
