@@ -65,7 +65,7 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
                 let args = match args {
                     None | Some(Value::Nil) => None,
                     Some(Value::String(s)) => Some(s.to_str()?.to_string()),
-                    Some(Value::Table(t)) => Some(super::req::encode_args(&t)?),
+                    Some(Value::Table(t)) => Some(super::req::encode_args(&lua, t)?),
                     Some(other) => {
                         return Err(mlua::Error::runtime(format!(
                             "bad argument #2 to 'exec' (string, number, or table expected, got {})",

@@ -26,79 +26,6 @@ pub const METHODS: &[(&str, i64)] = &[
     ("TRACE", 32768),
 ];
 
-/// `%XX` and `+` decoding of a query component.
-pub fn unescape(s: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(s.len());
-    let mut i = 0;
-    while i < s.len() {
-        match s[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < s.len() => {
-                let hex = |c: u8| (c as char).to_digit(16);
-                match (hex(s[i + 1]), hex(s[i + 2])) {
-                    (Some(a), Some(b)) => {
-                        out.push((a * 16 + b) as u8);
-                        i += 3;
-                        continue;
-                    }
-                    _ => out.push(b'%'),
-                }
-            }
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    out
-}
-
-/// Decode `a=1&b&c=2&c=3` into a Lua table as lua-nginx-module does: a key without `=` is
-/// `true`, repeated keys become arrays, at most `max` arguments (0 = unlimited).
-pub fn decode_args(lua: &Lua, args: &[u8], max: i64) -> mlua::Result<(Table, Option<String>)> {
-    let t = lua.create_table()?;
-    let mut n = 0;
-    for pair in args.split(|b| *b == b'&') {
-        if pair.is_empty() {
-            continue;
-        }
-        if max > 0 && n >= max {
-            return Ok((t, Some("truncated".into())));
-        }
-        n += 1;
-        let (k, v) = match pair.iter().position(|b| *b == b'=') {
-            Some(i) => (unescape(&pair[..i]), Some(unescape(&pair[i + 1..]))),
-            None => (unescape(pair), None),
-        };
-        if k.is_empty() {
-            continue;
-        }
-        let key = lua.create_string(&k)?;
-        let val = match v {
-            Some(v) => Value::String(lua.create_string(&v)?),
-            None => Value::Boolean(true),
-        };
-        match t.raw_get::<Value>(key.clone())? {
-            Value::Nil => t.raw_set(key, val)?,
-            Value::Table(arr) => arr.raw_push(val)?,
-            prev => {
-                let arr = lua.create_table()?;
-                arr.raw_push(prev)?;
-                arr.raw_push(val)?;
-                t.raw_set(key, arr)?;
-            }
-        }
-    }
-    Ok((t, None))
-}
-
-fn escape_component(s: &[u8]) -> String {
-    const SET: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
-        .remove(b'-')
-        .remove(b'.')
-        .remove(b'_')
-        .remove(b'~');
-    percent_encoding::percent_encode(s, SET).to_string()
-}
-
 fn arg_value(v: &Value) -> mlua::Result<Option<Vec<u8>>> {
     Ok(match v {
         Value::String(s) => Some(s.as_bytes().to_vec()),
@@ -108,53 +35,15 @@ fn arg_value(v: &Value) -> mlua::Result<Option<Vec<u8>>> {
     })
 }
 
-/// Encode a Lua table as a query string (`ngx.encode_args` semantics).
-pub fn encode_args(t: &Table) -> mlua::Result<String> {
-    let mut parts = Vec::new();
-    for pair in t.clone().pairs::<Value, Value>() {
-        let (k, v) = pair?;
-        let key = match &k {
-            Value::String(s) => escape_component(&s.as_bytes()),
-            Value::Integer(i) => i.to_string(),
-            other => {
-                return Err(mlua::Error::runtime(format!(
-                    "bad argument #1 to 'encode_args' (bad key type \"{}\")",
-                    other.type_name()
-                )))
-            }
-        };
-        match &v {
-            Value::Boolean(true) => parts.push(key),
-            Value::Boolean(false) => {}
-            Value::Table(arr) => {
-                for item in arr.clone().sequence_values::<Value>() {
-                    match item? {
-                        Value::Boolean(true) => parts.push(key.clone()),
-                        Value::Boolean(false) => {}
-                        item => match arg_value(&item)? {
-                            Some(b) => parts.push(format!("{}={}", key, escape_component(&b))),
-                            None => {
-                                return Err(mlua::Error::runtime(format!(
-                                    "attempt to use {} as query arg value",
-                                    item.type_name()
-                                )))
-                            }
-                        },
-                    }
-                }
-            }
-            other => match arg_value(other)? {
-                Some(b) => parts.push(format!("{}={}", key, escape_component(&b))),
-                None => {
-                    return Err(mlua::Error::runtime(format!(
-                        "attempt to use {} as query arg value",
-                        other.type_name()
-                    )))
-                }
-            },
-        }
-    }
-    Ok(parts.join("&"))
+/// `get_uri_args`/`get_post_args` results: the table and `"truncated"` when `max` cut it short.
+fn decode_args(lua: &Lua, args: &[u8], max: i64) -> mlua::Result<(Table, Option<String>)> {
+    let (t, truncated) = super::string::decode_args(lua, args, max.max(0) as usize)?;
+    Ok((t, truncated.then(|| "truncated".to_string())))
+}
+
+/// A Lua table as a query string (`ngx.encode_args`), for `set_uri_args` and `ngx.exec`.
+pub fn encode_args(lua: &Lua, t: Table) -> mlua::Result<String> {
+    Ok(super::string::encode_args(lua, t)?.to_str()?.to_string())
 }
 
 fn header_name(name: &str) -> mlua::Result<HeaderName> {
@@ -207,7 +96,7 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
             let rc = current(lua)?;
             let s = match v {
                 Value::String(s) => s.to_str()?.to_string(),
-                Value::Table(t) => encode_args(&t)?,
+                Value::Table(t) => encode_args(lua, t)?,
                 Value::Integer(i) => i.to_string(),
                 other => {
                     return Err(mlua::Error::runtime(format!(

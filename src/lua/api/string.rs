@@ -189,7 +189,7 @@ fn encode_scalar(lua: &Lua, out: &mut Vec<u8>, key: &[u8], v: Value) -> mlua::Re
     Ok(())
 }
 
-fn encode_args(lua: &Lua, args: Table) -> mlua::Result<LuaString> {
+pub(crate) fn encode_args(lua: &Lua, args: Table) -> mlua::Result<LuaString> {
     let mut out = Vec::new();
     for pair in args.pairs::<Value, Value>() {
         let (k, v) = pair?;
@@ -217,7 +217,7 @@ fn encode_args(lua: &Lua, args: Table) -> mlua::Result<LuaString> {
 }
 
 /// Parse a query string into a table; returns it and whether `max_args` cut it short.
-fn decode_args(lua: &Lua, src: &[u8], max_args: usize) -> mlua::Result<(Table, bool)> {
+pub(crate) fn decode_args(lua: &Lua, src: &[u8], max_args: usize) -> mlua::Result<(Table, bool)> {
     let t = lua.create_table()?;
     let mut n = 0usize;
     for part in src.split(|&c| c == b'&') {
