@@ -367,7 +367,7 @@ impl Builder {
                 "lua_package_cpath" => http.lua.package_cpath = Some(arg(d, 0).to_string()),
                 "lua_shared_dict" => {
                     let sz = size(d, arg(d, 1))? as usize;
-                    if sz < 8 * 1024 {
+                    if sz < crate::shdict::MIN_ZONE_SIZE {
                         return Err(ConfError::directive(
                             d,
                             format!("zone \"{}\" is too small", arg(d, 0)),

@@ -69,6 +69,11 @@ mod tests {
         assert_eq!(parse_size("1g"), Some(1 << 30));
         assert_eq!(parse_size("x"), None);
         assert_eq!(parse_size("k"), None);
+        assert_eq!(parse_size("512K"), Some(512 << 10));
+        assert_eq!(parse_size(""), None);
+        assert_eq!(parse_size("10x"), None);
+        assert_eq!(parse_size("-1k"), None);
+        assert_eq!(parse_size("99999999999999999999999g"), None);
     }
 
     #[test]

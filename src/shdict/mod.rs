@@ -932,21 +932,6 @@ impl Zone {
     }
 }
 
-/// Parses an nginx size (`512`, `8k`, `10m`, `1g`, case-insensitive suffix) into bytes.
-pub fn parse_size(s: &str) -> Option<usize> {
-    let s = s.trim();
-    let (digits, mult) = match s.as_bytes().last()? {
-        b'k' | b'K' => (&s[..s.len() - 1], 1usize << 10),
-        b'm' | b'M' => (&s[..s.len() - 1], 1 << 20),
-        b'g' | b'G' => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
-    };
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    digits.parse::<usize>().ok()?.checked_mul(mult)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -958,20 +943,6 @@ mod tests {
 
     fn n(v: f64) -> Option<Value> {
         Some(Value::Number(v))
-    }
-
-    #[test]
-    fn parse_sizes() {
-        assert_eq!(parse_size("10m"), Some(10 << 20));
-        assert_eq!(parse_size("512k"), Some(512 << 10));
-        assert_eq!(parse_size("512K"), Some(512 << 10));
-        assert_eq!(parse_size("1g"), Some(1 << 30));
-        assert_eq!(parse_size("4096"), Some(4096));
-        assert_eq!(parse_size(""), None);
-        assert_eq!(parse_size("m"), None);
-        assert_eq!(parse_size("10x"), None);
-        assert_eq!(parse_size("-1k"), None);
-        assert_eq!(parse_size("99999999999999999999999g"), None);
     }
 
     #[test]
