@@ -27,7 +27,16 @@ pub enum RwResult {
 }
 
 /// Run a script.
-pub fn run<'a>(
+pub async fn run(rc: &Rc<ReqCtx>, ops: &[RewriteOp]) -> RwResult {
+    // Most blocks have no script: skip the boxed (recursion-capable) runner on the hot path.
+    if ops.is_empty() {
+        return RwResult::Continue;
+    }
+    run_boxed(rc, ops).await
+}
+
+/// Boxed because `if` blocks run their own script recursively.
+fn run_boxed<'a>(
     rc: &'a Rc<ReqCtx>,
     ops: &'a [RewriteOp],
 ) -> Pin<Box<dyn Future<Output = RwResult> + 'a>> {
@@ -156,7 +165,7 @@ pub fn run<'a>(
                     };
                     if hit {
                         rc.st.borrow_mut().conf = conf.clone();
-                        match run(rc, ops).await {
+                        match run_boxed(rc, ops).await {
                             RwResult::Continue => {}
                             other => return other,
                         }
