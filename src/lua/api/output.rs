@@ -98,17 +98,20 @@ fn emit(lua: &Lua, args: mlua::Variadic<Value>, newline: bool) -> mlua::Result<(
     if newline {
         buf.push(b'\n');
     }
-    // Outside any request (`tidegate resty`, `tidegate spec`) output goes to stdout, as
-    // resty-cli prints it.
-    if crate::lua::request::try_current(lua).is_none()
-        && crate::lua::request::phase(lua) == Phase::Timer
-    {
-        use std::io::Write;
-        let _ = std::io::stdout().write_all(&buf);
-        return Ok((1,));
+    // `tidegate spec`/`resty` install their own ngx.say; here a request is required. One
+    // lookup of the current request, then the phase check on it.
+    let Some(rc) = crate::lua::request::try_current(lua) else {
+        // init/init_worker/timer: OpenResty's "API disabled in the context of ..." message.
+        check_phase(lua, OUTPUT_PHASES)?;
+        return Err(mlua::Error::runtime("no request found"));
+    };
+    let phase = rc.st.borrow().phase;
+    if !OUTPUT_PHASES.contains(&phase) {
+        return Err(mlua::Error::runtime(format!(
+            "API disabled in the context of {}",
+            crate::lua::request::context_name(phase)
+        )));
     }
-    check_phase(lua, OUTPUT_PHASES)?;
-    let rc = current(lua)?;
     let mut st = rc.st.borrow_mut();
     if st.eof_sent {
         return Ok((0,));
