@@ -11,6 +11,8 @@ pub mod misc;
 pub mod output;
 pub mod re;
 pub mod req;
+pub mod resty_http;
+pub mod resty_redis;
 pub mod shdict;
 pub mod sleep;
 pub mod string;

@@ -1,0 +1,780 @@
+//! The Rust half of the bundled `resty.http`: HTTP/1.1 connections made with hyper's
+//! `client::conn::http1` (TLS with rustls), a per-worker keepalive pool of them, request
+//! sending and streaming response bodies. The Lua half (`src/lua/bundled/resty_http.lua`) keeps
+//! lua-resty-http's API: `new`, `connect` (both forms), `request`, `request_uri`, `parse_uri`,
+//! `res.body_reader`, `res:read_body()`, `set_keepalive`, ...
+//!
+//! The pool works like nginx's cosocket pool (what lua-resty-http runs on): idle connections
+//! per pool name (`host:port`, plus the TLS server name and verification for https, or the
+//! `pool` option), at most `pool_size` idle per worker (least recently used closed first), each
+//! with its own idle timeout and reuse count. A plain per-thread map: no locks.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use mlua::{AnyUserData, Lua, MultiValue, Table, UserData, Value};
+use tokio::net::{TcpStream, UnixStream};
+
+use super::resty_redis::io_text;
+
+const DEFAULT_TIMEOUT_MS: u64 = 60_000;
+const DEFAULT_POOL_SIZE: usize = 30;
+const DEFAULT_KEEPALIVE_MS: u64 = 60_000;
+
+struct Conn {
+    sender: SendRequest<Full<Bytes>>,
+    reused: u32,
+}
+
+struct Idle {
+    conn: Conn,
+    expires: Option<Instant>,
+}
+
+thread_local! {
+    /// Idle connections of this worker by pool name; most recently used at the back.
+    static POOLS: RefCell<HashMap<String, VecDeque<Idle>>> = RefCell::new(HashMap::new());
+}
+
+fn checkout(key: &str) -> Option<Conn> {
+    POOLS.with(|p| {
+        let mut p = p.borrow_mut();
+        let q = p.get_mut(key)?;
+        let now = Instant::now();
+        while let Some(idle) = q.pop_back() {
+            if idle.expires.is_some_and(|e| e <= now) || idle.conn.sender.is_closed() {
+                continue;
+            }
+            let mut c = idle.conn;
+            c.reused += 1;
+            return Some(c);
+        }
+        None
+    })
+}
+
+fn checkin(key: String, conn: Conn, timeout_ms: u64, size: usize) {
+    POOLS.with(|p| {
+        let mut p = p.borrow_mut();
+        let q = p.entry(key).or_default();
+        let now = Instant::now();
+        q.retain(|i| i.expires.is_none_or(|e| e > now) && !i.conn.sender.is_closed());
+        while q.len() >= size.max(1) {
+            q.pop_front();
+        }
+        q.push_back(Idle {
+            conn,
+            expires: (timeout_ms > 0).then(|| now + Duration::from_millis(timeout_ms)),
+        });
+    })
+}
+
+/// The response body being read.
+struct BodyState {
+    incoming: Incoming,
+    leftover: Bytes,
+    trailers: Option<http::HeaderMap>,
+}
+
+/// A `resty.http` object's native state.
+#[derive(Default)]
+struct Core {
+    conn: RefCell<Option<Conn>>,
+    timeouts: Cell<(u64, u64, u64)>,
+    pool: RefCell<String>,
+    /// What the server (or the request) said about reusing the connection.
+    keepalive: Cell<bool>,
+    body: RefCell<Option<BodyState>>,
+    /// A response body was started and not read to its end.
+    body_pending: Cell<bool>,
+    busy: Cell<bool>,
+}
+
+struct Handle(Rc<Core>);
+impl UserData for Handle {}
+
+fn core_of(ud: &AnyUserData) -> mlua::Result<Rc<Core>> {
+    Ok(ud.borrow::<Handle>()?.0.clone())
+}
+
+struct Busy(Rc<Core>);
+impl Busy {
+    fn take(core: &Rc<Core>) -> Option<Busy> {
+        if core.busy.replace(true) {
+            return None;
+        }
+        Some(Busy(core.clone()))
+    }
+}
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy.set(false);
+    }
+}
+
+fn fail(lua: &Lua, msg: &str) -> mlua::Result<MultiValue> {
+    Ok(MultiValue::from_vec(vec![
+        Value::Nil,
+        Value::String(lua.create_string(msg)?),
+    ]))
+}
+
+fn ok1() -> MultiValue {
+    MultiValue::from_vec(vec![Value::Integer(1)])
+}
+
+async fn with_timeout<F: std::future::Future>(ms: u64, f: F) -> Option<F::Output> {
+    let ms = if ms == 0 { DEFAULT_TIMEOUT_MS } else { ms };
+    tokio::time::timeout(Duration::from_millis(ms), f)
+        .await
+        .ok()
+}
+
+fn ms(v: Option<f64>) -> u64 {
+    match v {
+        Some(x) if x.is_finite() && x > 0.0 => x as u64,
+        _ => 0,
+    }
+}
+
+/// TLS client configuration: verification against the system trust store, or none.
+// TODO(net): switch to crate::net::tls::client_config once helper "sock" lands it on main.
+fn tls_config(verify: bool) -> Result<Arc<rustls::ClientConfig>, String> {
+    thread_local! {
+        static CFG: RefCell<[Option<Arc<rustls::ClientConfig>>; 2]> = const { RefCell::new([None, None]) };
+    }
+    if let Some(c) = CFG.with(|c| c.borrow()[verify as usize].clone()) {
+        return Ok(c);
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let mut cfg = if verify {
+        let mut roots = rustls::RootCertStore::empty();
+        for path in [
+            "/etc/ssl/certs/ca-certificates.crt",
+            "/etc/pki/tls/certs/ca-bundle.crt",
+        ] {
+            if let Ok(pem) = std::fs::read_to_string(path) {
+                for der in pem_certs(&pem) {
+                    let _ = roots.add(rustls::pki_types::CertificateDer::from(der));
+                }
+                break;
+            }
+        }
+        builder.with_root_certificates(roots).with_no_client_auth()
+    } else {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+            .with_no_client_auth()
+    };
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let cfg = Arc::new(cfg);
+    CFG.with(|c| c.borrow_mut()[verify as usize] = Some(cfg.clone()));
+    Ok(cfg)
+}
+
+fn pem_certs(pem: &str) -> Vec<Vec<u8>> {
+    use base64::Engine;
+    let mut out = Vec::new();
+    let mut cur: Option<String> = None;
+    for line in pem.lines() {
+        let line = line.trim();
+        if line == "-----BEGIN CERTIFICATE-----" {
+            cur = Some(String::new());
+        } else if line == "-----END CERTIFICATE-----" {
+            if let Some(b) = cur.take() {
+                if let Ok(der) = base64::engine::general_purpose::STANDARD.decode(b) {
+                    out.push(der);
+                }
+            }
+        } else if let Some(b) = cur.as_mut() {
+            b.push_str(line);
+        }
+    }
+    out
+}
+
+/// `ssl_verify = false`: accept any certificate (signatures are still checked).
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Where and how to connect (the options table form of `connect`).
+struct Target {
+    scheme_https: bool,
+    host: String,
+    port: u16,
+    pool: Option<String>,
+    ssl_verify: bool,
+    ssl_server_name: Option<String>,
+}
+
+fn target(t: &Table) -> mlua::Result<Target> {
+    let scheme: Option<String> = t.get("scheme")?;
+    let https = match scheme.as_deref() {
+        None | Some("http") => false,
+        Some("https") => true,
+        Some(other) => {
+            return Err(mlua::Error::runtime(format!("unknown scheme: {}", other)));
+        }
+    };
+    let host: String = t
+        .get::<Option<String>>("host")?
+        .ok_or_else(|| mlua::Error::runtime("no host"))?;
+    let port: Option<i64> = t.get("port")?;
+    let port = match port {
+        Some(p) if (1..=65535).contains(&p) => p as u16,
+        Some(p) => return Err(mlua::Error::runtime(format!("bad port number: {}", p))),
+        None if https => 443,
+        None => 80,
+    };
+    Ok(Target {
+        scheme_https: https,
+        host,
+        port,
+        pool: t.get("pool")?,
+        ssl_verify: t.get::<Option<bool>>("ssl_verify")?.unwrap_or(true),
+        ssl_server_name: t.get("ssl_server_name")?,
+    })
+}
+
+async fn handshake<T>(io: T) -> Result<Conn, String>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| e.to_string())?;
+    // The connection task ends when the sender is dropped (connection closed or evicted).
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(Conn { sender, reused: 0 })
+}
+
+async fn open(t: &Target, connect_ms: u64) -> Result<Conn, String> {
+    if let Some(path) = t.host.strip_prefix("unix:") {
+        let s = match with_timeout(connect_ms, UnixStream::connect(path)).await {
+            None => return Err("timeout".into()),
+            Some(r) => r.map_err(|e| io_text(&e))?,
+        };
+        return handshake(s).await;
+    }
+    let addrs: Vec<std::net::SocketAddr> = match t.host.parse::<std::net::IpAddr>() {
+        Ok(ip) => vec![(ip, t.port).into()],
+        Err(_) => match tokio::net::lookup_host((t.host.as_str(), t.port)).await {
+            Ok(a) => a.collect(),
+            Err(_) => {
+                return Err(format!(
+                    "{} could not be resolved (3: Host not found)",
+                    t.host
+                ))
+            }
+        },
+    };
+    let mut last = "no address".to_string();
+    let mut tcp = None;
+    for a in addrs {
+        match with_timeout(connect_ms, TcpStream::connect(a)).await {
+            None => last = "timeout".into(),
+            Some(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                tcp = Some(s);
+                break;
+            }
+            Some(Err(e)) => last = io_text(&e),
+        }
+    }
+    let tcp = tcp.ok_or(last)?;
+    if !t.scheme_https {
+        return handshake(tcp).await;
+    }
+    let cfg = tls_config(t.ssl_verify)?;
+    let name = t.ssl_server_name.clone().unwrap_or_else(|| t.host.clone());
+    let server_name = rustls::pki_types::ServerName::try_from(name)
+        .map_err(|e| format!("bad server name: {}", e))?;
+    let tls = tokio_rustls::TlsConnector::from(cfg);
+    let stream = match with_timeout(connect_ms, tls.connect(server_name, tcp)).await {
+        None => return Err("timeout".into()),
+        Some(Ok(s)) => s,
+        Some(Err(e)) => return Err(format!("handshake failed: {}", e)),
+    };
+    handshake(stream).await
+}
+
+async fn connect(lua: Lua, core: Rc<Core>, t: Target) -> mlua::Result<MultiValue> {
+    let Some(_busy) = Busy::take(&core) else {
+        return fail(&lua, "socket busy");
+    };
+    core.conn.borrow_mut().take();
+    core.body.borrow_mut().take();
+    core.body_pending.set(false);
+    core.keepalive.set(true);
+    let key = t.pool.clone().unwrap_or_else(|| {
+        if t.scheme_https {
+            format!(
+                "{}:{}:{}:{}",
+                t.host,
+                t.port,
+                t.ssl_server_name.as_deref().unwrap_or(""),
+                t.ssl_verify
+            )
+        } else if t.host.starts_with("unix:") {
+            t.host.clone()
+        } else {
+            format!("{}:{}", t.host, t.port)
+        }
+    });
+    *core.pool.borrow_mut() = key.clone();
+    if let Some(c) = checkout(&key) {
+        *core.conn.borrow_mut() = Some(c);
+        return Ok(ok1());
+    }
+    match open(&t, core.timeouts.get().0).await {
+        Ok(c) => {
+            *core.conn.borrow_mut() = Some(c);
+            Ok(ok1())
+        }
+        Err(e) => fail(&lua, &e),
+    }
+}
+
+/// A request prepared from the Lua params (all Lua values copied out before any await).
+struct Prepared {
+    req: http::Request<Full<Bytes>>,
+    head: bool,
+    close: bool,
+}
+
+fn prepare(params: &Table) -> mlua::Result<Prepared> {
+    let method: String = params
+        .get::<Option<String>>("method")?
+        .unwrap_or_else(|| "GET".into());
+    let target: String = params.get("target")?;
+    let version: Option<f64> = params.get("version")?;
+    let mut b = http::Request::builder()
+        .method(method.as_str())
+        .uri(target.as_str())
+        .version(if version == Some(1.0) {
+            http::Version::HTTP_10
+        } else {
+            http::Version::HTTP_11
+        });
+    let mut close = false;
+    if let Some(h) = params.get::<Option<Table>>("headers")? {
+        for pair in h.pairs::<mlua::LuaString, Value>() {
+            let (k, v) = pair?;
+            let name = http::HeaderName::from_bytes(&k.as_bytes())
+                .map_err(|e| mlua::Error::runtime(format!("bad header name: {}", e)))?;
+            let mut add = |v: &[u8]| -> mlua::Result<()> {
+                if name == http::header::CONNECTION && v.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                }
+                let hv = http::HeaderValue::from_bytes(v)
+                    .map_err(|e| mlua::Error::runtime(format!("bad header value: {}", e)))?;
+                b = std::mem::take(&mut b).header(name.clone(), hv);
+                Ok(())
+            };
+            match v {
+                Value::Table(list) => {
+                    for item in list.sequence_values::<mlua::LuaString>() {
+                        add(&item?.as_bytes())?;
+                    }
+                }
+                Value::String(s) => add(&s.as_bytes())?,
+                Value::Integer(i) => add(i.to_string().as_bytes())?,
+                Value::Number(n) => add(crate::lua::api::output::format_number(n).as_bytes())?,
+                _ => {}
+            }
+        }
+    }
+    let body = match params.get::<Option<mlua::LuaString>>("body")? {
+        Some(s) => Bytes::copy_from_slice(&s.as_bytes()),
+        None => Bytes::new(),
+    };
+    let req = b
+        .body(Full::new(body))
+        .map_err(|e| mlua::Error::runtime(format!("bad request: {}", e)))?;
+    Ok(Prepared {
+        head: method.eq_ignore_ascii_case("HEAD"),
+        close: close || version == Some(1.0),
+        req,
+    })
+}
+
+fn hyper_err(e: &hyper::Error) -> String {
+    if e.is_canceled() || e.is_incomplete_message() {
+        return "closed".into();
+    }
+    if e.is_timeout() {
+        return "timeout".into();
+    }
+    e.to_string()
+}
+
+async fn request(lua: Lua, core: Rc<Core>, p: Prepared) -> mlua::Result<MultiValue> {
+    let Some(_busy) = Busy::take(&core) else {
+        return fail(&lua, "socket busy");
+    };
+    if core.body_pending.get() {
+        return fail(&lua, "unread data in buffer");
+    }
+    let Some(mut conn) = core.conn.borrow_mut().take() else {
+        return fail(&lua, "closed");
+    };
+    let (_, send_ms, read_ms) = core.timeouts.get();
+    let send = async {
+        conn.sender.ready().await.map_err(|e| hyper_err(&e))?;
+        conn.sender
+            .send_request(p.req)
+            .await
+            .map_err(|e| hyper_err(&e))
+    };
+    let res = match with_timeout(send_ms.max(1).saturating_add(read_ms), send).await {
+        None => return fail(&lua, "timeout"),
+        Some(Err(e)) => return fail(&lua, &e),
+        Some(Ok(r)) => r,
+    };
+    let (parts, incoming) = res.into_parts();
+    let conn_hdr = parts
+        .headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .map(|v| v.to_str().unwrap_or("").to_ascii_lowercase())
+        .collect::<Vec<_>>()
+        .join(",");
+    let keepalive = !p.close
+        && if parts.version == http::Version::HTTP_10 {
+            conn_hdr.contains("keep-alive")
+        } else {
+            !conn_hdr.contains("close")
+        };
+    core.keepalive.set(keepalive);
+    let status = parts.status.as_u16();
+    let has_body = !(p.head || status == 204 || status == 304 || (100..200).contains(&status));
+    *core.conn.borrow_mut() = Some(conn);
+    if has_body {
+        *core.body.borrow_mut() = Some(BodyState {
+            incoming,
+            leftover: Bytes::new(),
+            trailers: None,
+        });
+        core.body_pending.set(true);
+    }
+    let reason = match parts.extensions.get::<hyper::ext::ReasonPhrase>() {
+        Some(r) => String::from_utf8_lossy(r.as_bytes()).into_owned(),
+        None => parts.status.canonical_reason().unwrap_or("").to_string(),
+    };
+    let headers = headers_table(&lua, &parts.headers)?;
+    Ok(MultiValue::from_vec(vec![
+        Value::Integer(status as i64),
+        Value::String(lua.create_string(&reason)?),
+        Value::Table(headers),
+        Value::Boolean(has_body),
+    ]))
+}
+
+/// Response headers as lua-resty-http gives them: a repeated header becomes a list.
+fn headers_table(lua: &Lua, h: &http::HeaderMap) -> mlua::Result<Table> {
+    let t = lua.create_table_with_capacity(0, h.keys_len())?;
+    for name in h.keys() {
+        let mut vals = h.get_all(name).iter();
+        let first = vals.next().map(|v| v.as_bytes()).unwrap_or(b"");
+        match vals.next() {
+            None => t.raw_set(name.as_str(), lua.create_string(first)?)?,
+            Some(second) => {
+                let list = lua.create_table()?;
+                list.raw_push(lua.create_string(first)?)?;
+                list.raw_push(lua.create_string(second.as_bytes())?)?;
+                for v in vals {
+                    list.raw_push(lua.create_string(v.as_bytes())?)?;
+                }
+                t.raw_set(name.as_str(), list)?;
+            }
+        }
+    }
+    Ok(t)
+}
+
+/// Read up to `max` bytes of the body (`None`: whatever the next piece is; `Some(0)` with
+/// `all`: the whole rest). `Ok(None)` at the end of the body.
+async fn read_body(core: &Core, max: Option<usize>, all: bool) -> Result<Option<Bytes>, String> {
+    let Some(mut st) = core.body.borrow_mut().take() else {
+        return Ok(None);
+    };
+    let read_ms = core.timeouts.get().2;
+    let mut acc = BytesMut::new();
+    let want = if all { usize::MAX } else { max.unwrap_or(0) };
+    loop {
+        if !st.leftover.is_empty() {
+            if !all && max.is_none() {
+                let b = std::mem::take(&mut st.leftover);
+                *core.body.borrow_mut() = Some(st);
+                return Ok(Some(b));
+            }
+            let take = (want - acc.len()).min(st.leftover.len());
+            acc.extend_from_slice(&st.leftover.split_to(take));
+            if acc.len() >= want {
+                *core.body.borrow_mut() = Some(st);
+                return Ok(Some(acc.freeze()));
+            }
+        }
+        match with_timeout(read_ms, st.incoming.frame()).await {
+            None => {
+                // A body cut by a timeout leaves the connection unusable.
+                core.conn.borrow_mut().take();
+                core.body_pending.set(false);
+                return Err("timeout".into());
+            }
+            Some(None) => {
+                core.body_pending.set(false);
+                if let Some(tr) = st.trailers.take() {
+                    *core.body.borrow_mut() = Some(BodyState {
+                        incoming: st.incoming,
+                        leftover: Bytes::new(),
+                        trailers: Some(tr),
+                    });
+                }
+                return Ok(if acc.is_empty() && !all {
+                    None
+                } else {
+                    Some(acc.freeze())
+                });
+            }
+            Some(Some(Err(e))) => {
+                core.conn.borrow_mut().take();
+                core.body_pending.set(false);
+                return Err(hyper_err(&e));
+            }
+            Some(Some(Ok(frame))) => match frame.into_data() {
+                Ok(d) => st.leftover = d,
+                Err(f) => {
+                    if let Ok(tr) = f.into_trailers() {
+                        st.trailers = Some(tr);
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// The natives the Lua half calls.
+pub fn natives(lua: &Lua) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    t.set(
+        "new",
+        lua.create_function(|lua, ()| {
+            let core = Core::default();
+            core.timeouts
+                .set((DEFAULT_TIMEOUT_MS, DEFAULT_TIMEOUT_MS, DEFAULT_TIMEOUT_MS));
+            core.keepalive.set(true);
+            lua.create_userdata(Handle(Rc::new(core)))
+        })?,
+    )?;
+    t.set(
+        "set_timeouts",
+        lua.create_function(
+            |_, (ud, c, s, r): (AnyUserData, Option<f64>, Option<f64>, Option<f64>)| {
+                let core = core_of(&ud)?;
+                let old = core.timeouts.get();
+                let pick = |v: Option<f64>, o: u64| if v.is_some() { ms(v) } else { o };
+                core.timeouts
+                    .set((pick(c, old.0), pick(s, old.1), pick(r, old.2)));
+                Ok(())
+            },
+        )?,
+    )?;
+    t.set(
+        "connect",
+        lua.create_async_function(|lua, (ud, opts): (AnyUserData, Table)| {
+            let prep = core_of(&ud).and_then(|c| Ok((c, target(&opts)?)));
+            async move {
+                let (core, t) = prep?;
+                connect(lua, core, t).await
+            }
+        })?,
+    )?;
+    t.set(
+        "request",
+        lua.create_async_function(|lua, (ud, params): (AnyUserData, Table)| {
+            let prep = core_of(&ud).and_then(|c| Ok((c, prepare(&params)?)));
+            async move {
+                let (core, p) = prep?;
+                request(lua, core, p).await
+            }
+        })?,
+    )?;
+    t.set(
+        "read",
+        lua.create_async_function(|lua, (ud, max): (AnyUserData, Option<f64>)| {
+            let core = core_of(&ud);
+            async move {
+                let core = core?;
+                let Some(_busy) = Busy::take(&core) else {
+                    return fail(&lua, "socket busy");
+                };
+                let max = max.filter(|m| *m >= 1.0).map(|m| m as usize);
+                match read_body(&core, max, false).await {
+                    Ok(Some(b)) => Ok(MultiValue::from_vec(vec![Value::String(
+                        lua.create_string(&b)?,
+                    )])),
+                    Ok(None) => Ok(MultiValue::new()),
+                    Err(e) => fail(&lua, &e),
+                }
+            }
+        })?,
+    )?;
+    t.set(
+        "read_all",
+        lua.create_async_function(|lua, ud: AnyUserData| {
+            let core = core_of(&ud);
+            async move {
+                let core = core?;
+                let Some(_busy) = Busy::take(&core) else {
+                    return fail(&lua, "socket busy");
+                };
+                match read_body(&core, None, true).await {
+                    Ok(b) => Ok(MultiValue::from_vec(vec![Value::String(
+                        lua.create_string(b.unwrap_or_default())?,
+                    )])),
+                    Err(e) => fail(&lua, &e),
+                }
+            }
+        })?,
+    )?;
+    t.set(
+        "trailers",
+        lua.create_function(|lua, ud: AnyUserData| {
+            let core = core_of(&ud)?;
+            let tr = core
+                .body
+                .borrow_mut()
+                .as_mut()
+                .and_then(|b| b.trailers.take());
+            match tr {
+                Some(h) => Ok(Some(headers_table(lua, &h)?)),
+                None => Ok(None),
+            }
+        })?,
+    )?;
+    t.set(
+        "set_keepalive",
+        lua.create_function(
+            |lua, (ud, timeout, size): (AnyUserData, Option<f64>, Option<f64>)| {
+                let core = core_of(&ud)?;
+                if core.busy.get() {
+                    return fail(lua, "socket busy");
+                }
+                let Some(conn) = core.conn.borrow_mut().take() else {
+                    return fail(lua, "closed");
+                };
+                core.body.borrow_mut().take();
+                if !core.keepalive.get() {
+                    // lua-resty-http: 2 = the server asked to close, and we did.
+                    return Ok(MultiValue::from_vec(vec![
+                        Value::Integer(2),
+                        Value::String(lua.create_string("connection must be closed")?),
+                    ]));
+                }
+                if core.body_pending.replace(false) {
+                    return fail(lua, "unread data in buffer");
+                }
+                let timeout = match timeout {
+                    Some(t) => ms(Some(t)),
+                    None => DEFAULT_KEEPALIVE_MS,
+                };
+                let size =
+                    match size {
+                        Some(s) if s >= 1.0 => s as usize,
+                        Some(_) => return Err(mlua::Error::runtime(
+                            "bad argument #2 to 'set_keepalive' (bad \"pool_size\" option value)",
+                        )),
+                        None => DEFAULT_POOL_SIZE,
+                    };
+                if conn.sender.is_closed() {
+                    return Ok(ok1());
+                }
+                let key = core.pool.borrow().clone();
+                checkin(key, conn, timeout, size);
+                Ok(ok1())
+            },
+        )?,
+    )?;
+    t.set(
+        "get_reused_times",
+        lua.create_function(|lua, ud: AnyUserData| {
+            let core = core_of(&ud)?;
+            let n = core.conn.borrow().as_ref().map(|c| c.reused);
+            match n {
+                Some(n) => Ok(MultiValue::from_vec(vec![Value::Integer(n as i64)])),
+                None => fail(lua, "closed"),
+            }
+        })?,
+    )?;
+    t.set(
+        "close",
+        lua.create_function(|lua, ud: AnyUserData| {
+            let core = core_of(&ud)?;
+            core.body.borrow_mut().take();
+            core.body_pending.set(false);
+            let taken = core.conn.borrow_mut().take();
+            match taken {
+                Some(_) => Ok(ok1()),
+                None => fail(lua, "closed"),
+            }
+        })?,
+    )?;
+    Ok(t)
+}
