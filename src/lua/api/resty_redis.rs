@@ -886,7 +886,7 @@ mod tests {
                     Reply::Error(b"ERR x".to_vec()),
                     Reply::Bulk(Some(vec![]))
                 ])),
-                19
+                18
             ))
         );
         assert_eq!(parse(b"*2\r\n:1\r\n").unwrap(), None);
