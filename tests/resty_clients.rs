@@ -158,6 +158,33 @@ struct Upstream {
 }
 
 fn upstream() -> Upstream {
+    upstream_tls(None)
+}
+
+/// A CA (PEM) and a TLS acceptor whose certificate for `localhost` the CA signed.
+fn tls_pki() -> (String, tokio_rustls::TlsAcceptor) {
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).expect("ca");
+    let leaf_key = rcgen::KeyPair::generate().expect("key");
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .expect("params")
+        .signed_by(&leaf_key, &ca)
+        .expect("leaf");
+    let key = rustls::pki_types::PrivateKeyDer::try_from(leaf_key.serialize_der()).expect("der");
+    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(vec![leaf.der().clone()], key)
+    .expect("cert");
+    (ca.pem(), tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
+}
+
+fn upstream_tls(tls: Option<tokio_rustls::TlsAcceptor>) -> Upstream {
     let std_l = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
     std_l.set_nonblocking(true).expect("nonblocking");
     let port = std_l.local_addr().expect("addr").port();
@@ -175,11 +202,24 @@ fn upstream() -> Upstream {
                     continue;
                 };
                 count.fetch_add(1, Ordering::SeqCst);
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(handle);
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
-                        .await;
+                    let b = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        None => {
+                            let _ = b
+                                .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                                .await;
+                        }
+                        Some(acc) => {
+                            if let Ok(t) = acc.accept(s).await {
+                                let _ = b
+                                    .serve_connection(hyper_util::rt::TokioIo::new(t), svc)
+                                    .await;
+                            }
+                        }
+                    }
                 });
             }
         });
@@ -670,5 +710,42 @@ fn http_request_uri_keepalive_and_errors() {
     }
     // /echo, 3x /cl and the first /close share one connection (the server closes it after
     // /close); the second /close and /slow each need a new one.
+    assert_eq!(up.accepted.load(Ordering::SeqCst), 3);
+}
+
+#[test]
+fn https_with_verification_and_keepalive() {
+    let (ca, acceptor) = tls_pki();
+    let up = upstream_tls(Some(acceptor));
+    let s = start_lua_with(
+        "    lua_ssl_trusted_certificate conf/ca.pem;",
+        &r#"
+        local http = require "resty.http"
+        local base = "https://127.0.0.1:UPORT/cl"
+        local res, err = http.new():request_uri(base, { ssl_verify = false })
+        ngx.say("noverify: ", res and res.body or err)
+        res, err = http.new():request_uri(base, { ssl_server_name = "localhost" })
+        ngx.say("verified: ", res and res.body or err)
+        res, err = http.new():request_uri(base, { ssl_server_name = "other.test" })
+        ngx.say("wrong name: ", res and res.body or err)
+        local h = http.new()
+        assert(h:connect({ scheme = "https", host = "127.0.0.1", port = UPORT,
+            ssl_server_name = "localhost" }))
+        ngx.say("reused: ", h:get_reused_times())
+        h:close()
+        "#
+        .replace("UPORT", &up.port.to_string()),
+        &[("conf/ca.pem", &ca)],
+    );
+    let out = body(&s, "/t");
+    assert!(out.contains("noverify: hello world"), "{}", out);
+    assert!(out.contains("verified: hello world"), "{}", out);
+    assert!(
+        out.contains("wrong name: certificate host mismatch"),
+        "{}",
+        out
+    );
+    assert!(out.contains("reused: 1"), "{}", out);
+    // no-verify, verified (pooled apart from no-verify), wrong name: three connections.
     assert_eq!(up.accepted.load(Ordering::SeqCst), 3);
 }

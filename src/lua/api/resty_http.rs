@@ -25,9 +25,8 @@ use tokio::net::{TcpStream, UnixStream};
 
 use super::resty_redis::io_text;
 
+/// What a timeout of 0 means for I/O (nginx's `lua_socket_*_timeout` default).
 const DEFAULT_TIMEOUT_MS: u64 = 60_000;
-const DEFAULT_POOL_SIZE: usize = 30;
-const DEFAULT_KEEPALIVE_MS: u64 = 60_000;
 
 struct Conn {
     sender: SendRequest<Full<Bytes>>,
@@ -96,6 +95,8 @@ struct Core {
     /// A response body was started and not read to its end.
     body_pending: Cell<bool>,
     busy: Cell<bool>,
+    /// `lua_socket_keepalive_timeout` and `lua_socket_pool_size` where the object was made.
+    pool_defaults: Cell<(u64, usize)>,
 }
 
 struct Handle(Rc<Core>);
@@ -145,109 +146,20 @@ fn ms(v: Option<f64>) -> u64 {
     }
 }
 
-/// TLS client configuration: verification against the system trust store, or none.
-// TODO(net): switch to crate::net::tls::client_config once helper "sock" lands it on main.
-fn tls_config(verify: bool) -> Result<Arc<rustls::ClientConfig>, String> {
-    thread_local! {
-        static CFG: RefCell<[Option<Arc<rustls::ClientConfig>>; 2]> = const { RefCell::new([None, None]) };
-    }
-    if let Some(c) = CFG.with(|c| c.borrow()[verify as usize].clone()) {
-        return Ok(c);
-    }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?;
-    let mut cfg = if verify {
-        let mut roots = rustls::RootCertStore::empty();
-        for path in [
-            "/etc/ssl/certs/ca-certificates.crt",
-            "/etc/pki/tls/certs/ca-bundle.crt",
-        ] {
-            if let Ok(pem) = std::fs::read_to_string(path) {
-                for der in pem_certs(&pem) {
-                    let _ = roots.add(rustls::pki_types::CertificateDer::from(der));
-                }
-                break;
-            }
+/// The cosocket settings of the running code: the request's location (`lua_socket_*`,
+/// `lua_ssl_*`, `resolver`), or the defaults outside a request (timers, init_worker).
+pub(crate) fn socket_conf(
+    lua: &Lua,
+) -> (
+    crate::conf::model::LuaSocketConf,
+    Option<Arc<crate::net::Resolver>>,
+) {
+    match crate::lua::request::try_current(lua) {
+        Some(rc) => {
+            let conf = rc.st.borrow().conf.clone();
+            (conf.lua_socket.clone(), conf.resolver.clone())
         }
-        builder.with_root_certificates(roots).with_no_client_auth()
-    } else {
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
-            .with_no_client_auth()
-    };
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let cfg = Arc::new(cfg);
-    CFG.with(|c| c.borrow_mut()[verify as usize] = Some(cfg.clone()));
-    Ok(cfg)
-}
-
-fn pem_certs(pem: &str) -> Vec<Vec<u8>> {
-    use base64::Engine;
-    let mut out = Vec::new();
-    let mut cur: Option<String> = None;
-    for line in pem.lines() {
-        let line = line.trim();
-        if line == "-----BEGIN CERTIFICATE-----" {
-            cur = Some(String::new());
-        } else if line == "-----END CERTIFICATE-----" {
-            if let Some(b) = cur.take() {
-                if let Ok(der) = base64::engine::general_purpose::STANDARD.decode(b) {
-                    out.push(der);
-                }
-            }
-        } else if let Some(b) = cur.as_mut() {
-            b.push_str(line);
-        }
-    }
-    out
-}
-
-/// `ssl_verify = false`: accept any certificate (signatures are still checked).
-#[derive(Debug)]
-struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for NoVerify {
-    fn verify_server_cert(
-        &self,
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &[rustls::pki_types::CertificateDer<'_>],
-        _: &rustls::pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        None => (Default::default(), None),
     }
 }
 
@@ -304,7 +216,12 @@ where
     Ok(Conn { sender, reused: 0 })
 }
 
-async fn open(t: &Target, connect_ms: u64) -> Result<Conn, String> {
+type SockConf = (
+    crate::conf::model::LuaSocketConf,
+    Option<Arc<crate::net::Resolver>>,
+);
+
+async fn open(t: &Target, connect_ms: u64, sock: &SockConf) -> Result<Conn, String> {
     if let Some(path) = t.host.strip_prefix("unix:") {
         let s = match with_timeout(connect_ms, UnixStream::connect(path)).await {
             None => return Err("timeout".into()),
@@ -312,18 +229,7 @@ async fn open(t: &Target, connect_ms: u64) -> Result<Conn, String> {
         };
         return handshake(s).await;
     }
-    let addrs: Vec<std::net::SocketAddr> = match t.host.parse::<std::net::IpAddr>() {
-        Ok(ip) => vec![(ip, t.port).into()],
-        Err(_) => match tokio::net::lookup_host((t.host.as_str(), t.port)).await {
-            Ok(a) => a.collect(),
-            Err(_) => {
-                return Err(format!(
-                    "{} could not be resolved (3: Host not found)",
-                    t.host
-                ))
-            }
-        },
-    };
+    let addrs = crate::net::resolve(sock.1.as_ref(), &t.host, t.port).await?;
     let mut last = "no address".to_string();
     let mut tcp = None;
     for a in addrs {
@@ -341,20 +247,27 @@ async fn open(t: &Target, connect_ms: u64) -> Result<Conn, String> {
     if !t.scheme_https {
         return handshake(tcp).await;
     }
-    let cfg = tls_config(t.ssl_verify)?;
+    // OpenResty's rules: verification against lua_ssl_trusted_certificate only.
+    let cfg = crate::net::tls::client_config(&crate::net::ClientTls {
+        verify: t.ssl_verify,
+        trusted: sock.0.ssl_trusted_certificate.clone(),
+        verify_depth: sock.0.ssl_verify_depth,
+        cert: None,
+    })?;
     let name = t.ssl_server_name.clone().unwrap_or_else(|| t.host.clone());
-    let server_name = rustls::pki_types::ServerName::try_from(name)
-        .map_err(|e| format!("bad server name: {}", e))?;
-    let tls = tokio_rustls::TlsConnector::from(cfg);
-    let stream = match with_timeout(connect_ms, tls.connect(server_name, tcp)).await {
+    let stream = match with_timeout(
+        connect_ms,
+        crate::net::tls::connect(tcp, cfg, Some(&name), &name),
+    )
+    .await
+    {
         None => return Err("timeout".into()),
-        Some(Ok(s)) => s,
-        Some(Err(e)) => return Err(format!("handshake failed: {}", e)),
+        Some(r) => r?,
     };
     handshake(stream).await
 }
 
-async fn connect(lua: Lua, core: Rc<Core>, t: Target) -> mlua::Result<MultiValue> {
+async fn connect(lua: Lua, core: Rc<Core>, t: Target, sock: SockConf) -> mlua::Result<MultiValue> {
     let Some(_busy) = Busy::take(&core) else {
         return fail(&lua, "socket busy");
     };
@@ -382,7 +295,7 @@ async fn connect(lua: Lua, core: Rc<Core>, t: Target) -> mlua::Result<MultiValue
         *core.conn.borrow_mut() = Some(c);
         return Ok(ok1());
     }
-    match open(&t, core.timeouts.get().0).await {
+    match open(&t, core.timeouts.get().0, &sock).await {
         Ok(c) => {
             *core.conn.borrow_mut() = Some(c);
             Ok(ok1())
@@ -617,8 +530,14 @@ pub fn natives(lua: &Lua) -> mlua::Result<Table> {
         "new",
         lua.create_function(|lua, ()| {
             let core = Core::default();
-            core.timeouts
-                .set((DEFAULT_TIMEOUT_MS, DEFAULT_TIMEOUT_MS, DEFAULT_TIMEOUT_MS));
+            let (sc, _) = socket_conf(lua);
+            core.timeouts.set((
+                sc.connect_timeout_ms,
+                sc.send_timeout_ms,
+                sc.read_timeout_ms,
+            ));
+            core.pool_defaults
+                .set((sc.keepalive_timeout_ms, sc.pool_size));
             core.keepalive.set(true);
             lua.create_userdata(Handle(Rc::new(core)))
         })?,
@@ -640,9 +559,10 @@ pub fn natives(lua: &Lua) -> mlua::Result<Table> {
         "connect",
         lua.create_async_function(|lua, (ud, opts): (AnyUserData, Table)| {
             let prep = core_of(&ud).and_then(|c| Ok((c, target(&opts)?)));
+            let sock = socket_conf(&lua);
             async move {
                 let (core, t) = prep?;
-                connect(lua, core, t).await
+                connect(lua, core, t, sock).await
             }
         })?,
     )?;
@@ -733,7 +653,7 @@ pub fn natives(lua: &Lua) -> mlua::Result<Table> {
                 }
                 let timeout = match timeout {
                     Some(t) => ms(Some(t)),
-                    None => DEFAULT_KEEPALIVE_MS,
+                    None => core.pool_defaults.get().0,
                 };
                 let size =
                     match size {
@@ -741,7 +661,7 @@ pub fn natives(lua: &Lua) -> mlua::Result<Table> {
                         Some(_) => return Err(mlua::Error::runtime(
                             "bad argument #2 to 'set_keepalive' (bad \"pool_size\" option value)",
                         )),
-                        None => DEFAULT_POOL_SIZE,
+                        None => core.pool_defaults.get().1,
                     };
                 if conn.sender.is_closed() {
                     return Ok(ok1());

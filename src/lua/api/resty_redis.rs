@@ -29,10 +29,8 @@ use mlua::{AnyUserData, Lua, MultiValue, Table, UserData, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
-/// nginx's `lua_socket_*_timeout` defaults (60 s) and `lua_socket_pool_size` (30).
+/// What a timeout of 0 means for I/O (nginx's `lua_socket_*_timeout` default).
 const DEFAULT_TIMEOUT_MS: u64 = 60_000;
-const DEFAULT_POOL_SIZE: usize = 30;
-const DEFAULT_KEEPALIVE_MS: u64 = 60_000;
 
 /// A parsed RESP2 reply.
 #[derive(Debug, Clone, PartialEq)]
@@ -296,6 +294,8 @@ struct Core {
     /// Queued commands of `init_pipeline`: the encoded bytes and each command's effect.
     pipeline: RefCell<Option<(Vec<u8>, Vec<Effect>)>>,
     busy: Cell<bool>,
+    /// `lua_socket_keepalive_timeout` and `lua_socket_pool_size` where the object was made.
+    pool_defaults: Cell<(u64, usize)>,
 }
 
 /// What a command changes in the connection's state once it succeeds.
@@ -433,7 +433,12 @@ fn ok1() -> MultiValue {
 }
 
 /// Resolve and connect, in the cosocket API's error words.
-async fn open(host: &str, port: Option<u16>, connect_ms: u64) -> Result<Io, String> {
+async fn open(
+    host: &str,
+    port: Option<u16>,
+    connect_ms: u64,
+    resolver: Option<&std::sync::Arc<crate::net::Resolver>>,
+) -> Result<Io, String> {
     if let Some(path) = host.strip_prefix("unix:") {
         return match with_timeout(connect_ms, UnixStream::connect(path)).await {
             None => Err("timeout".into()),
@@ -442,18 +447,7 @@ async fn open(host: &str, port: Option<u16>, connect_ms: u64) -> Result<Io, Stri
         };
     }
     let port = port.ok_or_else(|| "no port specified".to_string())?;
-    let addrs: Vec<std::net::SocketAddr> = match host.parse::<std::net::IpAddr>() {
-        Ok(ip) => vec![(ip, port).into()],
-        Err(_) => match tokio::net::lookup_host((host, port)).await {
-            Ok(a) => a.collect(),
-            Err(_) => {
-                return Err(format!(
-                    "{} could not be resolved (3: Host not found)",
-                    host
-                ))
-            }
-        },
-    };
+    let addrs = crate::net::resolve(resolver, host, port).await?;
     let mut last = "no address".to_string();
     for a in addrs {
         match with_timeout(connect_ms, TcpStream::connect(a)).await {
@@ -498,6 +492,7 @@ async fn connect(
     host: String,
     port: Option<u16>,
     opts: ConnectOpts,
+    resolver: Option<std::sync::Arc<crate::net::Resolver>>,
 ) -> mlua::Result<MultiValue> {
     let Some(_busy) = Busy::take(&core) else {
         return fail(&lua, "socket busy");
@@ -515,7 +510,7 @@ async fn connect(
         *core.conn.borrow_mut() = Some(c);
         return Ok(ok1());
     }
-    match open(&host, port, core.timeouts.get().0).await {
+    match open(&host, port, core.timeouts.get().0, resolver.as_ref()).await {
         Ok(io) => {
             *core.conn.borrow_mut() = Some(Conn {
                 io,
@@ -686,8 +681,14 @@ pub fn natives(lua: &Lua) -> mlua::Result<Table> {
         "new",
         lua.create_function(|lua, ()| {
             let core = Core::default();
-            core.timeouts
-                .set((DEFAULT_TIMEOUT_MS, DEFAULT_TIMEOUT_MS, DEFAULT_TIMEOUT_MS));
+            let (sc, _) = super::resty_http::socket_conf(lua);
+            core.timeouts.set((
+                sc.connect_timeout_ms,
+                sc.send_timeout_ms,
+                sc.read_timeout_ms,
+            ));
+            core.pool_defaults
+                .set((sc.keepalive_timeout_ms, sc.pool_size));
             lua.create_userdata(Handle(Rc::new(core)))
         })?,
     )?;
@@ -735,9 +736,10 @@ pub fn natives(lua: &Lua) -> mlua::Result<Table> {
                     };
                     Ok((core, port, connect_opts(opts.as_ref())?))
                 })();
+                let (_, resolver) = super::resty_http::socket_conf(&lua);
                 async move {
                     let (core, port, opts) = prep?;
-                    connect(lua, core, host, port, opts).await
+                    connect(lua, core, host, port, opts, resolver).await
                 }
             },
         )?,
@@ -815,7 +817,7 @@ pub fn natives(lua: &Lua) -> mlua::Result<Table> {
                 }
                 let timeout = match timeout {
                     Some(t) => ms(Some(t)),
-                    None => DEFAULT_KEEPALIVE_MS,
+                    None => core.pool_defaults.get().0,
                 };
                 let size =
                     match size {
@@ -823,7 +825,7 @@ pub fn natives(lua: &Lua) -> mlua::Result<Table> {
                         Some(_) => return Err(mlua::Error::runtime(
                             "bad argument #2 to 'set_keepalive' (bad \"pool_size\" option value)",
                         )),
-                        None => DEFAULT_POOL_SIZE,
+                        None => core.pool_defaults.get().1,
                     };
                 let key = core.pool.borrow().clone();
                 checkin(key, conn, timeout, size);
