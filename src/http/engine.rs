@@ -7,6 +7,8 @@
 //! ```
 //! Every phase may end the request (`ngx.exit`, `return`, an error): the engine then skips to
 //! the special response (or `error_page`), the filters and the log phase, as nginx does.
+//! A subrequest (`ngx.location.capture`, see `subrequest.rs`) walks the same phases through
+//! [`run_subrequest`]; its filtered output lands in a capture sink instead of the client.
 
 use std::rc::Rc;
 use std::sync::Arc;
