@@ -586,7 +586,7 @@ fn recursion_stops_at_fifty_levels() {
     assert_eq!(r.text(), "stopped at 50: failed to issue subrequest: -1");
     assert!(
         s.error_log()
-            .contains("subrequests cycle while processing \"/recur\""),
+            .contains("lua subrequests cycle while processing \"/recur\""),
         "{}",
         s.error_log()
     );

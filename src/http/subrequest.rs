@@ -82,7 +82,7 @@ pub async fn create(parent: &Rc<ReqCtx>, spec: Spec) -> Result<Rc<ReqCtx>, Strin
         crate::log::request_error(
             parent,
             crate::log::Level::Error,
-            &format!("subrequests cycle while processing \"{}\"", spec.uri),
+            &format!("lua subrequests cycle while processing \"{}\"", spec.uri),
         );
         return Err("failed to issue subrequest: -1".into());
     }
