@@ -164,7 +164,7 @@ pub fn request_error(rc: &ReqCtx, level: Level, msg: &str) {
             };
             let mut t = format!(
                 ", client: {}, server: {}, request: \"{} {} {}\"",
-                rc.conn.remote.ip(),
+                st.remote(&rc.conn).ip(),
                 st.server.primary_name,
                 st.method,
                 st.request_uri,

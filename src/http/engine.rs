@@ -127,6 +127,10 @@ fn new_request(
         body_tx: None,
         extra_vars: Default::default(),
         error_page_done: false,
+        realip: None,
+        map_cache: Default::default(),
+        in_flight: None,
+        in_flight_checked: false,
     };
     conn.requests.set(conn.requests.get() + 1);
     Ok(Rc::new(ReqCtx {
@@ -327,6 +331,8 @@ fn find_server(
 
 /// The whole request after parsing: phases, finalization, log.
 async fn run(rc: Rc<ReqCtx>) {
+    // post-read: realip with the server's settings, before anything reads the address.
+    super::realip::run(&rc);
     let mut outcome = phases(&rc, None).await;
     // error_page: an internal redirect for a status, once.
     if let Outcome::Status(code) = outcome {
@@ -336,6 +342,7 @@ async fn run(rc: Rc<ReqCtx>) {
     }
     finalize(&rc, outcome).await;
     log_phase(&rc).await;
+    super::limits::leave(&rc);
 }
 
 async fn error_page(rc: &Rc<ReqCtx>, code: u16) -> Option<Outcome> {
@@ -516,6 +523,12 @@ async fn phases(rc: &Rc<ReqCtx>, mut forced: Option<Arc<Location>>) -> Outcome {
         ];
         let mut redirect = None;
         for (chunk, phase) in steps {
+            if phase == Phase::Access {
+                // preaccess + access modules: realip, max_in_flight, allow/deny.
+                if let Some(o) = super::access::check(rc) {
+                    return o;
+                }
+            }
             let Some(chunk) = chunk else { continue };
             match lua_step(rc, chunk, phase).await {
                 Step::Next => {}

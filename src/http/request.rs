@@ -137,6 +137,20 @@ pub struct ReqState {
     /// `$upstream_*` and other late variables other rooms fill in.
     pub extra_vars: HashMap<&'static str, String>,
     pub error_page_done: bool,
+    /// The client address realip found (`$remote_addr`); `None`: the connection's.
+    pub realip: Option<SocketAddr>,
+    /// Map values computed for this request (and named captures of map regexes).
+    pub map_cache: RefCell<super::map::Cache>,
+    /// The `max_in_flight` slot this request holds, and whether the check already ran.
+    pub in_flight: Option<super::limits::InFlightGuard>,
+    pub in_flight_checked: bool,
+}
+
+impl ReqState {
+    /// The client address as the request sees it (after realip).
+    pub fn remote(&self, conn: &ConnInfo) -> SocketAddr {
+        self.realip.unwrap_or(conn.remote)
+    }
 }
 
 /// One request.
