@@ -226,7 +226,7 @@ impl Builder {
             let key = key.strip_prefix('\\').unwrap_or(key).to_ascii_lowercase();
             let v = template(e, value)?;
             let conflict = || ConfError::directive(e, format!("conflicting parameter \"{}\"", key));
-            if m.hostnames && key.contains('*') || m.hostnames && key.starts_with('.') {
+            if m.hostnames && (key.contains('*') || key.starts_with('.')) {
                 let bad =
                     || ConfError::directive(e, format!("invalid hostname or wildcard \"{}\"", key));
                 if let Some(s) = key.strip_prefix("*.") {
