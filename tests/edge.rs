@@ -110,14 +110,15 @@ fn map_regex_captures_and_precedence() {
     }"#,
         r#"
         location / { return 200 "$route"; }
-        location /named { return 200 "$route|$ver"; }"#,
+        location ~ ^/x/(..) { return 200 "$route|$1"; }"#,
     );
     assert_eq!(s.get("/api/v1/exact").text(), "exact-wins");
     assert_eq!(s.get("/api/v2/users/7").text(), "v2:users/7");
     assert_eq!(s.get("/static/a/b.png").text(), "img:a/b.png");
     assert_eq!(s.get("/api/other").text(), "never-reached-for-versioned");
-    // Values mix captures and request variables.
-    assert_eq!(s.get("/x/yz").text(), "x=yz host=localhost");
+    // Values mix captures and request variables; the map's own regex does not change the
+    // location's $1.
+    assert_eq!(s.get("/x/yzw").text(), "x=yzw host=localhost|yz");
     assert_eq!(s.get("/nothing").text(), "none");
 }
 

@@ -175,20 +175,19 @@ pub fn forwarded_addr(
 
 /// Run realip with the request's current settings unless it already applied.
 pub fn run(rc: &ReqCtx) {
-    let mut st = rc.st.borrow_mut();
-    if st.realip.is_some() {
-        return;
-    }
-    let conf = st.conf.clone();
-    if let Some(a) = resolve(rc, &st, &conf.realip) {
-        st.realip = Some(a);
+    let found = {
+        let st = rc.st.borrow();
+        if st.realip.is_some() || st.conf.realip.from.is_empty() {
+            return;
+        }
+        resolve(rc, &st, &st.conf.realip)
+    };
+    if let Some(a) = found {
+        rc.st.borrow_mut().realip = Some(a);
     }
 }
 
 fn resolve(rc: &ReqCtx, st: &ReqState, conf: &RealIpConf) -> Option<SocketAddr> {
-    if conf.from.is_empty() {
-        return None;
-    }
     let name = match &conf.header {
         RealIpHeader::XRealIp => "x-real-ip",
         RealIpHeader::XForwardedFor => "x-forwarded-for",
