@@ -138,6 +138,20 @@ pub struct ReqState {
     /// `$upstream_*` and other late variables other rooms fill in.
     pub extra_vars: HashMap<&'static str, String>,
     pub error_page_done: bool,
+    /// The client address realip found (`$remote_addr`); `None`: the connection's.
+    pub realip: Option<SocketAddr>,
+    /// Map values computed for this request (and named captures of map regexes).
+    pub map_cache: RefCell<super::map::Cache>,
+    /// The `max_in_flight` slot this request holds, and whether the check already ran.
+    pub in_flight: Option<super::limits::InFlightGuard>,
+    pub in_flight_checked: bool,
+}
+
+impl ReqState {
+    /// The client address as the request sees it (after realip).
+    pub fn remote(&self, conn: &ConnInfo) -> SocketAddr {
+        self.realip.unwrap_or(conn.remote)
+    }
 }
 
 /// The variables a request sets (`set`, `ngx.var.x = v`). Usually the request's own; a
@@ -239,6 +253,10 @@ impl ReqState {
             body_tx: None,
             extra_vars: Default::default(),
             error_page_done: false,
+            realip: None,
+            map_cache: Default::default(),
+            in_flight: None,
+            in_flight_checked: false,
         }
     }
 }
