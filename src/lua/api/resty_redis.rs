@@ -462,18 +462,53 @@ async fn open(
     Err(last)
 }
 
+/// The pool of a connection: the `pool` option, `host:port` or `unix:/path`.
+fn pool_key(host: &str, port: Option<u16>, pool: Option<String>) -> String {
+    pool.unwrap_or_else(|| match port {
+        Some(p) if !host.starts_with("unix:") => format!("{}:{}", host, p),
+        _ => host.to_string(),
+    })
+}
+
+/// `connect`'s arguments after the host: `port, opts?` or just `opts?` for a unix socket.
+fn connect_args(
+    ud: &AnyUserData,
+    port: Value,
+    opts: Value,
+) -> mlua::Result<(Rc<Core>, Option<u16>, ConnectOpts)> {
+    let core = core_of(ud)?;
+    let (port, opts) = match (port, opts) {
+        (Value::Table(o), _) => (None, Some(o)),
+        (Value::Integer(p), Value::Table(o)) => (Some(p), Some(o)),
+        (Value::Integer(p), _) => (Some(p), None),
+        (Value::Number(p), Value::Table(o)) => (Some(p as i64), Some(o)),
+        (Value::Number(p), _) => (Some(p as i64), None),
+        (Value::String(s), o) => (
+            s.to_str().ok().and_then(|s| s.parse::<i64>().ok()),
+            match o {
+                Value::Table(t) => Some(t),
+                _ => None,
+            },
+        ),
+        (_, Value::Table(o)) => (None, Some(o)),
+        _ => (None, None),
+    };
+    let port = match port {
+        Some(p) if (1..=65535).contains(&p) => Some(p as u16),
+        Some(p) => return Err(mlua::Error::runtime(format!("bad port number: {}", p))),
+        None => None,
+    };
+    Ok((core, port, connect_opts(opts.as_ref())?))
+}
+
 /// Options of `connect` we honour.
 struct ConnectOpts {
     pool: Option<String>,
-    pool_size: Option<usize>,
 }
 
 fn connect_opts(t: Option<&Table>) -> mlua::Result<ConnectOpts> {
     let Some(t) = t else {
-        return Ok(ConnectOpts {
-            pool: None,
-            pool_size: None,
-        });
+        return Ok(ConnectOpts { pool: None });
     };
     if t.get::<Option<bool>>("ssl")?.unwrap_or(false) {
         return Err(mlua::Error::runtime(
@@ -482,7 +517,6 @@ fn connect_opts(t: Option<&Table>) -> mlua::Result<ConnectOpts> {
     }
     Ok(ConnectOpts {
         pool: t.get("pool")?,
-        pool_size: t.get("pool_size")?,
     })
 }
 
@@ -500,11 +534,7 @@ async fn connect(
     // A connect on an object that still holds a connection closes the old one, as cosockets do.
     core.conn.borrow_mut().take();
     core.subscribed.set(false);
-    let key = opts.pool.unwrap_or_else(|| match port {
-        Some(p) if !host.starts_with("unix:") => format!("{}:{}", host, p),
-        _ => host.clone(),
-    });
-    let _ = opts.pool_size;
+    let key = pool_key(&host, port, opts.pool);
     *core.pool.borrow_mut() = key.clone();
     if let Some(c) = checkout(&key) {
         *core.conn.borrow_mut() = Some(c);
@@ -705,37 +735,35 @@ pub fn natives(lua: &Lua) -> mlua::Result<Table> {
             },
         )?,
     )?;
+    // The pooled case needs no wait: a plain call, cheaper than an async one per request.
+    t.set(
+        "connect_pooled",
+        lua.create_function(
+            |_, (ud, host, port, opts): (AnyUserData, String, Value, Value)| {
+                let (core, port, opts) = connect_args(&ud, port, opts)?;
+                if core.busy.get() {
+                    return Ok(false);
+                }
+                core.conn.borrow_mut().take();
+                core.subscribed.set(false);
+                let key = pool_key(&host, port, opts.pool);
+                let c = checkout(&key);
+                *core.pool.borrow_mut() = key;
+                match c {
+                    Some(c) => {
+                        *core.conn.borrow_mut() = Some(c);
+                        Ok(true)
+                    }
+                    None => Ok(false),
+                }
+            },
+        )?,
+    )?;
     t.set(
         "connect",
         lua.create_async_function(
             |lua, (ud, host, port, opts): (AnyUserData, String, Value, Value)| {
-                let prep = (|| {
-                    let core = core_of(&ud)?;
-                    let (port, opts) = match (port, opts) {
-                        (Value::Table(o), _) => (None, Some(o)),
-                        (Value::Integer(p), Value::Table(o)) => (Some(p), Some(o)),
-                        (Value::Integer(p), _) => (Some(p), None),
-                        (Value::Number(p), Value::Table(o)) => (Some(p as i64), Some(o)),
-                        (Value::Number(p), _) => (Some(p as i64), None),
-                        (Value::String(s), o) => (
-                            s.to_str().ok().and_then(|s| s.parse::<i64>().ok()),
-                            match o {
-                                Value::Table(t) => Some(t),
-                                _ => None,
-                            },
-                        ),
-                        (_, Value::Table(o)) => (None, Some(o)),
-                        _ => (None, None),
-                    };
-                    let port = match port {
-                        Some(p) if (1..=65535).contains(&p) => Some(p as u16),
-                        Some(p) => {
-                            return Err(mlua::Error::runtime(format!("bad port number: {}", p)))
-                        }
-                        None => None,
-                    };
-                    Ok((core, port, connect_opts(opts.as_ref())?))
-                })();
+                let prep = connect_args(&ud, port, opts);
                 let (_, resolver) = super::resty_http::socket_conf(&lua);
                 async move {
                     let (core, port, opts) = prep?;

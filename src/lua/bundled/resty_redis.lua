@@ -9,6 +9,7 @@ local pairs = pairs
 local unpack = unpack
 local n_cmd = native.cmd
 local n_new = native.new
+local n_pooled = native.connect_pooled
 
 local _M = { _VERSION = "0.31" }
 local mt = { __index = _M }
@@ -45,6 +46,9 @@ function _M.connect(self, host, port, opts)
     local c = core(self)
     if not c then
         return nil, "not initialized"
+    end
+    if n_pooled(c, host, port, opts) then
+        return 1
     end
     return native.connect(c, host, port, opts)
 end
