@@ -267,10 +267,8 @@ async fn open(t: &Target, connect_ms: u64, sock: &SockConf) -> Result<Conn, Stri
     handshake(stream).await
 }
 
-async fn connect(lua: Lua, core: Rc<Core>, t: Target, sock: SockConf) -> mlua::Result<MultiValue> {
-    let Some(_busy) = Busy::take(&core) else {
-        return fail(&lua, "socket busy");
-    };
+/// Reset the object for a new connection and take one from the pool when there is one.
+fn take_pooled(core: &Core, t: &Target) -> bool {
     core.conn.borrow_mut().take();
     core.body.borrow_mut().take();
     core.body_pending.set(false);
@@ -290,9 +288,22 @@ async fn connect(lua: Lua, core: Rc<Core>, t: Target, sock: SockConf) -> mlua::R
             format!("{}:{}", t.host, t.port)
         }
     });
-    *core.pool.borrow_mut() = key.clone();
-    if let Some(c) = checkout(&key) {
-        *core.conn.borrow_mut() = Some(c);
+    let c = checkout(&key);
+    *core.pool.borrow_mut() = key;
+    match c {
+        Some(c) => {
+            *core.conn.borrow_mut() = Some(c);
+            true
+        }
+        None => false,
+    }
+}
+
+async fn connect(lua: Lua, core: Rc<Core>, t: Target, sock: SockConf) -> mlua::Result<MultiValue> {
+    let Some(_busy) = Busy::take(&core) else {
+        return fail(&lua, "socket busy");
+    };
+    if take_pooled(&core, &t) {
         return Ok(ok1());
     }
     match open(&t, core.timeouts.get().0, &sock).await {
@@ -554,6 +565,17 @@ pub fn natives(lua: &Lua) -> mlua::Result<Table> {
                 Ok(())
             },
         )?,
+    )?;
+    // The pooled case needs no wait: a plain call, cheaper than an async one per request.
+    t.set(
+        "connect_pooled",
+        lua.create_function(|_, (ud, opts): (AnyUserData, Table)| {
+            let core = core_of(&ud)?;
+            if core.busy.get() {
+                return Ok(false);
+            }
+            Ok(take_pooled(&core, &target(&opts)?))
+        })?,
     )?;
     t.set(
         "connect",

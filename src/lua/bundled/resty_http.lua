@@ -81,6 +81,9 @@ function _M.connect(self, options, port, opts2)
     self.host = opts.host
     self.port = opts.port or (opts.scheme == "https" and 443 or 80)
     self.ssl = opts.scheme == "https"
+    if native.connect_pooled(c, opts) then
+        return 1
+    end
     local ok, err = native.connect(c, opts)
     if not ok then
         return nil, err
