@@ -307,6 +307,8 @@ impl Builder {
         let mut http = Http {
             lua: LuaMain {
                 code_cache: true,
+                max_pending_timers: 1024,
+                max_running_timers: 256,
                 ..Default::default()
             },
             ..Default::default()
@@ -343,6 +345,7 @@ impl Builder {
             body_filter_by_lua: None,
             log_by_lua: None,
             server_tokens: true,
+            check_client_abort: false,
         };
         Self::level_start(&mut conf, list);
         // log_format first: access_log may name a format defined later in the block.
@@ -387,6 +390,9 @@ impl Builder {
                 "init_worker_by_lua_block" | "init_worker_by_lua_file" => {
                     http.lua.init_worker = Some(self.lua_chunk(d, arg(d, 0))?)
                 }
+                // timers (src/lua/api/timer.rs)
+                "lua_max_pending_timers" => http.lua.max_pending_timers = count(d)?,
+                "lua_max_running_timers" => http.lua.max_running_timers = count(d)?,
                 _ => self.setting(&mut conf, d)?,
             }
         }
@@ -468,6 +474,7 @@ impl Builder {
                 size(d, arg(d, 1))?;
             }
             "server_tokens" => conf.server_tokens = arg(d, 0) == "on",
+            "lua_check_client_abort" => conf.check_client_abort = arg(d, 0) == "on",
             "error_log" => {
                 self.error_log(d)?;
             }
@@ -1050,4 +1057,11 @@ fn parse_cond(d: &Directive) -> Result<Cond, ConfError> {
         }
         _ => Err(bad()),
     }
+}
+
+/// A count argument (`lua_max_pending_timers 1024`), as nginx's `ngx_conf_set_num_slot`.
+fn count(d: &Directive) -> Result<usize, ConfError> {
+    arg(d, 0)
+        .parse::<usize>()
+        .map_err(|_| ConfError::directive(d, format!("\"{}\" directive invalid number", d.name)))
 }

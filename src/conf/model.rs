@@ -50,6 +50,11 @@ pub struct LuaMain {
     pub shared_dicts: Vec<(String, usize)>,
     /// Every chunk of the configuration, by id, so a VM can compile them all up front.
     pub chunks: Vec<Arc<LuaChunk>>,
+    // --- timers (src/lua/api/timer.rs)
+    /// `lua_max_pending_timers` (1024).
+    pub max_pending_timers: usize,
+    /// `lua_max_running_timers` (256).
+    pub max_running_timers: usize,
 }
 
 /// Where a Lua handler's code comes from.
@@ -199,6 +204,9 @@ pub struct LocConf {
     pub body_filter_by_lua: Option<Arc<LuaChunk>>,
     pub log_by_lua: Option<Arc<LuaChunk>>,
     pub server_tokens: bool,
+    // --- timers, light threads (src/lua/api/timer.rs, thread.rs)
+    /// `lua_check_client_abort`: notice the client closing the connection in Lua handlers.
+    pub check_client_abort: bool,
 }
 
 /// One rewrite-module step, run in order in the (server or location) rewrite phase.

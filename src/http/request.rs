@@ -137,6 +137,8 @@ pub struct ReqState {
     /// `$upstream_*` and other late variables other rooms fill in.
     pub extra_vars: HashMap<&'static str, String>,
     pub error_page_done: bool,
+    /// `ngx.on_abort` callback (with `lua_check_client_abort on`).
+    pub on_abort: Option<crate::lua::api::thread::OnAbort>,
 }
 
 /// One request.

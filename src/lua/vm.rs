@@ -43,6 +43,8 @@ pub fn new_state(opts: &VmOptions) -> mlua::Result<Lua> {
             LuaOptions::default(),
         )
     };
+    // The current-request slot: the phase runners install requests and phases into it.
+    lua.set_app_data(crate::lua::request::Current::default());
     let ngx = lua.create_table()?;
     lua.globals().set("ngx", &ngx)?;
     register_all(&lua, &ngx, opts)?;
@@ -69,6 +71,10 @@ fn register_all(lua: &Lua, ngx: &Table, opts: &VmOptions) -> mlua::Result<()> {
     output::register(lua, ngx)?;
     exit::register(lua, ngx)?;
     ctx::register(lua, ngx)?;
+    // timers, light threads, user coroutines
+    coroutine::register(lua)?;
+    thread::register(lua, ngx)?;
+    timer::register(lua, ngx)?;
     Ok(())
 }
 
@@ -118,7 +124,6 @@ impl LuaVm {
     /// Make a worker's state and install the current-request slot.
     pub fn new(opts: &VmOptions) -> mlua::Result<LuaVm> {
         let lua = new_state(opts)?;
-        lua.set_app_data(crate::lua::request::Current::default());
         Ok(LuaVm {
             lua,
             cache: Default::default(),

@@ -3,6 +3,7 @@
 
 pub mod cjson;
 pub mod consts;
+pub mod coroutine;
 pub mod ctx;
 pub mod exit;
 pub mod header;
@@ -11,9 +12,12 @@ pub mod misc;
 pub mod output;
 pub mod re;
 pub mod req;
+pub mod semaphore;
 pub mod shdict;
 pub mod sleep;
 pub mod string;
+pub mod thread;
 pub mod time;
+pub mod timer;
 pub mod var;
 pub mod worker;
