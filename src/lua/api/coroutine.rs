@@ -116,3 +116,71 @@ pub fn register(lua: &Lua) -> mlua::Result<()> {
     lua.set_app_data(Driver(run_light));
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    //! Guards the mlua internals the wrappers rely on (the pending marker and the terminate
+    //! signal sent to frames of the `__mlua_async_poll` chunk): an mlua upgrade that changes
+    //! them fails here.
+
+    use std::cell::Cell;
+    use std::future::Future;
+    use std::rc::Rc;
+    use std::task::Poll;
+
+    use crate::lua::vm::{new_state, VmOptions};
+
+    struct Flag(Rc<Cell<bool>>);
+
+    impl Drop for Flag {
+        fn drop(&mut self) {
+            self.0.set(true);
+        }
+    }
+
+    fn run(code: &str) -> (bool, bool) {
+        let lua = new_state(&VmOptions::standalone(".".into())).expect("state");
+        let dropped = Rc::new(Cell::new(false));
+        let d = dropped.clone();
+        let wait = lua
+            .create_async_function(move |_, ()| {
+                let flag = Flag(d.clone());
+                async move {
+                    let _flag = flag;
+                    std::future::pending::<()>().await;
+                    Ok(())
+                }
+            })
+            .expect("function");
+        lua.globals().set("wait_forever", wait).expect("set");
+        let f = lua.load(code).into_function().expect("chunk");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let pending = rt.block_on(async {
+            let mut fut = Box::pin(f.call_async::<()>(()));
+            let first = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await;
+            first.is_pending()
+        });
+        (pending, dropped.get())
+    }
+
+    #[test]
+    fn a_wait_in_a_user_coroutine_suspends_the_caller_and_is_dropped_with_it() {
+        let (pending, dropped) = run("coroutine.wrap(function() wait_forever() end)()");
+        assert!(pending, "the wait did not reach the caller");
+        assert!(dropped, "the inner wait outlived the dropped caller");
+    }
+
+    #[test]
+    fn nested_coroutines_pass_the_wait_and_the_drop() {
+        let (pending, dropped) = run("local outer = coroutine.create(function()
+                 local inner = coroutine.create(function() wait_forever() end)
+                 coroutine.resume(inner)
+             end)
+             coroutine.resume(outer)");
+        assert!(pending);
+        assert!(dropped);
+    }
+}
