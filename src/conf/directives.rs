@@ -116,7 +116,7 @@ pub const LUA: &[C] = &[
     // timers, light threads (src/lua/api/timer.rs, thread.rs)
     C::new("lua_max_pending_timers", HTTP, Exactly(1)).unique(),
     C::new("lua_max_running_timers", HTTP, Exactly(1)).unique(),
-    C::new("lua_check_client_abort", HSL, Flag).unique(),
+    C::new("lua_check_client_abort", HSL | LOCATION_IF, Flag).unique(),
 ];
 
 /// Directives that fill real nginx configs but mean nothing here: accepted, ignored, noticed.
