@@ -482,10 +482,18 @@ fn on_abort_runs_callback_when_client_leaves() {
                 ngx.shared.d:set("plain_finished", "yes")
             }}
         }}
+        location /flushed {{
+            content_by_lua_block {{
+                ngx.on_abort(function() ngx.shared.d:set("flushed_abort", ngx.get_phase()) end)
+                ngx.say("head and some body")
+                ngx.flush(true)
+                ngx.sleep(3)
+            }}
+        }}
 {GET_LOC}"#
         ),
     );
-    for path in ["/watch", "/plain"] {
+    for path in ["/watch", "/plain", "/flushed"] {
         let mut c = TcpStream::connect(s.addr()).expect("connect");
         c.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
             .expect("write");
@@ -497,6 +505,8 @@ fn on_abort_runs_callback_when_client_leaves() {
         "callback /watch\n"
     );
     assert_eq!(s.get("/get?k=registered").text(), "1\n");
+    // After the head went out the body stream closing is the signal.
+    assert_eq!(wait_body(&s, "/get?k=flushed_abort", "content\n"), "content\n");
     assert_eq!(s.get("/get?k=dup").text(), "duplicate call\n");
     // Without a callback the request is aborted with 499 (and never finishes its sleep).
     let deadline = Instant::now() + Duration::from_secs(5);
