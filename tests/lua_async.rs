@@ -64,8 +64,9 @@ fn timer_at_fires_with_args_in_timer_phase_and_writes_shared_dict() {
         location /t {{
             content_by_lua_block {{
                 local ok, err = ngx.timer.at(0.05, function(premature, a, b)
+                    ngx.ctx.x = a
                     ngx.sleep(0.01)
-                    ngx.shared.d:set("fired", table.concat({{tostring(premature), a, b, ngx.get_phase()}}, ","))
+                    ngx.shared.d:set("fired", table.concat({{tostring(premature), ngx.ctx.x, b, ngx.get_phase()}}, ","))
                 end, "x", "y")
                 ngx.say(ok, " ", err, " ", ngx.timer.pending_count())
             }}
@@ -506,7 +507,10 @@ fn on_abort_runs_callback_when_client_leaves() {
     );
     assert_eq!(s.get("/get?k=registered").text(), "1\n");
     // After the head went out the body stream closing is the signal.
-    assert_eq!(wait_body(&s, "/get?k=flushed_abort", "content\n"), "content\n");
+    assert_eq!(
+        wait_body(&s, "/get?k=flushed_abort", "content\n"),
+        "content\n"
+    );
     assert_eq!(s.get("/get?k=dup").text(), "duplicate call\n");
     // Without a callback the request is aborted with 499 (and never finishes its sleep).
     let deadline = Instant::now() + Duration::from_secs(5);

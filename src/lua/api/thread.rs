@@ -31,6 +31,8 @@ pub struct Sched {
     threads: RefCell<Vec<Rc<Light>>>,
     /// `ngx.exit` in a request-less handler (timer): the whole run ends.
     pub exited: Cell<bool>,
+    /// `ngx.ctx` of a request-less handler (timer).
+    ctx: RefCell<Option<mlua::RegistryKey>>,
 }
 
 struct Light {
@@ -517,4 +519,28 @@ pub fn exit_detached(lua: &Lua) -> bool {
         }
         None => false,
     }
+}
+
+/// `ngx.ctx` outside a request: one table per timer run (made on first use, or `set`).
+pub fn detached_ctx(lua: &Lua, set: Option<Table>) -> mlua::Result<Value> {
+    let Some(s) = existing_sched(lua) else {
+        return Err(mlua::Error::runtime("no request found"));
+    };
+    if let Some(t) = set {
+        let key = lua.create_registry_value(&t)?;
+        *s.ctx.borrow_mut() = Some(key);
+        return Ok(Value::Table(t));
+    }
+    let existing = s
+        .ctx
+        .borrow()
+        .as_ref()
+        .map(|k| lua.registry_value::<Value>(k));
+    if let Some(v) = existing {
+        return v;
+    }
+    let t = lua.create_table()?;
+    let key = lua.create_registry_value(&t)?;
+    *s.ctx.borrow_mut() = Some(key);
+    Ok(Value::Table(t))
 }
