@@ -208,12 +208,24 @@ fn init_worker_timer_runs_background_work() {
             ngx.shared.d:incr("ticks", 1, 0)
         end
         assert(ngx.timer.every(0.02, tick))
-        assert(ngx.timer.at(0, function() ngx.shared.d:set("phase", ngx.get_phase()) end))
+        assert(ngx.timer.at(0, function()
+            -- light threads work in timers too
+            local a = ngx.thread.spawn(function() ngx.sleep(0.01) return "a" end)
+            local b = ngx.thread.spawn(function() return "b" end)
+            local _, ra = ngx.thread.wait(a)
+            local _, rb = ngx.thread.wait(b)
+            local co = coroutine.create(function() return ngx.thread.wait(b) end)
+            local _, ok, err = pcall(coroutine.resume, co)
+            ngx.shared.d:set("threads", ra .. rb .. " " .. tostring(err))
+            ngx.shared.d:set("phase", ngx.get_phase())
+        end))
     }}"#
         ),
         GET_LOC,
     );
-    assert_eq!(wait_body(&s, "/get?k=phase", "timer\n"), "timer\n");
+    assert_eq!(wait_body(&s, "/get?k=phase", "timer\n"), "timer\n", "{}", s.error_log());
+    let threads = s.get("/get?k=threads").text();
+    assert!(threads.starts_with("ab ") && threads.contains("only the parent coroutine can wait on the thread"), "{threads}");
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let n: i64 = s.get("/get?k=ticks").text().trim().parse().unwrap_or(0);
