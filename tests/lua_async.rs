@@ -223,9 +223,18 @@ fn init_worker_timer_runs_background_work() {
         ),
         GET_LOC,
     );
-    assert_eq!(wait_body(&s, "/get?k=phase", "timer\n"), "timer\n", "{}", s.error_log());
+    assert_eq!(
+        wait_body(&s, "/get?k=phase", "timer\n"),
+        "timer\n",
+        "{}",
+        s.error_log()
+    );
     let threads = s.get("/get?k=threads").text();
-    assert!(threads.starts_with("ab ") && threads.contains("only the parent coroutine can wait on the thread"), "{threads}");
+    assert!(
+        threads.starts_with("ab ")
+            && threads.contains("only the parent coroutine can wait on the thread"),
+        "{threads}"
+    );
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let n: i64 = s.get("/get?k=ticks").text().trim().parse().unwrap_or(0);
