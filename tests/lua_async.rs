@@ -711,3 +711,22 @@ fn killed_request_drops_waits_of_its_coroutines() {
     assert_eq!(s.get("/t").text(), "-1\n");
     assert_eq!(s.get("/count").text(), "0\n");
 }
+
+#[test]
+fn resty_waits_for_the_timers_it_started() {
+    let out = std::process::Command::new(common::bin())
+        .args([
+            "resty",
+            "-e",
+            "ngx.timer.at(0.05, function(p) ngx.say('timer ', tostring(p), ' ', ngx.get_phase()) end) ngx.say('main')",
+        ])
+        .output()
+        .expect("run tidegate resty");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "main\ntimer false timer\n",
+        "{err}"
+    );
+}

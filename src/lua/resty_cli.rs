@@ -160,6 +160,13 @@ fn run_invocation(prefix: &Path, inv: &Invocation, sink: Sink) -> i32 {
                 _ = exit.notify.notified() => return Ok(exit.code.get()),
             }
         }
+        // Like OpenResty's resty, stay until the timers the script started have run.
+        while crate::lua::api::timer::busy(&lua) > 0 {
+            tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_millis(5)) => {}
+                _ = exit.notify.notified() => return Ok(exit.code.get()),
+            }
+        }
         Ok(0)
     });
     match outcome {
