@@ -59,9 +59,7 @@ impl<F: Future<Output = mlua::Result<MultiValue>>> Future for Runner<'_, F> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Ended> {
         let this = self.get_mut();
         let Some(c) = this.lua.app_data_ref::<Current>() else {
-            return Poll::Ready(Ended::Done(Err(mlua::Error::runtime(
-                "Lua state without a request slot",
-            ))));
+            return Poll::Ready(Ended::Done(Err(no_slot())));
         };
         let prev_req = c.req.replace(this.req.clone());
         let prev_phase = c.phase.replace(this.phase);
@@ -94,19 +92,33 @@ impl<F: Future<Output = mlua::Result<MultiValue>>> Future for Runner<'_, F> {
                 .req
                 .as_ref()
                 .is_some_and(|rc| rc.st.borrow().exit.is_some());
-        let sched = self_sched(this.lua);
-        let idle = match (&sched, stop) {
-            (Some(s), false) => s.poll_threads(this.lua, cx),
-            (Some(s), true) => s.idle(),
-            (None, _) => true,
+        // Light threads run with the same request installed; most handlers have none, and
+        // then one app-data lookup both sees that and restores the previous state.
+        let mut idle = true;
+        let Some(c) = this.lua.app_data_ref::<Current>() else {
+            return Poll::Ready(Ended::Done(Err(no_slot())));
         };
-
-        if let Some(c) = this.lua.app_data_ref::<Current>() {
-            this.sched = c.sched.replace(prev_sched);
-            *c.req.borrow_mut() = prev_req;
-            *c.phase.borrow_mut() = prev_phase;
-            c.runner.set(prev_runner);
-        }
+        let sched = c.sched.borrow().clone();
+        let c = match &sched {
+            None => c,
+            Some(s) => {
+                drop(c);
+                idle = if stop {
+                    s.idle()
+                } else {
+                    s.poll_threads(this.lua, cx)
+                };
+                let Some(c) = this.lua.app_data_ref::<Current>() else {
+                    return Poll::Ready(Ended::Done(Err(no_slot())));
+                };
+                c
+            }
+        };
+        this.sched = c.sched.replace(prev_sched);
+        *c.req.borrow_mut() = prev_req;
+        *c.phase.borrow_mut() = prev_phase;
+        c.runner.set(prev_runner);
+        drop(c);
         if let Some(rc) = &this.req {
             if rc.st.borrow().eof_sent {
                 // Nothing left to protect, and the watch must not hold the body stream open.
@@ -133,9 +145,8 @@ impl<F: Future<Output = mlua::Result<MultiValue>>> Future for Runner<'_, F> {
     }
 }
 
-fn self_sched(lua: &Lua) -> Option<Rc<Sched>> {
-    lua.app_data_ref::<Current>()
-        .and_then(|c| c.sched.borrow().clone())
+fn no_slot() -> mlua::Error {
+    mlua::Error::runtime("Lua state without a request slot")
 }
 
 /// Notices the client closing the connection while a handler runs: before the head is
