@@ -548,6 +548,16 @@ fn on_abort_runs_callback_when_client_leaves() {
                 ngx.shared.d:set("plain_finished", "yes")
             }}
         }}
+        location /ignore {{
+            rewrite_by_lua_block {{
+                ngx.on_abort(function() ngx.shared.d:set("ignore_cb", ngx.get_phase()) end)
+                ngx.sleep(0.5)
+            }}
+            content_by_lua_block {{
+                ngx.sleep(0.2)
+                ngx.shared.d:set("ignore_finished", "yes")
+            }}
+        }}
         location /flushed {{
             content_by_lua_block {{
                 ngx.on_abort(function() ngx.shared.d:set("flushed_abort", ngx.get_phase()) end)
@@ -559,7 +569,7 @@ fn on_abort_runs_callback_when_client_leaves() {
 {GET_LOC}"#
         ),
     );
-    for path in ["/watch", "/plain", "/flushed"] {
+    for path in ["/watch", "/plain", "/flushed", "/ignore"] {
         let mut c = TcpStream::connect(s.addr()).expect("connect");
         c.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
             .expect("write");
@@ -571,6 +581,9 @@ fn on_abort_runs_callback_when_client_leaves() {
         "callback /watch\n"
     );
     assert_eq!(s.get("/get?k=registered").text(), "1\n");
+    // A callback that does nothing lets the request go on, in later phases too.
+    assert_eq!(wait_body(&s, "/get?k=ignore_finished", "yes\n"), "yes\n");
+    assert_eq!(s.get("/get?k=ignore_cb").text(), "rewrite\n");
     // After the head went out the body stream closing is the signal.
     assert_eq!(
         wait_body(&s, "/get?k=flushed_abort", "content\n"),

@@ -415,7 +415,7 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
                 return nil_err(lua, "duplicate call");
             }
             rc.st.borrow_mut().on_abort = Some(OnAbort {
-                func: f,
+                func: Some(f),
                 parent: running_id(lua),
             });
             Ok(MultiValue::from_iter([Value::Integer(1)]))
@@ -424,31 +424,36 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     Ok(())
 }
 
-/// A registered `ngx.on_abort` callback (kept in the request's state).
+/// A registered `ngx.on_abort` callback (kept in the request's state); `func` is taken when
+/// it runs, and the request then ignores the closed connection, as OpenResty does.
 #[derive(Debug)]
 pub struct OnAbort {
-    func: Function,
+    func: Option<Function>,
     parent: usize,
 }
 
 /// The client went away: run the request's `ngx.on_abort` callback as a light thread of the
 /// running handler. Returns false when there is none (the caller then aborts the request).
 pub fn fire_on_abort(lua: &Lua, rc: &crate::http::request::ReqCtx, cx: &mut Context<'_>) -> bool {
-    let cb = rc.st.borrow_mut().on_abort.take();
-    let Some(cb) = cb else {
-        return false;
+    let cb = match rc.st.borrow_mut().on_abort.as_mut() {
+        None => return false,
+        Some(o) => o.func.take().map(|f| (f, o.parent)),
+    };
+    let Some((func, parent)) = cb else {
+        // The callback already ran (in an earlier phase): it decided what to do.
+        return true;
     };
     let Some(sched) = sched(lua) else {
         return false;
     };
-    let co = match lua.create_thread(cb.func) {
+    let co = match lua.create_thread(func) {
         Ok(co) => co,
         Err(e) => {
             log_error(lua, &format!("failed to run the on_abort callback: {}", e));
             return true;
         }
     };
-    if let Err(e) = sched.start(lua, cx, co, cb.parent, MultiValue::new()) {
+    if let Err(e) = sched.start(lua, cx, co, parent, MultiValue::new()) {
         log_error(lua, &format!("failed to run the on_abort callback: {}", e));
     }
     true
