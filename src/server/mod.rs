@@ -139,6 +139,15 @@ pub fn run(opts: LoadOptions) -> i32 {
             Err(_) => return 1,
         }
     }
+    let code = master_loop(opts, cfg, zones, &handles);
+    for (h, _) in handles {
+        let _ = h.join();
+    }
+    code
+}
+
+/// Write the pid file and say we started.
+fn write_pid(cfg: &Config, workers: usize) {
     if let Some(dir) = cfg.pid.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
@@ -154,11 +163,6 @@ pub fn run(opts: LoadOptions) -> i32 {
         None,
         &format!("tidegate/{} started, {} worker(s)", crate::VERSION, workers),
     );
-    let code = master_loop(opts, cfg, zones, &handles);
-    for (h, _) in handles {
-        let _ = h.join();
-    }
-    code
 }
 
 /// The signal loop of the main thread.
@@ -192,6 +196,9 @@ fn master_loop(
         ) else {
             return 1;
         };
+        // The pid file appears only once the signal handlers are in place: whoever reads it
+        // may signal at once, and SIGQUIT's default action would kill us.
+        write_pid(&cfg, workers.len());
         loop {
             tokio::select! {
                 _ = hup.recv() => {
