@@ -127,6 +127,7 @@ fn new_request(
         body_tx: None,
         extra_vars: Default::default(),
         error_page_done: false,
+        balancer: None,
     };
     conn.requests.set(conn.requests.get() + 1);
     Ok(Rc::new(ReqCtx {
