@@ -79,10 +79,8 @@ fn balancer_module(lua: &Lua) -> mlua::Result<Table> {
                 let mut n = count;
                 let mut warn = None;
                 if let Some(left) = c.tries_left {
-                    // The current try is part of the limit.
-                    let max_more = left.saturating_sub(1);
-                    if n > max_more {
-                        n = max_more;
+                    if n > left {
+                        n = left;
                         warn = Some("reduced tries due to limit");
                     }
                 }

@@ -156,10 +156,20 @@ impl PeerState {
         }
     }
 
-    /// The latency estimate (ms) decayed to `now`, None before the first sample.
-    pub fn ewma_estimate(&self, _now: u64, _decay_ms: u64) -> Option<f64> {
+    /// The latency estimate (ms) decayed toward zero since the last sample (as Finagle's
+    /// peak EWMA reads it), so a peer that was slow once gets tried again after a while.
+    /// None before the first sample; `decay_ms` 0 reads the raw value.
+    pub fn ewma_estimate(&self, now: u64, decay_ms: u64) -> Option<f64> {
         let bits = self.ewma.load(Relaxed);
-        (bits != NO_SAMPLE).then(|| f64::from_bits(bits))
+        if bits == NO_SAMPLE {
+            return None;
+        }
+        let v = f64::from_bits(bits);
+        if decay_ms == 0 {
+            return Some(v);
+        }
+        let dt = now.saturating_sub(self.ewma_at.load(Relaxed)) as f64;
+        Some(v * (-dt / decay_ms as f64).exp())
     }
 
     /// Feed one response time: peaks are taken at once, improvements are averaged in with
@@ -399,6 +409,10 @@ impl Upstream {
 
     /// Per-peer view for metrics and `ngx.upstream`.
     pub fn peer_status(&self, now: u64) -> Vec<PeerStatus> {
+        let decay = match self.conf.method {
+            Balance::Ewma { decay_ms } => decay_ms,
+            _ => 0,
+        };
         self.primary
             .iter()
             .chain(self.backup.iter())
@@ -415,7 +429,7 @@ impl Upstream {
                 healthy: p.st.healthy.load(Relaxed),
                 breaker: p.st.breaker_state(now),
                 requests: p.st.requests.load(Relaxed),
-                ewma_ms: p.st.ewma_estimate(now, 0),
+                ewma_ms: p.st.ewma_estimate(now, decay),
                 usable: p.usable(now, self.primary.len() == 1 && self.backup.is_empty()),
             })
             .collect()
@@ -500,7 +514,8 @@ pub struct BalancerCall {
     /// Seconds -> ms; 0 means "inherit".
     pub timeouts: Option<(u64, u64, u64)>,
     pub last_failure: Option<(&'static str, u16)>,
-    /// proxy_next_upstream_tries (0: unlimited) minus tries done, for set_more_tries's warning.
+    /// How many tries set_more_tries may still add (proxy_next_upstream_tries minus the tries
+    /// already allowed), for its "reduced tries due to limit".
     pub tries_left: Option<u32>,
 }
 
@@ -526,7 +541,8 @@ pub struct Picker {
     last_failure: Option<(&'static str, u16)>,
     more_tries: u32,
     tries_limit: Option<u32>,
-    /// Tries allowed once balancer_by_lua set a peer (1 + more tries).
+    /// Tries allowed with balancer_by_lua: the upstream's own count, plus every
+    /// set_more_tries (OpenResty adds them up).
     lua_tries: Option<u32>,
     timeouts: Option<(u64, u64, u64)>,
     exit_status: Option<u16>,
@@ -581,9 +597,10 @@ impl Picker {
         use crate::lua::phase::Outcome;
         let prev_phase = {
             let mut st = rc.st.borrow_mut();
+            let allowed = self.lua_tries.unwrap_or_else(|| self.up.tries());
             st.balancer = Some(Box::new(BalancerCall {
                 last_failure: self.last_failure,
-                tries_left: self.tries_limit,
+                tries_left: self.tries_limit.map(|l| l.saturating_sub(allowed)),
                 ..Default::default()
             }));
             st.phase
@@ -610,9 +627,11 @@ impl Picker {
             }
         }
         let Some(call) = call else { return Ok(None) };
+        let allowed = self.lua_tries.unwrap_or_else(|| self.up.tries());
+        self.lua_tries = Some(allowed);
         if let Some(n) = call.more_tries {
             self.more_tries = n;
-            self.lua_tries = Some(1 + n);
+            self.lua_tries = Some(allowed + n);
         }
         if let Some(t) = call.timeouts {
             self.timeouts = Some(t);
@@ -620,9 +639,6 @@ impl Picker {
         let Some((addr, host)) = call.peer else {
             return Ok(None);
         };
-        if self.lua_tries.is_none() {
-            self.lua_tries = Some(1);
-        }
         // A peer that is one of the upstream's servers shares its counters and breaker.
         let slot = self
             .up
@@ -858,8 +874,9 @@ impl Picker {
         self.more_tries
     }
 
-    /// nginx's `peer.tries`: how many tries this request may make (the proxy also applies
-    /// proxy_next_upstream_tries). With a Lua-chosen peer: 1 + set_more_tries.
+    /// nginx's `peer.tries`: how many tries this request may make in all (the proxy also
+    /// applies proxy_next_upstream_tries). With balancer_by_lua: the upstream's count (1 for
+    /// the usual placeholder server) plus every `set_more_tries`.
     pub fn tries(&self) -> u32 {
         self.lua_tries.unwrap_or_else(|| self.up.tries())
     }

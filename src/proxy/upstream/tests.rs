@@ -531,3 +531,23 @@ fn reload_keeps_peer_state() {
     assert!(Arc::ptr_eq(&u1.primary[0].st, &u2.primary[0].st));
     assert_eq!(u2.primary[1].st.fails.load(Relaxed), 0);
 }
+
+#[test]
+fn ewma_peaks_at_once_and_decays_when_idle() {
+    let st = PeerState::new(1, None);
+    assert_eq!(st.ewma_estimate(0, 1000), None);
+    st.ewma_observe(1000, 10.0, 1000);
+    st.ewma_observe(1000, 100.0, 1000);
+    assert_eq!(
+        st.ewma_estimate(1000, 1000),
+        Some(100.0),
+        "a slower sample is taken at once"
+    );
+    // One decay time later with no samples: e^-1 of it.
+    let e = st.ewma_estimate(2000, 1000).expect("estimate");
+    assert!((e - 36.79).abs() < 0.1, "{}", e);
+    // A fast sample after a while is averaged in.
+    st.ewma_observe(2000, 10.0, 1000);
+    let e = st.ewma_estimate(2000, 1000).expect("estimate");
+    assert!(e > 10.0 && e < 100.0, "{}", e);
+}
