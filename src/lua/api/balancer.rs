@@ -159,10 +159,12 @@ fn parse_peer(addr: &str, port: u16) -> Result<SocketAddr, &'static str> {
     Err("no host allowed")
 }
 
+/// The worker's upstreams; none outside a server (`tidegate resty`, `tidegate spec`).
 fn upstreams(lua: &Lua) -> mlua::Result<std::sync::Arc<crate::proxy::upstream::UpstreamSet>> {
-    lua.app_data_ref::<LuaUpstreams>()
+    Ok(lua
+        .app_data_ref::<LuaUpstreams>()
         .map(|u| u.0.clone())
-        .ok_or_else(|| mlua::Error::runtime("no upstreams"))
+        .unwrap_or_default())
 }
 
 fn upstream_module(lua: &Lua) -> mlua::Result<Table> {
