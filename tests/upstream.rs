@@ -23,7 +23,12 @@ pub struct Backend {
 
 impl Backend {
     pub fn start(status: u16, name: &str) -> Backend {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind backend");
+        Backend::start_on(0, status, name)
+    }
+
+    /// On a given port (0: any), e.g. to bring back a peer that was refusing.
+    pub fn start_on(port: u16, status: u16, name: &str) -> Backend {
+        let l = TcpListener::bind(("127.0.0.1", port)).expect("bind backend");
         l.set_nonblocking(true).expect("nonblocking");
         let addr = l.local_addr().expect("addr");
         let status = Arc::new(AtomicU16::new(status));
