@@ -13,5 +13,6 @@ pub fn install(lua: &Lua) -> mlua::Result<()> {
     }
     crate::lua::api::re::preload(lua)?;
     crate::lua::api::semaphore::preload(lua)?;
+    crate::lua::api::balancer::preload(lua)?;
     Ok(())
 }

@@ -129,6 +129,7 @@ impl UserData for Semaphore {
                         Phase::HeaderFilter,
                         Phase::BodyFilter,
                         Phase::Log,
+                        Phase::Balancer,
                         Phase::Timer,
                     ],
                 )?;

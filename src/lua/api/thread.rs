@@ -278,6 +278,7 @@ const SPAWN_PHASES: &[Phase] = &[
     Phase::HeaderFilter,
     Phase::BodyFilter,
     Phase::Log,
+    Phase::Balancer,
     Phase::Timer,
     Phase::InitWorker,
 ];

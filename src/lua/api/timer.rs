@@ -79,6 +79,7 @@ const TIMER_PHASES: &[Phase] = &[
     Phase::HeaderFilter,
     Phase::BodyFilter,
     Phase::Log,
+    Phase::Balancer,
     Phase::Timer,
 ];
 
