@@ -13,6 +13,8 @@ pub mod re;
 pub mod req;
 pub mod shdict;
 pub mod sleep;
+pub mod socket_tcp;
+pub mod socket_udp;
 pub mod string;
 pub mod time;
 pub mod var;
