@@ -213,6 +213,13 @@ pub fn track(owner: Weak<ReqCtx>, sock: Weak<dyn Orphan>) {
 
 // ---- operations ----
 
+/// nginx refreshes its cached clock on every event loop turn, so `ngx.now()` moves across a
+/// cosocket wait.
+pub fn after_wait<T>(r: T) -> T {
+    crate::lua::api::time::update_cached_time();
+    r
+}
+
 fn default_key(host: &str, port: Option<u16>) -> String {
     match port {
         Some(p) => format!("{}:{}", host, p),
@@ -869,7 +876,7 @@ fn receiveuntil(lua: &Lua, s: &Shared, args: MultiValue) -> mlua::Result<MultiVa
             )
             .await;
             *state.borrow_mut() = u;
-            finish_read(&lua, &s, rd, buf, gen, r, None)
+            after_wait(finish_read(&lua, &s, rd, buf, gen, r, None))
         }
     })?;
     Ok(one(Value::Function(f)))
@@ -888,7 +895,7 @@ impl UserData for TcpSock {
             "connect",
             |lua, this: UserDataRef<TcpSock>, args: MultiValue| {
                 let s = this.0.clone();
-                async move { connect(lua, s, args).await }
+                async move { after_wait(connect(lua, s, args).await) }
             },
         );
         m.add_async_method(
@@ -898,7 +905,7 @@ impl UserData for TcpSock {
                 let parsed = receive_args(&args);
                 async move {
                     let (want, prefix) = parsed?;
-                    receive(lua, s, want, prefix).await
+                    after_wait(receive(lua, s, want, prefix).await)
                 }
             },
         );
@@ -913,7 +920,7 @@ impl UserData for TcpSock {
                         "bad argument #2 to 'receiveany' (bad max argument)",
                     )),
                 };
-                async move { receive(lua, s, Want::Any(max?), None).await }
+                async move { after_wait(receive(lua, s, Want::Any(max?), None).await) }
             },
         );
         m.add_method("receiveuntil", |lua, this, args: MultiValue| {
@@ -921,13 +928,13 @@ impl UserData for TcpSock {
         });
         m.add_async_method("send", |lua, this: UserDataRef<TcpSock>, data: Value| {
             let s = this.0.clone();
-            async move { send(lua, s, data).await }
+            async move { after_wait(send(lua, s, data).await) }
         });
         m.add_async_method(
             "sslhandshake",
             |lua, this: UserDataRef<TcpSock>, args: MultiValue| {
                 let s = this.0.clone();
-                async move { sslhandshake(lua, s, args).await }
+                async move { after_wait(sslhandshake(lua, s, args).await) }
             },
         );
         m.add_method("settimeout", |_, this, t: Option<f64>| {
@@ -992,7 +999,7 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
         lua.create_async_function(|lua, args: Variadic<Value>| async move {
             let ud = new_tcp(&lua)?;
             let s = ud.borrow::<TcpSock>()?.0.clone();
-            let r = connect(lua.clone(), s, MultiValue::from_iter(args)).await?;
+            let r = after_wait(connect(lua.clone(), s, MultiValue::from_iter(args)).await)?;
             match r.front() {
                 Some(Value::Integer(1)) => Ok(one(Value::UserData(ud))),
                 _ => Ok(r),

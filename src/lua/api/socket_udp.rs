@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use mlua::{Lua, MultiValue, Table, UserData, UserDataMethods, UserDataRef, Value};
 use tokio::net::{UdpSocket, UnixDatagram};
 
-use super::socket_tcp::{conf_of, log_error, track, Orphan};
+use super::socket_tcp::{after_wait, conf_of, log_error, track, Orphan};
 use crate::conf::model::LocConf;
 use crate::net::stream;
 
@@ -230,18 +230,18 @@ impl UserData for UdpSock {
             "setpeername",
             |lua, this: UserDataRef<UdpSock>, args: MultiValue| {
                 let u = this.0.clone();
-                async move { setpeername(lua, u, args).await }
+                async move { after_wait(setpeername(lua, u, args).await) }
             },
         );
         m.add_async_method("send", |lua, this: UserDataRef<UdpSock>, data: Value| {
             let u = this.0.clone();
-            async move { send(lua, u, data).await }
+            async move { after_wait(send(lua, u, data).await) }
         });
         m.add_async_method(
             "receive",
             |lua, this: UserDataRef<UdpSock>, size: Option<f64>| {
                 let u = this.0.clone();
-                async move { receive(lua, u, size).await }
+                async move { after_wait(receive(lua, u, size).await) }
             },
         );
         m.add_method("settimeout", |_, this, t: Option<f64>| {
