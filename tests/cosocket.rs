@@ -915,3 +915,57 @@ fn sslhandshake_verifies_against_trusted_certificate() {
     );
     assert_eq!(get(&s, "/noverify").1, "true\ntls x\n");
 }
+
+#[test]
+fn close_wakes_a_blocked_reader_and_log_errors_off_is_quiet() {
+    let (silent, _) = peer(|s| {
+        std::thread::sleep(Duration::from_secs(5));
+        drop(s);
+    });
+    let s = start_with(
+        "lua_socket_log_errors off;",
+        &r#"
+        location /read {
+            content_by_lua_block {
+                local sock = ngx.socket.tcp()
+                sock:settimeout(4000)
+                assert(sock:connect("127.0.0.1", SILENT))
+                SHARED_SOCK = sock   -- per-worker global: another request closes it
+                local t = ngx.now()
+                local d, err = sock:receive()
+                ngx.update_time()
+                ngx.say(err, " ", ngx.now() - t < 2)
+            }
+        }
+        location /close {
+            content_by_lua_block { ngx.say(SHARED_SOCK:close()) }
+        }
+        location /timeout {
+            content_by_lua_block {
+                local sock = ngx.socket.tcp()
+                sock:settimeout(50)
+                assert(sock:connect("127.0.0.1", SILENT))
+                ngx.say(select(2, sock:receive()))
+            }
+        }
+        "#
+        .replace("SILENT", &silent.to_string()),
+    );
+    let addr = s.addr();
+    let reader = std::thread::spawn(move || {
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(b"GET /read HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        common::read_response(&mut c).unwrap().text()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(get(&s, "/close").1, "1\n");
+    assert_eq!(reader.join().unwrap(), "closed true\n");
+    assert_eq!(get(&s, "/timeout").1, "timeout\n");
+    assert!(
+        !s.error_log().contains("timed out"),
+        "lua_socket_log_errors off: {}",
+        s.error_log()
+    );
+}

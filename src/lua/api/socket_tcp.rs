@@ -78,6 +78,8 @@ struct Sock {
     conf: Option<Arc<LocConf>>,
     /// The request that connected it (closed by the sweeper once the request is gone).
     owner: Option<Weak<ReqCtx>>,
+    /// Wakes operations in flight when the socket is closed under them.
+    cancel: Rc<tokio::sync::Notify>,
 }
 
 impl Sock {
@@ -88,6 +90,7 @@ impl Sock {
     }
 
     fn close(&mut self) {
+        self.cancel.notify_waiters();
         self.rd = None;
         self.wr = None;
         self.slot = None;
@@ -479,13 +482,30 @@ async fn receive(
         Err(e) => return nil_err(&lua, e),
     };
     let max = chunk.saturating_mul(MAX_LINE_BUFFERS);
-    let r = match want {
-        Want::Line => read::line(&mut rd, &mut buf, chunk, max, timeout).await,
-        Want::All => read::all(&mut rd, &mut buf, chunk, timeout).await,
-        Want::Bytes(n) => read::exact(&mut rd, &mut buf, n, chunk, timeout).await,
-        Want::Any(n) => read::any(&mut rd, &mut buf, n, chunk, timeout).await,
-    };
+    let (rdr, b) = (&mut rd, &mut buf);
+    let r = unless_closed(&s, async move {
+        match want {
+            Want::Line => read::line(rdr, b, chunk, max, timeout).await,
+            Want::All => read::all(rdr, b, chunk, timeout).await,
+            Want::Bytes(n) => read::exact(rdr, b, n, chunk, timeout).await,
+            Want::Any(n) => read::any(rdr, b, n, chunk, timeout).await,
+        }
+    })
+    .await;
     finish_read(&lua, &s, rd, buf, gen, r.map(Some), prefix)
+}
+
+/// Runs a read unless another light thread closes the socket meanwhile (then "closed").
+async fn unless_closed<T>(
+    s: &Shared,
+    op: impl std::future::Future<Output = Result<T, read::Failed>>,
+) -> Result<T, read::Failed> {
+    let cancel = s.borrow().cancel.clone();
+    let closed = cancel.notified();
+    tokio::select! {
+        r = op => r,
+        _ = closed => Err((ReadErr::Closed, Bytes::new())),
+    }
 }
 
 fn finish_read(
@@ -580,11 +600,15 @@ async fn send(lua: Lua, s: Shared, data: Value) -> mlua::Result<MultiValue> {
         s.borrow_mut().wr = Some(wr);
         return Ok(one(Value::Integer(0)));
     }
-    let r = tokio::time::timeout(timeout, async {
-        wr.write_all(&out).await?;
-        wr.flush().await
-    })
-    .await;
+    let cancel = s.borrow().cancel.clone();
+    let closed = cancel.notified();
+    let r = tokio::select! {
+        r = tokio::time::timeout(timeout, async {
+            wr.write_all(&out).await?;
+            wr.flush().await
+        }) => r,
+        _ = closed => Ok(Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof))),
+    };
     let err = match r {
         Ok(Ok(())) => None,
         Err(_) => Some(ReadErr::Timeout),
@@ -871,8 +895,11 @@ fn receiveuntil(lua: &Lua, s: &Shared, args: MultiValue) -> mlua::Result<MultiVa
             };
             let max = chunk.saturating_mul(MAX_LINE_BUFFERS);
             let mut u = std::mem::take(&mut *state.borrow_mut());
-            let r = read::until(
-                &mut rd, &mut buf, &mut u, &pat, inclusive, size, chunk, max, timeout,
+            let r = unless_closed(
+                &s,
+                read::until(
+                    &mut rd, &mut buf, &mut u, &pat, inclusive, size, chunk, max, timeout,
+                ),
             )
             .await;
             *state.borrow_mut() = u;
