@@ -969,3 +969,51 @@ fn close_wakes_a_blocked_reader_and_log_errors_off_is_quiet() {
         s.error_log()
     );
 }
+
+#[test]
+fn bad_net_directives_are_rejected_at_load() {
+    for (line, msg) in [
+        (
+            "resolver 127.0.0.1 ipv6=maybe;",
+            "invalid parameter \"ipv6=maybe\"",
+        ),
+        (
+            "resolver 127.0.0.1 valid=soon;",
+            "invalid parameter \"valid=soon\"",
+        ),
+        ("resolver 127.0.0.1:notaport;", "invalid port in resolver"),
+        (
+            "resolver_timeout forever;",
+            "\"resolver_timeout\" directive invalid value",
+        ),
+        ("lua_socket_pool_size 0;", "invalid value \"0\""),
+        (
+            "lua_socket_log_errors maybe;",
+            "it must be \"on\" or \"off\"",
+        ),
+        (
+            "lua_ssl_trusted_certificate missing.pem;",
+            "cannot load certificate",
+        ),
+        (
+            "resolver 127.0.0.1; resolver 127.0.0.2;",
+            "\"resolver\" directive is duplicate",
+        ),
+    ] {
+        let conf = http_conf(line);
+        let dir = common::prefix_with(&[("conf/nginx.conf", &conf)], common::free_port());
+        let (code, _, err) = common::run_cli(dir.path(), &["-c", "conf/nginx.conf", "-t"]);
+        assert_eq!(code, 1, "{}: {}", line, err);
+        assert!(err.contains(msg), "{}: {}", line, err);
+    }
+    let ok = http_conf(
+        "resolver 127.0.0.1:5353 [::1] valid=10s ipv6=off; resolver_timeout 5s;\n\
+         lua_socket_connect_timeout 1s; lua_socket_send_timeout 2s; lua_socket_read_timeout 500ms;\n\
+         lua_socket_buffer_size 8k; lua_socket_pool_size 5; lua_socket_keepalive_timeout 10s;\n\
+         lua_socket_log_errors off; lua_ssl_verify_depth 3;\n\
+         server { listen 127.0.0.1:PORT; location / { resolver 127.0.0.1; resolver_timeout 1s; lua_socket_read_timeout 1s; } }",
+    );
+    let dir = common::prefix_with(&[("conf/nginx.conf", &ok)], common::free_port());
+    let (code, out, err) = common::run_cli(dir.path(), &["-c", "conf/nginx.conf", "-t"]);
+    assert_eq!(code, 0, "{}{}", out, err);
+}
