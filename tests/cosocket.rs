@@ -888,6 +888,18 @@ fn sslhandshake_verifies_against_trusted_certificate() {
                 ngx.say(select(2, sock:send("x")))
             }
         }
+        location /pooled {
+            content_by_lua_block {
+                for i = 1, 2 do
+                    local sock = ngx.socket.tcp()
+                    assert(sock:connect("127.0.0.1", TLSPORT, {pool = "tls"}))
+                    local sess, err = sock:sslhandshake(nil, "localhost", true)
+                    sock:send("round " .. i .. "\n")
+                    ngx.say(sock:getreusedtimes(), " ", type(sess), " ", sock:receive())
+                    sock:setkeepalive()
+                end
+            }
+        }
         location /noverify {
             content_by_lua_block {
                 local sock = ngx.socket.tcp()
@@ -914,6 +926,10 @@ fn sslhandshake_verifies_against_trusted_certificate() {
         "nilcertificate host mismatch\nclosed\n"
     );
     assert_eq!(get(&s, "/noverify").1, "true\ntls x\n");
+    assert_eq!(
+        get(&s, "/pooled").1,
+        "0 userdata tls round 1\n1 userdata tls round 2\n"
+    );
 }
 
 #[test]
@@ -1016,4 +1032,35 @@ fn bad_net_directives_are_rejected_at_load() {
     let dir = common::prefix_with(&[("conf/nginx.conf", &ok)], common::free_port());
     let (code, out, err) = common::run_cli(dir.path(), &["-c", "conf/nginx.conf", "-t"]);
     assert_eq!(code, 0, "{}{}", out, err);
+}
+
+#[test]
+fn send_to_a_peer_that_never_reads_times_out() {
+    let (port, _) = peer(|s| {
+        std::thread::sleep(Duration::from_secs(4));
+        drop(s);
+    });
+    let s = start(
+        &r#"
+        location /t {
+            content_by_lua_block {
+                local sock = ngx.socket.tcp()
+                sock:settimeouts(1000, 200, 1000)
+                assert(sock:connect("127.0.0.1", PEER))
+                local big = string.rep("y", 1024 * 1024)
+                local t = ngx.now()
+                local sent, err
+                for i = 1, 64 do
+                    sent, err = sock:send(big)
+                    if not sent then break end
+                end
+                ngx.update_time()
+                ngx.say(sent, " ", err, " ", ngx.now() - t < 2)
+            }
+        }
+        "#
+        .replace("PEER", &port.to_string()),
+    );
+    assert_eq!(get(&s, "/t").1, "nil timeout true\n");
+    assert!(s.error_log().contains("lua tcp socket write timed out"));
 }

@@ -602,17 +602,25 @@ async fn send(lua: Lua, s: Shared, data: Value) -> mlua::Result<MultiValue> {
     }
     let cancel = s.borrow().cancel.clone();
     let closed = cancel.notified();
-    let r = tokio::select! {
-        r = tokio::time::timeout(timeout, async {
-            wr.write_all(&out).await?;
-            wr.flush().await
-        }) => r,
-        _ = closed => Ok(Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof))),
+    // The send timeout is re-armed whenever the peer takes some bytes, as nginx's write timer.
+    let write = async {
+        let mut off = 0;
+        while off < out.len() {
+            match tokio::time::timeout(timeout, wr.write(&out[off..])).await {
+                Err(_) => return Err(ReadErr::Timeout),
+                Ok(Ok(0)) => return Err(ReadErr::Io(std::io::ErrorKind::WriteZero.into())),
+                Ok(Ok(n)) => off += n,
+                Ok(Err(e)) => return Err(ReadErr::Io(e)),
+            }
+        }
+        match tokio::time::timeout(timeout, wr.flush()).await {
+            Err(_) => Err(ReadErr::Timeout),
+            Ok(r) => r.map_err(ReadErr::Io),
+        }
     };
-    let err = match r {
-        Ok(Ok(())) => None,
-        Err(_) => Some(ReadErr::Timeout),
-        Ok(Err(e)) => Some(ReadErr::Io(e)),
+    let err = tokio::select! {
+        r = write => r.err(),
+        _ = closed => Some(ReadErr::Closed),
     };
     let conf = {
         let mut st = s.borrow_mut();
@@ -728,8 +736,13 @@ async fn sslhandshake(lua: Lua, s: Shared, args: MultiValue) -> mlua::Result<Mul
     let (stream, gen, conf, host, timeout) = {
         let mut st = s.borrow_mut();
         if st.tls {
-            // OpenResty allows a second handshake call on an SSL socket only to reuse it.
-            return Ok(one(Value::Boolean(true)));
+            // A connection reused from a pool is already encrypted: nothing to do.
+            drop(st);
+            return if matches!(reused, Value::Boolean(false)) {
+                Ok(one(Value::Boolean(true)))
+            } else {
+                Ok(one(Value::UserData(lua.create_userdata(SslSession)?)))
+            };
         }
         let stream = match st.unsplit() {
             Ok(x) => x,
