@@ -1064,3 +1064,30 @@ fn send_to_a_peer_that_never_reads_times_out() {
     assert_eq!(get(&s, "/t").1, "nil timeout true\n");
     assert!(s.error_log().contains("lua tcp socket write timed out"));
 }
+
+#[test]
+fn init_worker_can_use_cosockets() {
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let tx = std::sync::Mutex::new(tx);
+    let (port, _) = peer(move |s| {
+        let mut l = String::new();
+        let _ = BufReader::new(s).read_line(&mut l);
+        let _ = tx.lock().unwrap().send(l);
+    });
+    let _s = start_with(
+        &r#"
+    init_worker_by_lua_block {
+        local sock = ngx.socket.tcp()
+        assert(sock:connect("127.0.0.1", PEER))
+        sock:send("hello from worker " .. ngx.worker.id() .. "\n")
+        sock:close()
+    }
+"#
+        .replace("PEER", &port.to_string()),
+        "location / { return 204; }",
+    );
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(5)).unwrap(),
+        "hello from worker 0\n"
+    );
+}
