@@ -97,6 +97,8 @@ fn send_and_every_receive_form() {
                 sock:settimeout(2000)
                 local ok, err = sock:connect("127.0.0.1", PEER)
                 ngx.say("connect: ", ok, " ", err)
+                ngx.say("nodelay: ", sock:getoption("tcp-nodelay"))
+                ngx.say("setoption: ", sock:setoption("keepalive", true), " ", sock:getoption("keepalive"))
                 local n = sock:send({"hello", " ", 42, {" nested", {"!"}}, "\n"})
                 ngx.say("sent: ", n)
                 ngx.say("line: ", sock:receive())
@@ -123,6 +125,8 @@ fn send_and_every_receive_form() {
     let (status, body) = get(&s, "/t");
     assert_eq!(status, 200, "{}\n{}", body, s.error_log());
     let expect = "connect: 1 nil\n\
+        nodelay: 1\n\
+        setoption: true 1\n\
         sent: 17\n\
         line: got hello 42 nested!\n\
         cr dropped: ab\n\

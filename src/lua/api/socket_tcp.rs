@@ -418,7 +418,12 @@ async fn connect_tcp(
                 addr
             )),
         )),
-        Ok(Ok(s)) => Ok(Stream::Tcp(s)),
+        Ok(Ok(s)) => {
+            // nginx's `tcp_nodelay on` (its default) applies to cosockets: request/response
+            // protocols must not wait on Nagle + delayed ACKs between two sends.
+            let _ = s.set_nodelay(true);
+            Ok(Stream::Tcp(s))
+        }
         Ok(Err(e)) => Err((
             stream::error_text(&e),
             Some(format!(
