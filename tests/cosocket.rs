@@ -1094,3 +1094,30 @@ fn init_worker_can_use_cosockets() {
         "hello from worker 0\n"
     );
 }
+
+#[test]
+fn udp_to_a_unix_datagram_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dgram.sock");
+    let server = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    server
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let s = start(
+        &r#"
+        location /t {
+            content_by_lua_block {
+                local u = ngx.socket.udp()
+                ngx.say(u:setpeername("unix:SOCKPATH"))
+                ngx.say(u:send("syslog line"))
+                ngx.say(select(2, ngx.socket.udp():setpeername("unix:SOCKPATH.missing")))
+            }
+        }
+        "#
+        .replace("SOCKPATH", path.to_str().unwrap()),
+    );
+    assert_eq!(get(&s, "/t").1, "1\n1\nno such file or directory\n");
+    let mut b = [0u8; 64];
+    let n = server.recv(&mut b).unwrap();
+    assert_eq!(&b[..n], b"syslog line");
+}
