@@ -332,6 +332,8 @@ fn pool_backlog_queues_and_limits_connects() {
     let hold = bg("/hold");
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(get(&s, "/short").1, "short nil timeout\n");
+    // The timed-out waiter left the queue: the next one queues (and times out) too.
+    assert_eq!(get(&s, "/short").1, "short nil timeout\n");
     hold.join().unwrap();
 }
 

@@ -151,6 +151,8 @@ pub async fn acquire(
             let mut p = pool.borrow_mut();
             match p.backlog {
                 Some(backlog) if p.active >= p.size => {
+                    // Waiters that gave up (timed out, request gone) no longer count.
+                    p.waiters.retain(|w| !w.is_closed());
                     if p.waiters.len() >= backlog {
                         return Err("too many waiting connect operations");
                     }
@@ -164,9 +166,26 @@ pub async fn acquire(
                 }
             }
         };
-        match tokio::time::timeout_at(deadline.into(), rx).await {
+        let mut waiting = Waiting { rx, pool };
+        match tokio::time::timeout_at(deadline.into(), &mut waiting.rx).await {
             Ok(_) => continue,
             Err(_) => return Err("timeout"),
+        }
+    }
+}
+
+/// A queued connect. If it is dropped after being woken but before it could use the room
+/// (its request ended, or its timeout fired at the same moment), the wake goes to the next.
+struct Waiting<'a> {
+    rx: oneshot::Receiver<()>,
+    pool: &'a Rc<RefCell<Pool>>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if self.rx.try_recv().is_ok() {
+            let w = self.pool.borrow_mut().waiters.pop_front();
+            wake(self.pool, w);
         }
     }
 }
