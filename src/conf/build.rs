@@ -54,6 +54,7 @@ pub fn load(opts: &LoadOptions) -> Result<Config, ConfError> {
     VAR_USES.with(|v| v.borrow_mut().clear());
     let mut b = Builder {
         prefix: opts.prefix.clone(),
+        conf_dir: conf_path.parent().unwrap_or(Path::new(".")).to_path_buf(),
         chunks: Vec::new(),
         declared: Vec::new(),
         notices: Vec::new(),
@@ -73,6 +74,8 @@ fn command(name: &str) -> Option<&'static table::Command> {
 
 struct Builder {
     prefix: PathBuf,
+    /// The directory of the main conf file: certificate paths are relative to it, as in nginx.
+    conf_dir: PathBuf,
     chunks: Vec<Arc<LuaChunk>>,
     declared: Vec<String>,
     notices: Vec<String>,
@@ -603,7 +606,7 @@ impl Builder {
             }
             "lua_socket_log_errors" => s.log_errors = arg(d, 0) == "on",
             "lua_ssl_trusted_certificate" => {
-                let p = self.path(arg(d, 0));
+                let p = self.conf_dir.join(arg(d, 0));
                 if !p.exists() {
                     return Err(ConfError::directive(
                         d,

@@ -58,6 +58,8 @@ fn register_all(lua: &Lua, ngx: &Table, opts: &VmOptions) -> mlua::Result<()> {
     consts::register(lua, ngx)?;
     log::register(lua, ngx)?;
     sleep::register(lua, ngx)?;
+    socket_tcp::register(lua, ngx)?;
+    socket_udp::register(lua, ngx)?;
     time::register(lua, ngx)?;
     string::register(lua, ngx)?;
     re::register(lua, ngx)?;

@@ -59,6 +59,11 @@ async fn build_env(
     );
     vm.lua
         .set_app_data(crate::proxy::upstream::LuaUpstreams(upstreams.clone()));
+    // Cosockets used without a request (timers, init_worker) take the http-level settings.
+    if let Some(c) = &cfg.http.conf {
+        vm.lua
+            .set_app_data(crate::lua::api::socket_tcp::HttpConf(c.clone()));
+    }
     if let Some(init) = &cfg.http.lua.init {
         run_chunk(&vm, init, Phase::Init)
             .await

@@ -17,6 +17,8 @@ pub mod req;
 pub mod semaphore;
 pub mod shdict;
 pub mod sleep;
+pub mod socket_tcp;
+pub mod socket_udp;
 pub mod string;
 pub mod thread;
 pub mod time;
