@@ -9,6 +9,7 @@ pub mod http;
 pub mod log;
 pub mod lua;
 pub mod net;
+pub mod proxy;
 pub mod server;
 pub mod shdict;
 

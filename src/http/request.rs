@@ -23,6 +23,8 @@ pub struct Env {
     pub worker_id: usize,
     /// Declared variable names (`set $x`), for `ngx.var.x = v` checks.
     pub declared: std::collections::HashSet<String>,
+    /// The `upstream {}` groups, shared by all workers.
+    pub upstreams: Arc<crate::proxy::upstream::UpstreamSet>,
 }
 
 /// The nginx phase a request (or a Lua call) is in, as `ngx.get_phase()` names it.
@@ -39,6 +41,8 @@ pub enum Phase {
     BodyFilter,
     Log,
     Timer,
+    /// balancer_by_lua, run per try inside the content phase.
+    Balancer,
 }
 
 impl Phase {
@@ -54,6 +58,7 @@ impl Phase {
             Phase::BodyFilter => "body_filter",
             Phase::Log => "log",
             Phase::Timer => "timer",
+            Phase::Balancer => "balancer",
         }
     }
 }
@@ -138,6 +143,8 @@ pub struct ReqState {
     /// `$upstream_*` and other late variables other rooms fill in.
     pub extra_vars: HashMap<&'static str, String>,
     pub error_page_done: bool,
+    /// `ngx.on_abort` callback (with `lua_check_client_abort on`).
+    pub on_abort: Option<crate::lua::api::thread::OnAbort>,
     /// The client address realip found (`$remote_addr`); `None`: the connection's.
     pub realip: Option<SocketAddr>,
     /// Map values computed for this request (and named captures of map regexes).
@@ -145,6 +152,8 @@ pub struct ReqState {
     /// The `max_in_flight` slot this request holds, and whether the check already ran.
     pub in_flight: Option<super::limits::InFlightGuard>,
     pub in_flight_checked: bool,
+    /// What `ngx.balancer` set during a balancer_by_lua run (src/proxy/upstream).
+    pub balancer: Option<Box<crate::proxy::upstream::BalancerCall>>,
 }
 
 impl ReqState {
@@ -257,6 +266,8 @@ impl ReqState {
             map_cache: Default::default(),
             in_flight: None,
             in_flight_checked: false,
+            on_abort: None,
+            balancer: None,
         }
     }
 }

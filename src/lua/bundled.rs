@@ -20,6 +20,8 @@ pub fn install(lua: &Lua) -> mlua::Result<()> {
         preload.set(name, lua.create_function(|lua, ()| lua.create_table())?)?;
     }
     crate::lua::api::re::preload(lua)?;
+    crate::lua::api::semaphore::preload(lua)?;
+    crate::lua::api::balancer::preload(lua)?;
 
     let searcher = lua.create_function(|lua, name: String| {
         let (src, chunk_name) = match name.as_str() {
