@@ -718,7 +718,7 @@ fn https_with_verification_and_keepalive() {
     let (ca, acceptor) = tls_pki();
     let up = upstream_tls(Some(acceptor));
     let s = start_lua_with(
-        "    lua_ssl_trusted_certificate conf/ca.pem;",
+        "    lua_ssl_trusted_certificate ca.pem;",
         &r#"
         local http = require "resty.http"
         local base = "https://127.0.0.1:UPORT/cl"
