@@ -40,9 +40,11 @@ if grep -q @REDIS_PORT@ $(for s in $SCENARIOS; do echo "conf/$s.conf"; done); th
     taskset -c 0 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
         --dir "$RUN_DIR" > "$RUN_DIR/redis.log" 2>&1 &
     REDIS_PID=$!
-    trap '[ -n "$REDIS_PID" ] && kill "$REDIS_PID" 2>/dev/null' EXIT
+    # Wait for it to exit: a run started right after this one reuses the port.
+    trap '[ -n "$REDIS_PID" ] && kill "$REDIS_PID" 2>/dev/null && wait "$REDIS_PID" 2>/dev/null' EXIT
     for _ in $(seq 100); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
     redis-cli -p "$REDIS_PORT" set license:bench.test origin_1k >/dev/null
+    kill -0 "$REDIS_PID" 2>/dev/null || { echo "redis-server did not start (port $REDIS_PORT busy?)" >&2; exit 1; }
 fi
 
 ticks() { # utime+stime of a pid and its children (threads are included in the process)
