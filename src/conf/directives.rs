@@ -145,7 +145,6 @@ pub const IGNORED: &[C] = &[
     C::new("variables_hash_max_size", HTTP, Exactly(1)).ignored(),
     C::new("variables_hash_bucket_size", HTTP, Exactly(1)).ignored(),
     C::new("client_header_buffer_size", HTTP | SERVER, Exactly(1)).ignored(),
-    C::new("client_body_buffer_size", HSL, Exactly(1)).ignored(),
     C::new("open_file_cache", HSL, Range(1, 2)).ignored(),
     C::new("open_file_cache_valid", HSL, Exactly(1)).ignored(),
     C::new("open_file_cache_min_uses", HSL, Exactly(1)).ignored(),
@@ -161,4 +160,34 @@ pub const IGNORED: &[C] = &[
 ];
 
 /// All tables, in the order `check` searches them.
-pub const ALL: &[&[C]] = &[CORE, HTTP_CORE, REWRITE, HEADERS, LOG, LUA, IGNORED];
+pub const ALL: &[&[C]] = &[CORE, HTTP_CORE, REWRITE, HEADERS, LOG, LUA, PROXY, IGNORED];
+
+/// ngx_http_proxy_module (src/proxy/conf.rs builds them).
+pub const PROXY: &[C] = &[
+    C::new("proxy_pass", LOCATION | LOCATION_IF, Exactly(1)).unique(),
+    C::new("proxy_set_header", HSL, Exactly(2)),
+    C::new("proxy_hide_header", HSL, Exactly(1)),
+    C::new("proxy_pass_header", HSL, Exactly(1)),
+    C::new("proxy_pass_request_headers", HSL, Flag).unique(),
+    C::new("proxy_pass_request_body", HSL, Flag).unique(),
+    C::new("proxy_http_version", HSL, Exactly(1)).unique(),
+    C::new("proxy_connect_timeout", HSL, Exactly(1)).unique(),
+    C::new("proxy_send_timeout", HSL, Exactly(1)).unique(),
+    C::new("proxy_read_timeout", HSL, Exactly(1)).unique(),
+    C::new("proxy_buffering", HSL, Flag).unique(),
+    C::new("proxy_request_buffering", HSL, Flag).unique(),
+    C::new("proxy_intercept_errors", HSL, Flag).unique(),
+    C::new("proxy_redirect", HSL, Range(1, 2)),
+    C::new("proxy_ssl_server_name", HSL, Flag).unique(),
+    C::new("proxy_ssl_name", HSL, Exactly(1)).unique(),
+    C::new("proxy_ssl_verify", HSL, Flag).unique(),
+    C::new("proxy_ssl_trusted_certificate", HSL, Exactly(1)).unique(),
+    C::new("proxy_ssl_verify_depth", HSL, Exactly(1)).unique(),
+    C::new("proxy_ssl_certificate", HSL, Exactly(1)).unique(),
+    C::new("proxy_ssl_certificate_key", HSL, Exactly(1)).unique(),
+    C::new("proxy_next_upstream", HSL, AtLeast(1)).unique(),
+    C::new("proxy_next_upstream_tries", HSL, Exactly(1)).unique(),
+    C::new("proxy_next_upstream_timeout", HSL, Exactly(1)).unique(),
+    C::new("proxy_next_upstream_backoff", HSL, Range(1, 2)).unique(),
+    C::new("client_body_buffer_size", HSL, Exactly(1)).unique(),
+];

@@ -136,6 +136,8 @@ pub enum Content {
     #[default]
     Static,
     Lua(Arc<LuaChunk>),
+    /// `proxy_pass` (src/proxy).
+    Proxy(Arc<crate::proxy::conf::ProxyPass>),
 }
 
 /// `add_header name value [always]`.
@@ -199,6 +201,8 @@ pub struct LocConf {
     pub body_filter_by_lua: Option<Arc<LuaChunk>>,
     pub log_by_lua: Option<Arc<LuaChunk>>,
     pub server_tokens: bool,
+    /// `proxy_*` settings (src/proxy/conf.rs).
+    pub proxy: Arc<crate::proxy::conf::ProxyConf>,
 }
 
 /// One rewrite-module step, run in order in the (server or location) rewrite phase.

@@ -68,7 +68,7 @@ fn new_request(
     req: Request<Incoming>,
     head_tx: oneshot::Sender<Response<Body>>,
 ) -> Result<Rc<ReqCtx>, u16> {
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let request_uri = parts
         .uri
         .path_and_query()
@@ -127,6 +127,8 @@ fn new_request(
         body_tx: None,
         extra_vars: Default::default(),
         error_page_done: false,
+        upstream_headers: None,
+        on_upgrade: parts.extensions.remove::<hyper::upgrade::OnUpgrade>(),
     };
     conn.requests.set(conn.requests.get() + 1);
     Ok(Rc::new(ReqCtx {
@@ -507,7 +509,7 @@ async fn phases(rc: &Rc<ReqCtx>, mut forced: Option<Arc<Location>>) -> Outcome {
         let conf = rc.st.borrow().conf.clone();
         let content_lua = match &conf.content {
             Content::Lua(chunk) => Some(chunk),
-            Content::Static => None,
+            Content::Static | Content::Proxy(_) => None,
         };
         let steps = [
             (conf.rewrite_by_lua.as_ref(), Phase::Rewrite),
@@ -531,9 +533,10 @@ async fn phases(rc: &Rc<ReqCtx>, mut forced: Option<Arc<Location>>) -> Outcome {
             server_rewrite = forced.is_none();
             continue;
         }
-        return match content_lua {
-            Some(_) => Outcome::Done,
-            None => super::static_files::serve(rc).await,
+        return match (&conf.content, content_lua) {
+            (Content::Proxy(p), _) => crate::proxy::handle(rc, p).await,
+            (_, Some(_)) => Outcome::Done,
+            _ => super::static_files::serve(rc).await,
         };
     }
 }

@@ -137,6 +137,10 @@ pub struct ReqState {
     /// `$upstream_*` and other late variables other rooms fill in.
     pub extra_vars: HashMap<&'static str, String>,
     pub error_page_done: bool,
+    /// The proxied response's headers as the upstream sent them (`$upstream_http_*`).
+    pub upstream_headers: Option<HeaderMap>,
+    /// The client side of a protocol upgrade (WebSocket), taken by the proxy on a 101.
+    pub on_upgrade: Option<hyper::upgrade::OnUpgrade>,
 }
 
 /// One request.

@@ -33,6 +33,9 @@ pub fn get(rc: &ReqCtx, st: &ReqState, name: &str) -> Option<Vec<u8>> {
             Some(vals.join(&b", "[..]))
         };
     }
+    if let Some(h) = name.strip_prefix("upstream_http_") {
+        return crate::proxy::upstream_http(st, h);
+    }
     if let Some(a) = name.strip_prefix("arg_") {
         return arg(st.args.as_deref().unwrap_or(""), a).map(|v| v.into_owned());
     }
@@ -103,6 +106,10 @@ pub fn get(rc: &ReqCtx, st: &ReqState, name: &str) -> Option<Vec<u8>> {
             .display()
             .to_string(),
         "remote_user" => return None,
+        "proxy_add_x_forwarded_for" => match header(st, "x-forwarded-for") {
+            Some(xff) => format!("{}, {}", String::from_utf8_lossy(&xff), rc.conn.remote.ip()),
+            None => rc.conn.remote.ip().to_string(),
+        },
         "request_length" => "0".to_string(),
         "request_body" => {
             return match &st.body {

@@ -1,0 +1,445 @@
+//! The reverse proxy: `proxy_pass` as a location's content handler.
+//!
+//! A request walks: resolve the target (upstream block, a name resolved at load, or a URL with
+//! variables resolved now) -> decide the body (kept for retries or streamed) -> build the
+//! upstream head (URI rules, proxy_set_header) -> tries (retry.rs: proxy_next_upstream,
+//! backoff) each on a pooled or fresh connection (pool.rs, connect.rs) -> the accepted
+//! response goes through the output filters (`http::filter::send`) as it streams (forward.rs),
+//! or becomes a tunnel after a 101 (websocket.rs). Failures answer 502/504 and log in nginx's
+//! words, naming the upstream.
+//!
+//! ```nginx
+//! location /api/ {
+//!     proxy_pass http://127.0.0.1:8080/v1/;   # /api/x -> /v1/x
+//!     proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+//!     proxy_next_upstream error timeout http_502;
+//! }
+//! ```
+
+pub mod conf;
+
+mod body;
+mod connect;
+mod forward;
+mod headers;
+mod pool;
+mod retry;
+mod vars;
+mod websocket;
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use body::BodySrc;
+use conf::{ProxyConf, ProxyPass, Target, Url};
+use forward::{Dest, Got, ReqHead, Streamed};
+use retry::{Budget, Failure, Selector};
+
+use crate::conf::model::LocMatch;
+use crate::http::engine::Outcome;
+use crate::http::request::{ReqBody, ReqCtx, ReqState};
+
+pub use vars::upstream_http;
+
+/// The target of one request, evaluated.
+struct Resolved {
+    url: Url,
+    dynamic: bool,
+    start: usize,
+}
+
+/// Serve the request by proxying it (the content phase of a `proxy_pass` location).
+pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
+    let pc = rc.st.borrow().conf.proxy.clone();
+    let target = match resolve(rc, pass).await {
+        Ok(t) => t,
+        Err(code) => return Outcome::Status(code),
+    };
+    let proxy_host = target.url.proxy_host();
+    {
+        let mut st = rc.st.borrow_mut();
+        st.extra_vars.insert("proxy_host", proxy_host.clone());
+        st.extra_vars
+            .insert("proxy_port", target.url.port.to_string());
+    }
+    let retries = pc.next_upstream != 0 && target.url.addrs.len() > 1;
+    let mut src = match body_source(rc, &pc, retries).await {
+        Ok(s) => s,
+        Err(code) => return Outcome::Status(code),
+    };
+    let (head, prefix) = {
+        let st = rc.st.borrow();
+        let prefix = location_prefix(&st);
+        let uri = upstream_uri(&st, &target, prefix.as_deref());
+        let len = match &src {
+            BodySrc::Kept(b) => Some(b.len() as u64),
+            _ => client_length(&st),
+        };
+        let head = ReqHead {
+            method: st.method.clone(),
+            uri,
+            headers: headers::request(rc, &st, &pc, len),
+            http11: pc.http11,
+        };
+        (head, prefix)
+    };
+    let tls_name = if target.url.https {
+        let st = rc.st.borrow();
+        Some(match &pc.ssl.name {
+            Some(t) => crate::http::variables::eval_string(rc, &st, t),
+            None => target.url.host.clone(),
+        })
+    } else {
+        None
+    };
+    let dest = Dest {
+        https: target.url.https,
+        tls_name: tls_name.as_deref(),
+        sni: if pc.ssl.server_name {
+            tls_name.as_deref()
+        } else {
+            None
+        },
+        keepalive: None,
+    };
+    let scheme = if target.url.https { "https" } else { "http" };
+    let mut sel = Selector::new(target.url.addrs.clone(), target.start);
+    let mut budget = Budget::new(&head.method);
+    let mut uv = vars::UpVars::default();
+    loop {
+        let Some(peer) = sel.next() else {
+            log_upstream(
+                rc,
+                "no live upstreams while connecting to upstream",
+                &proxy_host,
+            );
+            return Outcome::Status(502);
+        };
+        budget.tries += 1;
+        let t0 = Instant::now();
+        let upstream = format!("{}://{}{}", scheme, peer.name, head.uri);
+        let mut use_pool = true;
+        let res = loop {
+            let r = forward::attempt(&peer, &dest, &pc, &head, &mut src, use_pool).await;
+            match r {
+                // A kept-alive connection the upstream had closed: once more on a fresh one,
+                // not counted as a try (nginx does the same for cached connections).
+                Err(f) if f.stale && use_pool && src.replayable() => use_pool = false,
+                r => break r,
+            }
+        };
+        match res {
+            Err(f) => {
+                uv.push(&peer.name, f.status(), f.connect_time, None, t0.elapsed());
+                log_upstream(rc, &f.msg, &upstream);
+                let again =
+                    sel.has_more() && budget.may_retry(&pc, f.kind, f.sent, src.replayable());
+                uv.publish(&mut rc.st.borrow_mut());
+                if !again {
+                    return Outcome::Status(f.status());
+                }
+            }
+            Ok(got) => {
+                let status = got.resp.status().as_u16();
+                uv.push(
+                    &peer.name,
+                    status,
+                    got.connect_time,
+                    Some(got.header_time),
+                    t0.elapsed(),
+                );
+                let again = conf::next::for_status(status) != 0
+                    && sel.has_more()
+                    && budget.may_retry(&pc, Failure::Status(status), true, src.replayable());
+                if !again {
+                    let default_from = match (&pass.target, &prefix) {
+                        (Target::Fixed(u), Some(p)) => Some(format!(
+                            "{}://{}{}",
+                            scheme,
+                            proxy_host,
+                            u.uri.as_deref().unwrap_or(p)
+                        )),
+                        _ => None,
+                    };
+                    let ctx = Respond {
+                        pc: &pc,
+                        dest: &dest,
+                        upstream: &upstream,
+                        default_from: default_from.as_deref(),
+                        prefix: prefix.as_deref().unwrap_or(""),
+                        t0,
+                    };
+                    return respond(rc, ctx, got, &mut uv).await;
+                }
+                uv.publish(&mut rc.st.borrow_mut());
+            }
+        }
+        if let Some(d) = budget.backoff(&pc) {
+            tokio::time::sleep(d).await;
+        }
+    }
+}
+
+struct Respond<'a> {
+    pc: &'a ProxyConf,
+    dest: &'a Dest<'a>,
+    upstream: &'a str,
+    default_from: Option<&'a str>,
+    prefix: &'a str,
+    t0: Instant,
+}
+
+/// Send the accepted response to the client.
+async fn respond(rc: &Rc<ReqCtx>, c: Respond<'_>, got: Got, uv: &mut vars::UpVars) -> Outcome {
+    let Got {
+        mut resp,
+        conn,
+        key,
+        ..
+    } = got;
+    let status = resp.status().as_u16();
+    if c.pc.intercept_errors && status >= 300 {
+        let has_page = rc
+            .st
+            .borrow()
+            .conf
+            .error_pages
+            .iter()
+            .any(|p| p.codes.contains(&status));
+        if has_page {
+            uv.publish(&mut rc.st.borrow_mut());
+            return Outcome::Status(status);
+        }
+    }
+    let upgrade = status == 101;
+    let up_upgrade = upgrade.then(|| hyper::upgrade::on(&mut resp));
+    let (mut parts, body) = resp.into_parts();
+    {
+        let mut guard = rc.st.borrow_mut();
+        let st = &mut *guard;
+        st.status = status;
+        st.resp_headers = headers::response(c.pc, &parts.headers, upgrade);
+        st.upstream_headers = Some(std::mem::take(&mut parts.headers));
+        headers::redirect(rc, st, c.pc, c.default_from, c.prefix);
+        uv.publish(st);
+    }
+    if let Some(up) = up_upgrade {
+        let client = rc.st.borrow_mut().on_upgrade.take();
+        let Some(client) = client else {
+            log_upstream(rc, "upstream sent unexpected 101 without upgrade request while reading response header from upstream", c.upstream);
+            let mut st = rc.st.borrow_mut();
+            st.status = 0;
+            st.resp_headers.clear();
+            return Outcome::Status(502);
+        };
+        if crate::http::filter::send(rc, true).await.is_err() {
+            return Outcome::Done;
+        }
+        let idle = Duration::from_millis(c.pc.read_timeout_ms.max(1));
+        if let Err(e) = websocket::tunnel(client, up, idle).await {
+            log_upstream(rc, &e, c.upstream);
+        }
+        return Outcome::Done;
+    }
+    let log = |msg: &str| log_upstream(rc, msg, c.upstream);
+    let mut len = 0;
+    let r = forward::stream_body(rc, c.pc, body, &mut len, &log).await;
+    uv.response_length = len;
+    uv.set_last_response_time(c.t0.elapsed());
+    uv.publish(&mut rc.st.borrow_mut());
+    if let Streamed::Complete = r {
+        forward::finish(conn, key, c.dest);
+    }
+    Outcome::Done
+}
+
+/// The target URL of this request, with the addresses to try.
+async fn resolve(rc: &Rc<ReqCtx>, pass: &ProxyPass) -> Result<Resolved, u16> {
+    let url = match &pass.target {
+        Target::Fixed(u) => {
+            if u.addrs.is_empty() {
+                // An `upstream {}` block name: balanced by src/proxy/upstream once it lands.
+                crate::log::request_error(
+                    rc,
+                    crate::log::Level::Error,
+                    &format!("upstream \"{}\" is not supported yet", u.host),
+                );
+                return Err(502);
+            }
+            return Ok(Resolved {
+                url: u.clone(),
+                dynamic: false,
+                start: pass.rr.fetch_add(1, Ordering::Relaxed),
+            });
+        }
+        Target::Dynamic(t) => {
+            let s = {
+                let st = rc.st.borrow();
+                crate::http::variables::eval_string(rc, &st, t)
+            };
+            match Url::parse(&s) {
+                Ok(u) => u,
+                Err(e) => {
+                    crate::log::request_error(rc, crate::log::Level::Error, &e);
+                    return Err(500);
+                }
+            }
+        }
+    };
+    let mut url = url;
+    let addrs = match url.host.parse::<std::net::IpAddr>() {
+        Ok(ip) => vec![SocketAddr::new(ip, url.port)],
+        Err(_) => {
+            crate::log::request_error(
+                rc,
+                crate::log::Level::Error,
+                &format!("no resolver defined to resolve {}", url.host),
+            );
+            return Err(502);
+        }
+    };
+    url.addrs = addrs;
+    Ok(Resolved {
+        url,
+        dynamic: true,
+        start: pass.rr.fetch_add(1, Ordering::Relaxed),
+    })
+}
+
+/// The body's Content-Length as the client sent it.
+fn client_length(st: &ReqState) -> Option<u64> {
+    st.headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Decide how the body goes upstream: kept in memory (replayable) or streamed.
+async fn body_source(rc: &Rc<ReqCtx>, pc: &ProxyConf, retries: bool) -> Result<BodySrc, u16> {
+    if !pc.pass_request_body {
+        return Ok(BodySrc::Empty);
+    }
+    let (len, end) = {
+        let st = rc.st.borrow();
+        match &st.body {
+            ReqBody::Read(b) => return Ok(BodySrc::Kept(b.clone())),
+            ReqBody::Discarded => return Ok(BodySrc::Empty),
+            ReqBody::Unread(i) => (client_length(&st), http_body::Body::is_end_stream(i)),
+        }
+    };
+    if end {
+        return Ok(BodySrc::Empty);
+    }
+    let keep = pc.request_buffering
+        // HTTP/1.0 has no chunked encoding: the length must be known.
+        || (!pc.http11 && len.is_none())
+        || (retries && len.is_some_and(|l| l <= pc.client_body_buffer_size));
+    if keep {
+        crate::http::engine::read_body(rc).await?;
+        return Ok(match &rc.st.borrow().body {
+            ReqBody::Read(b) => BodySrc::Kept(b.clone()),
+            _ => BodySrc::Empty,
+        });
+    }
+    let mut st = rc.st.borrow_mut();
+    match std::mem::replace(&mut st.body, ReqBody::Discarded) {
+        ReqBody::Unread(i) => Ok(BodySrc::Stream(Some(i))),
+        other => {
+            st.body = other;
+            Ok(BodySrc::Empty)
+        }
+    }
+}
+
+/// The location's literal prefix (what a URI part replaces).
+fn location_prefix(st: &ReqState) -> Option<String> {
+    match &st.location.as_ref()?.matcher {
+        LocMatch::Prefix(p) | LocMatch::PrefixNoRegex(p) | LocMatch::Exact(p) => Some(p.clone()),
+        _ => None,
+    }
+}
+
+/// nginx's URI rules: the client's own request line when the URI is unchanged and proxy_pass
+/// has no URI part; the location prefix replaced by the URI part; the rewritten URI (escaped)
+/// once a rewrite or redirect changed it; a URI part with variables as it is.
+fn upstream_uri(st: &ReqState, t: &Resolved, prefix: Option<&str>) -> String {
+    if t.dynamic {
+        if let Some(u) = &t.url.uri {
+            return u.clone();
+        }
+    }
+    let raw_path = st.request_uri.split('?').next().unwrap_or("");
+    let changed = st.internal
+        || (raw_path != st.uri
+            && crate::http::engine::normalize_uri(raw_path).as_deref() != Some(st.uri.as_str()));
+    let mut out = String::with_capacity(st.request_uri.len() + 16);
+    match (&t.url.uri, prefix) {
+        (None, _) if !changed => return st.request_uri.clone(),
+        (Some(part), Some(p)) if !changed => {
+            out.push_str(part);
+            let rest = st.uri.strip_prefix(p).unwrap_or(&st.uri);
+            escape_into(&mut out, rest);
+        }
+        _ => escape_into(&mut out, &st.uri),
+    }
+    if let Some(a) = st.args.as_deref().filter(|a| !a.is_empty()) {
+        out.push('?');
+        out.push_str(a);
+    }
+    if out.is_empty() {
+        out.push('/');
+    }
+    out
+}
+
+/// nginx's `ngx_escape_uri` for a path: spaces, controls, non-ASCII and the bytes that would
+/// end or change the path.
+fn escape_into(out: &mut String, s: &str) {
+    for &b in s.as_bytes() {
+        if b <= 0x20 || b >= 0x7f || b"\"#%<>?\\^`{|}".contains(&b) {
+            out.push_str(&format!("%{:02X}", b));
+        } else {
+            out.push(b as char);
+        }
+    }
+}
+
+/// An error-log line about an upstream, in nginx's shape
+/// (`..., request: "GET / HTTP/1.1", upstream: "http://127.0.0.1:1234/", host: "x"`).
+fn log_upstream(rc: &ReqCtx, msg: &str, upstream: &str) {
+    use crate::log::Level;
+    if !crate::log::enabled(Level::Error) {
+        return;
+    }
+    let tail = match rc.st.try_borrow() {
+        Ok(st) => {
+            let version = match st.version {
+                http::Version::HTTP_10 => "HTTP/1.0",
+                http::Version::HTTP_2 => "HTTP/2.0",
+                _ => "HTTP/1.1",
+            };
+            let mut t = format!(
+                ", client: {}, server: {}, request: \"{} {} {}\", upstream: \"{}\"",
+                rc.conn.remote.ip(),
+                st.server.primary_name,
+                st.method,
+                st.request_uri,
+                version,
+                upstream
+            );
+            if let Some(h) = st.headers.get("host").and_then(|h| h.to_str().ok()) {
+                t.push_str(&format!(", host: \"{}\"", h));
+            }
+            t
+        }
+        Err(_) => format!(
+            ", client: {}, upstream: \"{}\"",
+            rc.conn.remote.ip(),
+            upstream
+        ),
+    };
+    crate::log::log(Level::Error, Some(rc.conn.id), &format!("{}{}", msg, tail));
+}

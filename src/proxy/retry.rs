@@ -1,0 +1,120 @@
+//! Which peer a try goes to and whether another try may follow: proxy_next_upstream and its
+//! limits (tries, timeout, idempotency, a replayable body), and the backoff between tries
+//! (`proxy_next_upstream_backoff`: exponential with full jitter).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::conf::{next, ProxyConf};
+
+/// One server to try.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    /// `$upstream_addr` text.
+    pub name: Arc<str>,
+}
+
+/// The peers of one request: the addresses of a name, tried round robin from a shared start.
+pub struct Selector {
+    addrs: Vec<SocketAddr>,
+    start: usize,
+    tried: usize,
+}
+
+impl Selector {
+    pub fn new(addrs: Vec<SocketAddr>, start: usize) -> Selector {
+        Selector {
+            addrs,
+            start,
+            tried: 0,
+        }
+    }
+
+    /// The next untried peer; `None` when every one was tried.
+    pub fn next(&mut self) -> Option<Peer> {
+        if self.tried >= self.addrs.len() {
+            return None;
+        }
+        let addr = self.addrs[(self.start + self.tried) % self.addrs.len()];
+        self.tried += 1;
+        Some(Peer {
+            addr,
+            name: Arc::from(addr.to_string()),
+        })
+    }
+
+    pub fn has_more(&self) -> bool {
+        self.tried < self.addrs.len()
+    }
+}
+
+/// Why a try failed, in proxy_next_upstream's terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    Error,
+    Timeout,
+    InvalidHeader,
+    Status(u16),
+}
+
+impl Failure {
+    fn bit(self) -> u32 {
+        match self {
+            Failure::Error => next::ERROR,
+            Failure::Timeout => next::TIMEOUT,
+            Failure::InvalidHeader => next::INVALID_HEADER,
+            Failure::Status(s) => next::for_status(s),
+        }
+    }
+}
+
+/// The retry budget of one request.
+pub struct Budget {
+    started: Instant,
+    pub tries: u32,
+    idempotent: bool,
+}
+
+impl Budget {
+    pub fn new(method: &http::Method) -> Budget {
+        Budget {
+            started: Instant::now(),
+            tries: 0,
+            // nginx's non-idempotent methods.
+            idempotent: !matches!(method.as_str(), "POST" | "LOCK" | "PATCH"),
+        }
+    }
+
+    /// Whether a failure may be retried on another peer. `sent`: the request reached the
+    /// upstream; `replayable`: its body can be sent again.
+    pub fn may_retry(&self, pc: &ProxyConf, f: Failure, sent: bool, replayable: bool) -> bool {
+        if pc.next_upstream & f.bit() == 0 {
+            return false;
+        }
+        if sent && !self.idempotent && pc.next_upstream & next::NON_IDEMPOTENT == 0 {
+            return false;
+        }
+        if sent && !replayable {
+            return false;
+        }
+        if pc.next_upstream_tries > 0 && self.tries >= pc.next_upstream_tries {
+            return false;
+        }
+        if pc.next_upstream_timeout_ms > 0
+            && self.started.elapsed() >= Duration::from_millis(pc.next_upstream_timeout_ms)
+        {
+            return false;
+        }
+        true
+    }
+
+    /// The wait before the next try (full jitter over an exponential ceiling).
+    pub fn backoff(&self, pc: &ProxyConf) -> Option<Duration> {
+        let (base, max) = pc.backoff?;
+        let exp = self.tries.saturating_sub(1).min(20);
+        let ceiling = base.saturating_mul(1u64 << exp).min(max);
+        Some(Duration::from_millis(rand::random_range(0..=ceiling)))
+    }
+}
