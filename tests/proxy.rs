@@ -636,3 +636,37 @@ fn smuggling_attempts_never_reach_upstream_as_requests() {
         );
     }
 }
+
+#[test]
+fn connect_timeout_is_504() {
+    use socket2::{Domain, Socket, Type};
+    // A listener that never accepts: once its queue is full the kernel drops new SYNs, so a
+    // connect() hangs as it would towards a dead host.
+    let l = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    l.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    l.listen(0).unwrap();
+    let addr = l.local_addr().unwrap().as_socket().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..16 {
+        match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            Ok(c) => held.push(c),
+            Err(_) => break,
+        }
+    }
+    let s = server(&format!(
+        "location / {{ proxy_connect_timeout 500ms; proxy_pass http://{}; }}",
+        addr
+    ));
+    let t0 = Instant::now();
+    let r = s.get("/");
+    assert_eq!(r.status, 504, "{}", s.error_log());
+    assert!(t0.elapsed() < Duration::from_secs(3));
+    assert!(
+        s.error_log().contains(
+            "upstream timed out (110: Connection timed out) while connecting to upstream"
+        ),
+        "{}",
+        s.error_log()
+    );
+}

@@ -541,10 +541,11 @@ impl Builder {
                 conf.content = Content::Proxy(Arc::new(p));
             }
             n if n.starts_with("proxy_") || n == "client_body_buffer_size" => {
+                // nginx resolves certificate paths against the conf directory.
                 crate::proxy::conf::setting(
                     Arc::make_mut(&mut conf.proxy),
                     d,
-                    &self.prefix,
+                    &self.prefix.join("conf"),
                     &template,
                 )?
             }

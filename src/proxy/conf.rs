@@ -414,7 +414,7 @@ pub fn proxy_pass(
         Target::Dynamic(template(d, a0)?)
     } else {
         let mut url = Url::parse(a0).map_err(|e| ConfError::directive(d, e))?;
-        let is_upstream = !url.explicit_port && upstreams.iter().any(|u| *u == url.host);
+        let is_upstream = !url.explicit_port && upstreams.contains(&url.host);
         if !is_upstream {
             url.addrs = match url.host.parse::<std::net::IpAddr>() {
                 Ok(ip) => vec![SocketAddr::new(ip, url.port)],

@@ -39,6 +39,8 @@ pub enum Next {
 }
 
 pub type Handler = Arc<dyn Fn(&Req, &mut TcpStream) -> Next + Send + Sync>;
+/// A whole-connection function.
+pub type ConnFn = Arc<dyn Fn(TcpStream, &Shared) + Send + Sync>;
 
 pub struct Origin {
     pub addr: SocketAddr,
@@ -64,7 +66,7 @@ impl Origin {
     }
 
     /// Start with a per-connection function (for servers that must not even parse).
-    pub fn start_raw(f: Arc<dyn Fn(TcpStream, &Shared) + Send + Sync>) -> Origin {
+    pub fn start_raw(f: ConnFn) -> Origin {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind origin");
         let addr = l.local_addr().expect("addr");
         let shared = Shared {
@@ -100,7 +102,7 @@ impl Origin {
             for (k, v) in &r.headers {
                 b.push_str(&format!("{}: {}\n", k.to_ascii_lowercase(), v));
             }
-            b.push_str("\n");
+            b.push('\n');
             let mut body = b.into_bytes();
             body.extend_from_slice(&r.body);
             respond(s, 200, &[("Content-Type", "text/plain")], &body);
