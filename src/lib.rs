@@ -8,6 +8,7 @@ pub mod conf;
 pub mod http;
 pub mod log;
 pub mod lua;
+pub mod net;
 pub mod proxy;
 pub mod server;
 pub mod shdict;

@@ -670,3 +670,53 @@ fn connect_timeout_is_504() {
         s.error_log()
     );
 }
+
+#[test]
+fn variable_target_resolved_through_location_resolver() {
+    // A DNS server that knows one name: origin.test -> 127.0.0.1.
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let dns = udp.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        for _ in 0..100 {
+            let Ok((n, from)) = udp.recv_from(&mut buf) else {
+                return;
+            };
+            let q = &buf[..n];
+            let known = String::from_utf8_lossy(q).contains("origin");
+            let ips: Vec<std::net::Ipv4Addr> = if known {
+                vec![std::net::Ipv4Addr::LOCALHOST]
+            } else {
+                vec![]
+            };
+            if let Some(r) = tidegate::net::resolver::testing::answer(q, &ips, 30) {
+                let _ = udp.send_to(&r, from);
+            }
+        }
+    });
+    let o = Origin::echo();
+    let s = server(&format!(
+        "resolver {dns} valid=30s;
+         location / {{
+            set $target \"\";
+            access_by_lua_block {{ ngx.var.target = (ngx.var.arg_h or 'origin.test') .. ':{}' }}
+            proxy_pass http://$target;
+        }}",
+        o.port()
+    ));
+    let r = s.get("/via-dns");
+    assert_eq!(r.status, 200, "{}", s.error_log());
+    assert_eq!(o.last().target, "/via-dns");
+    assert_eq!(
+        o.last().header("host"),
+        Some(&*format!("origin.test:{}", o.port()))
+    );
+    let r = s.get("/x?h=unknown.test");
+    assert_eq!(r.status, 502);
+    assert!(
+        s.error_log()
+            .contains("unknown.test could not be resolved (3: Host not found)"),
+        "{}",
+        s.error_log()
+    );
+}

@@ -347,6 +347,9 @@ impl Builder {
             log_by_lua: None,
             server_tokens: true,
             proxy: Default::default(),
+            resolver: None,
+            resolver_timeout_ms: crate::net::resolver::DEFAULT_TIMEOUT_MS,
+            lua_socket: LuaSocketConf::default(),
         };
         Self::level_start(&mut conf, list);
         self.upstream_names = list
@@ -400,6 +403,7 @@ impl Builder {
             }
         }
         let conf = Arc::new(conf);
+        http.conf = Some(conf.clone());
         for d in list {
             if d.name == "server" {
                 let s = self.server(&conf, d.block.as_deref().unwrap_or(&[]))?;
@@ -548,6 +552,71 @@ impl Builder {
                     &self.prefix.join("conf"),
                     &template,
                 )?
+            }
+            n if n.starts_with("resolver")
+                || n.starts_with("lua_socket_")
+                || n.starts_with("lua_ssl_") =>
+            {
+                self.net_setting(conf, d)?
+            }
+            other => {
+                return Err(ConfError::directive(
+                    d,
+                    format!("\"{}\" directive is not allowed here", other),
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    /// `resolver*`, `lua_socket_*`, `lua_ssl_*` (owner: sock).
+    fn net_setting(&mut self, conf: &mut LocConf, d: &Directive) -> Result<(), ConfError> {
+        let s = &mut conf.lua_socket;
+        match d.name.as_str() {
+            "resolver" => {
+                let r =
+                    crate::net::Resolver::parse(&d.args).map_err(|e| ConfError::directive(d, e))?;
+                conf.resolver = Some(Arc::new(r.with_timeout(conf.resolver_timeout_ms)));
+            }
+            "resolver_timeout" => {
+                conf.resolver_timeout_ms = time_ms(d, arg(d, 0))?;
+                // An inherited resolver keeps its cache and takes this level's timeout.
+                if let Some(r) = &conf.resolver {
+                    conf.resolver = Some(Arc::new(r.with_timeout(conf.resolver_timeout_ms)));
+                }
+            }
+            "lua_socket_connect_timeout" => s.connect_timeout_ms = time_ms(d, arg(d, 0))?,
+            "lua_socket_send_timeout" => s.send_timeout_ms = time_ms(d, arg(d, 0))?,
+            "lua_socket_read_timeout" => s.read_timeout_ms = time_ms(d, arg(d, 0))?,
+            "lua_socket_keepalive_timeout" => s.keepalive_timeout_ms = time_ms(d, arg(d, 0))?,
+            "lua_socket_buffer_size" => {
+                s.buffer_size = (size(d, arg(d, 0))? as usize).max(1);
+            }
+            "lua_socket_pool_size" => {
+                s.pool_size = arg(d, 0)
+                    .parse()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| ConfError::invalid_value(d, arg(d, 0)))?
+            }
+            "lua_socket_log_errors" => s.log_errors = arg(d, 0) == "on",
+            "lua_ssl_trusted_certificate" => {
+                let p = self.path(arg(d, 0));
+                if !p.exists() {
+                    return Err(ConfError::directive(
+                        d,
+                        format!(
+                            "cannot load certificate \"{}\": No such file or directory",
+                            p.display()
+                        ),
+                    ));
+                }
+                s.ssl_trusted_certificate = Some(p);
+            }
+            "lua_ssl_verify_depth" => {
+                s.ssl_verify_depth = arg(d, 0)
+                    .parse()
+                    .map_err(|_| ConfError::invalid_value(d, arg(d, 0)))?
             }
             other => {
                 return Err(ConfError::directive(

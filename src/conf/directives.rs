@@ -151,7 +151,6 @@ pub const IGNORED: &[C] = &[
     C::new("open_file_cache_errors", HSL, Flag).ignored(),
     C::new("reset_timedout_connection", HSL, Flag).ignored(),
     C::new("send_timeout", HSL, Exactly(1)).ignored(),
-    C::new("lua_socket_log_errors", HSL, Flag).ignored(),
     C::new("lua_need_request_body", HSL, Flag).ignored(),
     C::new("lua_transform_underscores_in_response_headers", HSL, Flag).ignored(),
     C::new("lua_http10_buffering", HSL, Flag).ignored(),
@@ -159,8 +158,25 @@ pub const IGNORED: &[C] = &[
     C::new("lua_regex_match_limit", HTTP, Exactly(1)).ignored(),
 ];
 
+/// Outbound networking: nginx's resolver and lua-nginx-module's cosocket settings (owner: sock).
+pub const NET: &[C] = &[
+    C::new("resolver", HSL, AtLeast(1)).unique(),
+    C::new("resolver_timeout", HSL, Exactly(1)).unique(),
+    C::new("lua_socket_connect_timeout", HSL, Exactly(1)).unique(),
+    C::new("lua_socket_send_timeout", HSL, Exactly(1)).unique(),
+    C::new("lua_socket_read_timeout", HSL, Exactly(1)).unique(),
+    C::new("lua_socket_buffer_size", HSL, Exactly(1)).unique(),
+    C::new("lua_socket_pool_size", HSL, Exactly(1)).unique(),
+    C::new("lua_socket_keepalive_timeout", HSL, Exactly(1)).unique(),
+    C::new("lua_socket_log_errors", HSL, Flag).unique(),
+    C::new("lua_ssl_trusted_certificate", HSL, Exactly(1)).unique(),
+    C::new("lua_ssl_verify_depth", HSL, Exactly(1)).unique(),
+];
+
 /// All tables, in the order `check` searches them.
-pub const ALL: &[&[C]] = &[CORE, HTTP_CORE, REWRITE, HEADERS, LOG, LUA, PROXY, IGNORED];
+pub const ALL: &[&[C]] = &[
+    CORE, HTTP_CORE, REWRITE, HEADERS, LOG, LUA, IGNORED, NET, PROXY,
+];
 
 /// ngx_http_proxy_module (src/proxy/conf.rs builds them).
 pub const PROXY: &[C] = &[

@@ -36,6 +36,8 @@ pub struct Http {
     /// Every variable declared by `set` (or `set_by_lua`) anywhere: `ngx.var.x = v` needs one.
     pub declared_vars: Vec<String>,
     pub log_formats: HashMap<String, Arc<Template>>,
+    /// The http-level settings, for Lua code that runs without a request (timers).
+    pub conf: Option<Arc<LocConf>>,
 }
 
 /// http-level Lua settings.
@@ -203,6 +205,42 @@ pub struct LocConf {
     pub server_tokens: bool,
     /// `proxy_*` settings (src/proxy/conf.rs).
     pub proxy: Arc<crate::proxy::conf::ProxyConf>,
+    // --- net (owner: sock) ---
+    /// `resolver` (with this level's `resolver_timeout` applied); None: the system resolver.
+    pub resolver: Option<Arc<crate::net::Resolver>>,
+    pub resolver_timeout_ms: u64,
+    /// `lua_socket_*` and `lua_ssl_*`.
+    pub lua_socket: LuaSocketConf,
+}
+
+/// lua-nginx-module's cosocket settings (`lua_socket_*`, `lua_ssl_*`), with its defaults.
+#[derive(Debug, Clone)]
+pub struct LuaSocketConf {
+    pub connect_timeout_ms: u64,
+    pub send_timeout_ms: u64,
+    pub read_timeout_ms: u64,
+    pub buffer_size: usize,
+    pub pool_size: usize,
+    pub keepalive_timeout_ms: u64,
+    pub log_errors: bool,
+    pub ssl_trusted_certificate: Option<PathBuf>,
+    pub ssl_verify_depth: u32,
+}
+
+impl Default for LuaSocketConf {
+    fn default() -> Self {
+        LuaSocketConf {
+            connect_timeout_ms: 60_000,
+            send_timeout_ms: 60_000,
+            read_timeout_ms: 60_000,
+            buffer_size: 4096,
+            pool_size: 30,
+            keepalive_timeout_ms: 60_000,
+            log_errors: true,
+            ssl_trusted_certificate: None,
+            ssl_verify_depth: 1,
+        }
+    }
 }
 
 /// One rewrite-module step, run in order in the (server or location) rewrite phase.

@@ -5,7 +5,6 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -94,7 +93,10 @@ pub async fn open(
     let work = async {
         let tcp = TcpStream::connect(addr).await.map_err(|e| ConnectError {
             timeout: e.raw_os_error() == Some(libc::ETIMEDOUT),
-            msg: format!("connect() failed {}", errno_text(&e)),
+            msg: format!(
+                "connect() failed {} while connecting to upstream",
+                errno_text(&e)
+            ),
         })?;
         let _ = tcp.set_nodelay(true);
         let io = match tls {
@@ -109,21 +111,21 @@ pub async fn open(
         };
         Ok(io)
     };
-    let io = match tokio::time::timeout(connect_timeout, work).await {
-        Ok(r) => r?,
-        Err(_) => {
-            return Err(ConnectError {
+    let io =
+        match tokio::time::timeout(connect_timeout, work).await {
+            Ok(r) => r?,
+            Err(_) => return Err(ConnectError {
                 timeout: true,
-                msg: "upstream timed out (110: Connection timed out)".to_string(),
-            })
-        }
-    };
+                msg: "upstream timed out (110: Connection timed out) while connecting to upstream"
+                    .to_string(),
+            }),
+        };
     let (tx, conn) = http1::Builder::new()
         .handshake::<_, UpBody>(TokioIo::new(io))
         .await
         .map_err(|e| ConnectError {
             timeout: false,
-            msg: format!("handshake failed ({})", e),
+            msg: format!("handshake failed ({}) while connecting to upstream", e),
         })?;
     tokio::task::spawn_local(async move {
         if let Err(e) = conn.with_upgrades().await {
@@ -133,8 +135,8 @@ pub async fn open(
     Ok(tx)
 }
 
-/// TLS handshake with the location's settings (rustls; configs are kept per settings block so
-/// sessions resume across pooled connections).
+/// TLS handshake with the location's settings through `net::tls` (configs are cached per
+/// settings block, so sessions resume across pooled connections). Errors in nginx's words.
 async fn tls_connect(
     tcp: TcpStream,
     t: &TlsParams<'_>,
@@ -142,112 +144,30 @@ async fn tls_connect(
     let cfg = t
         .ssl
         .client_config
-        .get_or_init(|| client_config(t.ssl))
+        .get_or_init(|| {
+            crate::net::tls::client_config(&crate::net::ClientTls {
+                verify: t.ssl.verify,
+                trusted: t.ssl.trusted.clone(),
+                verify_depth: t.ssl.verify_depth,
+                cert: t.ssl.certificate.clone().zip(t.ssl.certificate_key.clone()),
+            })
+        })
         .clone()?;
-    let name = rustls::pki_types::ServerName::try_from(t.verify_name.to_string())
-        .map_err(|_| format!("invalid upstream SSL name \"{}\"", t.verify_name))?;
-    let cfg = if t.sni.is_none() && cfg.enable_sni {
-        let mut c = (*cfg).clone();
-        c.enable_sni = false;
-        Arc::new(c)
-    } else {
-        cfg
-    };
-    tokio_rustls::TlsConnector::from(cfg)
-        .connect(name, tcp)
+    crate::net::tls::connect(tcp, cfg, t.sni, t.verify_name)
         .await
         .map_err(|e| {
-            if e.to_string().contains("certificate") {
-                format!("upstream SSL certificate verify error: ({})", e)
+            if e.contains("host mismatch") {
+                format!(
+                    "upstream SSL certificate does not match \"{}\" while SSL handshaking to upstream",
+                    t.verify_name
+                )
+            } else if e.starts_with(|c: char| c.is_ascii_digit()) {
+                format!(
+                    "upstream SSL certificate verify error: ({}) while SSL handshaking to upstream",
+                    e
+                )
             } else {
-                format!("SSL_do_handshake() failed ({})", e)
+                format!("SSL_do_handshake() failed ({}) while SSL handshaking to upstream", e)
             }
         })
-}
-
-fn client_config(ssl: &ProxySsl) -> Result<Arc<rustls::ClientConfig>, String> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?;
-    let builder = if ssl.verify {
-        let mut roots = rustls::RootCertStore::empty();
-        if let Some(p) = &ssl.trusted {
-            let certs = CertificateDer::pem_file_iter(p)
-                .map_err(|e| format!("cannot load \"{}\": {}", p.display(), e))?;
-            for c in certs {
-                let c = c.map_err(|e| format!("cannot load \"{}\": {}", p.display(), e))?;
-                roots.add(c).map_err(|e| e.to_string())?;
-            }
-        }
-        builder.with_root_certificates(roots)
-    } else {
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
-    };
-    let mut cfg = match (&ssl.certificate, &ssl.certificate_key) {
-        (Some(c), Some(k)) => {
-            let chain = CertificateDer::pem_file_iter(c)
-                .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| format!("cannot load certificate \"{}\": {}", c.display(), e))?;
-            let key = PrivateKeyDer::from_pem_file(k)
-                .map_err(|e| format!("cannot load certificate key \"{}\": {}", k.display(), e))?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| e.to_string())?
-        }
-        _ => builder.with_no_client_auth(),
-    };
-    cfg.enable_sni = ssl.server_name;
-    Ok(Arc::new(cfg))
-}
-
-/// `proxy_ssl_verify off` (nginx's default): any certificate is accepted, signatures still
-/// checked so the handshake is sound.
-#[derive(Debug)]
-struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for NoVerify {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &rustls::pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }

@@ -146,7 +146,7 @@ pub async fn attempt(
                 } else {
                     Failure::Error
                 },
-                msg: format!("{} while connecting to upstream", e.msg),
+                msg: e.msg,
                 sent: false,
                 stale: false,
                 connect_time: None,

@@ -27,7 +27,6 @@ mod retry;
 mod vars;
 mod websocket;
 
-use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -290,14 +289,20 @@ async fn resolve(rc: &Rc<ReqCtx>, pass: &ProxyPass) -> Result<Resolved, u16> {
         }
     };
     let mut url = url;
-    let addrs = match url.host.parse::<std::net::IpAddr>() {
-        Ok(ip) => vec![SocketAddr::new(ip, url.port)],
-        Err(_) => {
-            crate::log::request_error(
-                rc,
-                crate::log::Level::Error,
-                &format!("no resolver defined to resolve {}", url.host),
-            );
+    let resolver = rc.st.borrow().conf.resolver.clone();
+    let is_ip = url.host.parse::<std::net::IpAddr>().is_ok();
+    if !is_ip && resolver.is_none() {
+        crate::log::request_error(
+            rc,
+            crate::log::Level::Error,
+            &format!("no resolver defined to resolve {}", url.host),
+        );
+        return Err(502);
+    }
+    let addrs = match crate::net::resolve(resolver.as_ref(), &url.host, url.port).await {
+        Ok(a) => a,
+        Err(e) => {
+            crate::log::request_error(rc, crate::log::Level::Error, &e);
             return Err(502);
         }
     };
