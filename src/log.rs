@@ -162,14 +162,24 @@ pub fn request_error(rc: &ReqCtx, level: Level, msg: &str) {
                 http::Version::HTTP_2 => "HTTP/2.0",
                 _ => "HTTP/1.1",
             };
-            let mut t = format!(
-                ", client: {}, server: {}, request: \"{} {} {}\"",
-                rc.conn.remote.ip(),
-                st.server.primary_name,
-                st.method,
-                st.request_uri,
-                version
-            );
+            let mut t = match &rc.sub {
+                // nginx names the main request's line, then the subrequest's URI.
+                Some(sub) => format!(
+                    ", client: {}, server: {}, request: \"{}\", subrequest: \"{}\"",
+                    rc.conn.remote.ip(),
+                    st.server.primary_name,
+                    sub.request_line,
+                    st.uri
+                ),
+                None => format!(
+                    ", client: {}, server: {}, request: \"{} {} {}\"",
+                    rc.conn.remote.ip(),
+                    st.server.primary_name,
+                    st.method,
+                    st.request_uri,
+                    version
+                ),
+            };
             if let Some(h) = st.headers.get("host").and_then(|h| h.to_str().ok()) {
                 t.push_str(&format!(", host: \"{}\"", h));
             }

@@ -7,10 +7,11 @@
 //! ```
 //! Every phase may end the request (`ngx.exit`, `return`, an error): the engine then skips to
 //! the special response (or `error_page`), the filters and the log phase, as nginx does.
+//! A subrequest (`ngx.location.capture`, see `subrequest.rs`) walks the same phases through
+//! [`run_subrequest`]; its filtered output lands in a capture sink instead of the client.
 
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
@@ -20,7 +21,7 @@ use tokio::sync::oneshot;
 use super::body::Body;
 use super::filter;
 use super::location;
-use super::request::{ConnInfo, Env, Exit, LuaArgs, Phase, ReqBody, ReqCtx, ReqState};
+use super::request::{ConnInfo, Env, Exit, Phase, ReqBody, ReqCtx, ReqState};
 use super::rewrite::{self, RwResult};
 use super::special;
 use crate::conf::model::{Content, Location, Server, ServerName};
@@ -98,48 +99,20 @@ fn new_request(
         return Err(400);
     }
     let server = find_server(&env.cfg.http.servers, conn.local, &parts.headers).ok_or(400u16)?;
-    let st = ReqState {
-        method: parts.method,
+    let mut st = ReqState::new(
+        parts.method,
         uri,
         args,
         request_uri,
-        version: parts.version,
-        headers: parts.headers,
-        body: ReqBody::Unread(body),
-        conf: server.conf.clone(),
+        parts.version,
+        parts.headers,
+        ReqBody::Unread(body),
         server,
-        location: None,
-        vars: Default::default(),
-        captures: Vec::new(),
-        phase: Phase::ServerRewrite,
-        internal: false,
-        redirects: 0,
-        exit: None,
-        status: 0,
-        resp_headers: HeaderMap::new(),
-        headers_sent: false,
-        out: BytesMut::new(),
-        eof_sent: false,
-        body_bytes_sent: 0,
-        arg: LuaArgs::None,
-        ctx_table: None,
-        head_tx: Some(head_tx),
-        body_tx: None,
-        extra_vars: Default::default(),
-        error_page_done: false,
-        upstream_headers: None,
-        on_upgrade: parts.extensions.remove::<hyper::upgrade::OnUpgrade>(),
-    };
+    );
+    st.head_tx = Some(head_tx);
+    st.on_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
     conn.requests.set(conn.requests.get() + 1);
-    Ok(Rc::new(ReqCtx {
-        conn,
-        env,
-        // ngx.req.start_time() and ngx.now() share nginx's cached clock.
-        start_time: crate::lua::api::time::cached_now(),
-        start: Instant::now(),
-        id: std::cell::Cell::new(None),
-        st: std::cell::RefCell::new(st),
-    }))
+    Ok(Rc::new(ReqCtx::new(conn, env, st, None)))
 }
 
 /// Decode `%XX`, merge slashes and resolve `.`/`..` as nginx does; `None` when the path
@@ -511,9 +484,12 @@ async fn phases(rc: &Rc<ReqCtx>, mut forced: Option<Arc<Location>>) -> Outcome {
             Content::Lua(chunk) => Some(chunk),
             Content::Static | Content::Proxy(_) => None,
         };
+        // nginx skips the whole access phase for subrequests (ngx_http_core_access_phase), so
+        // an access_by_lua that captures its own location does not recurse.
+        let access_lua = conf.access_by_lua.as_ref().filter(|_| !rc.is_subrequest());
         let steps = [
             (conf.rewrite_by_lua.as_ref(), Phase::Rewrite),
-            (conf.access_by_lua.as_ref(), Phase::Access),
+            (access_lua, Phase::Access),
             (content_lua, Phase::Content),
         ];
         let mut redirect = None;
@@ -636,6 +612,33 @@ async fn finalize(rc: &Rc<ReqCtx>, outcome: Outcome) {
     }
     if let Err(e) = filter::send(rc, true).await {
         tracing::debug!(conn = rc.conn.id, "response not completed: {}", e);
+    }
+}
+
+/// Run a subrequest (`ngx.location.capture`): the same phases as a main request, then the
+/// response goes through the header and body filters into the capture sink (`filter::send`
+/// routes it there). No error_page and no log phase: lua-nginx-module captures a bare status
+/// before nginx's special response would run, and nginx does not log subrequests
+/// (`log_subrequest off`).
+pub async fn run_subrequest(rc: &Rc<ReqCtx>) {
+    if let Outcome::Status(code) = phases(rc, None).await {
+        if output_started(&rc.st.borrow()) {
+            // The handler failed after its output began: keep what it produced, but the last
+            // buffer never comes, so the parent sees `res.truncated == true`.
+            if let Err(e) = filter::send(rc, false).await {
+                tracing::debug!(conn = rc.conn.id, "subrequest output: {}", e);
+            }
+            return;
+        }
+        // A bare status: headers only, an empty body (no special page), as OpenResty captures it.
+        let mut st = rc.st.borrow_mut();
+        st.status = code;
+        st.resp_headers.remove("content-type");
+        st.resp_headers.remove("content-length");
+        st.resp_headers.remove("last-modified");
+    }
+    if let Err(e) = filter::send(rc, true).await {
+        tracing::debug!(conn = rc.conn.id, "subrequest output: {}", e);
     }
 }
 

@@ -27,6 +27,20 @@ pub async fn send(rc: &Rc<ReqCtx>, eof: bool) -> Result<(), String> {
     }
     let chunk = rc.st.borrow_mut().out.split().freeze();
     let (chunk, eof) = body_filter(rc, chunk, eof).await;
+    if let Some(sub) = &rc.sub {
+        // A subrequest's response is captured for its parent (ngx.location.capture), never sent.
+        let mut st = rc.st.borrow_mut();
+        st.body_bytes_sent += chunk.len() as u64;
+        // A HEAD subrequest has no body, whatever its handler printed (nginx's header_only).
+        if st.method != http::Method::HEAD {
+            sub.body.borrow_mut().extend_from_slice(&chunk);
+        }
+        if eof {
+            st.eof_sent = true;
+            sub.complete.set(true);
+        }
+        return Ok(());
+    }
     // Decide under the borrow, await after it: another request's coroutine may run meanwhile.
     let (head, tx) = {
         let mut st = rc.st.borrow_mut();
@@ -120,8 +134,11 @@ async fn header_filter(rc: &Rc<ReqCtx>) {
             st.resp_headers.insert("content-type", v);
         }
         let conf = st.conf.clone();
+        // nginx adds Server (ngx_http_header_filter) and add_header (ngx_http_headers_filter)
+        // to the main request only; a subrequest's captured headers have neither.
+        let main = !rc.is_subrequest();
         // Added before headers-more runs so that `more_clear_headers Server` can remove it.
-        if !st.resp_headers.contains_key("server") {
+        if main && !st.resp_headers.contains_key("server") {
             let v = if conf.server_tokens {
                 concat!("tidegate/", env!("CARGO_PKG_VERSION"))
             } else {
@@ -130,7 +147,7 @@ async fn header_filter(rc: &Rc<ReqCtx>) {
             st.resp_headers
                 .insert("server", HeaderValue::from_static(v));
         }
-        for ah in &conf.add_headers {
+        for ah in conf.add_headers.iter().filter(|_| main) {
             if ah.always || ADD_HEADER_STATUSES.contains(&status) {
                 let v = super::variables::eval(rc, st, &ah.value);
                 if v.is_empty() {
@@ -148,7 +165,7 @@ async fn header_filter(rc: &Rc<ReqCtx>) {
             apply_more(rc, st, m, true);
         }
         let conn = &rc.conn;
-        if conf.keepalive_requests > 0 && conn.requests.get() >= conf.keepalive_requests {
+        if main && conf.keepalive_requests > 0 && conn.requests.get() >= conf.keepalive_requests {
             st.resp_headers
                 .insert("connection", HeaderValue::from_static("close"));
         }

@@ -11,4 +11,5 @@ pub mod request;
 pub mod rewrite;
 pub mod special;
 pub mod static_files;
+pub mod subrequest;
 pub mod variables;

@@ -114,8 +114,9 @@ pub struct ReqState {
     pub server: Arc<Server>,
     pub conf: Arc<LocConf>,
     pub location: Option<Arc<Location>>,
-    /// Variables made by `set` / `ngx.var.x = v`.
-    pub vars: HashMap<String, Bytes>,
+    /// Variables made by `set` / `ngx.var.x = v` (shared with a subrequest made with
+    /// `share_all_vars`).
+    pub vars: Vars,
     /// Regex captures of the last match ($1..$9).
     pub captures: Vec<Option<Bytes>>,
     pub phase: Phase,
@@ -143,6 +144,49 @@ pub struct ReqState {
     pub on_upgrade: Option<hyper::upgrade::OnUpgrade>,
 }
 
+/// The variables a request sets (`set`, `ngx.var.x = v`). Usually the request's own; a
+/// subrequest made with `share_all_vars` shares its parent's map, as nginx shares the variable
+/// array. Made on first write: most requests set no variable.
+#[derive(Default)]
+pub struct Vars(Option<Rc<RefCell<HashMap<String, Bytes>>>>);
+
+impl Vars {
+    pub fn get(&self, name: &str) -> Option<Bytes> {
+        self.0.as_ref().and_then(|m| m.borrow().get(name).cloned())
+    }
+    pub fn insert(&mut self, name: String, v: Bytes) {
+        self.0
+            .get_or_insert_with(Default::default)
+            .borrow_mut()
+            .insert(name, v);
+    }
+    /// A copy that changes apart from this one (`copy_all_vars`).
+    pub fn copy(&self) -> Vars {
+        Vars(
+            self.0
+                .as_ref()
+                .map(|m| Rc::new(RefCell::new(m.borrow().clone()))),
+        )
+    }
+    /// The same variables (`share_all_vars`): writes through either are seen by both.
+    pub fn share(&mut self) -> Vars {
+        Vars(Some(self.0.get_or_insert_with(Default::default).clone()))
+    }
+}
+
+/// What makes a request a subrequest (`ngx.location.capture`): its nesting depth and the sink
+/// its output goes to instead of the client (see `filter::send`).
+pub struct Sub {
+    /// 1 for a subrequest of the main request; nginx refuses a 51st level.
+    pub depth: u32,
+    /// The main request's line: nginx's error log names it (with `subrequest: "/uri"`).
+    pub request_line: String,
+    /// The captured response body.
+    pub body: RefCell<BytesMut>,
+    /// The last buffer went through the body filter (`res.truncated` is false).
+    pub complete: Cell<bool>,
+}
+
 /// One request.
 pub struct ReqCtx {
     pub conn: Rc<ConnInfo>,
@@ -153,9 +197,77 @@ pub struct ReqCtx {
     /// `$request_id`, made on first use (most requests never ask for it).
     pub id: Cell<Option<[u8; 16]>>,
     pub st: RefCell<ReqState>,
+    /// `Some` for a subrequest.
+    pub sub: Option<Box<Sub>>,
+}
+
+impl ReqState {
+    /// A request at its start, before the server rewrite phase.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        method: Method,
+        uri: String,
+        args: Option<String>,
+        request_uri: String,
+        version: Version,
+        headers: HeaderMap,
+        body: ReqBody,
+        server: Arc<Server>,
+    ) -> ReqState {
+        ReqState {
+            method,
+            uri,
+            args,
+            request_uri,
+            version,
+            headers,
+            body,
+            conf: server.conf.clone(),
+            server,
+            location: None,
+            vars: Default::default(),
+            captures: Vec::new(),
+            phase: Phase::ServerRewrite,
+            internal: false,
+            redirects: 0,
+            exit: None,
+            status: 0,
+            resp_headers: HeaderMap::new(),
+            headers_sent: false,
+            out: BytesMut::new(),
+            eof_sent: false,
+            body_bytes_sent: 0,
+            arg: LuaArgs::None,
+            ctx_table: None,
+            head_tx: None,
+            body_tx: None,
+            extra_vars: Default::default(),
+            error_page_done: false,
+            upstream_headers: None,
+            on_upgrade: None,
+        }
+    }
 }
 
 impl ReqCtx {
+    pub fn new(conn: Rc<ConnInfo>, env: Rc<Env>, st: ReqState, sub: Option<Box<Sub>>) -> ReqCtx {
+        ReqCtx {
+            conn,
+            env,
+            // ngx.req.start_time() and ngx.now() share nginx's cached clock.
+            start_time: crate::lua::api::time::cached_now(),
+            start: Instant::now(),
+            id: Cell::new(None),
+            st: RefCell::new(st),
+            sub,
+        }
+    }
+
+    /// Whether this is a subrequest (`ngx.is_subrequest`).
+    pub fn is_subrequest(&self) -> bool {
+        self.sub.is_some()
+    }
+
     /// `$request_id`: 32 hex digits.
     pub fn request_id(&self) -> String {
         let id = match self.id.get() {

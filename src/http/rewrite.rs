@@ -179,6 +179,11 @@ fn run_boxed<'a>(
 
 /// nginx's `absolute_redirect on`: `scheme://host[:port]` + path.
 pub fn absolute(rc: &ReqCtx, st: &ReqState, path: &str) -> String {
+    if rc.is_subrequest() {
+        // nginx completes a relative Location in its last header filter, which a subrequest's
+        // response never reaches: `res.header.Location` keeps the path.
+        return path.to_string();
+    }
     let host = super::variables::host(st).unwrap_or_else(|| st.server.primary_name.clone());
     let port = rc.conn.local.port();
     if port == 80 {

@@ -68,6 +68,7 @@ fn register_all(lua: &Lua, ngx: &Table, opts: &VmOptions) -> mlua::Result<()> {
     header::register(lua, ngx)?;
     output::register(lua, ngx)?;
     exit::register(lua, ngx)?;
+    location::register(lua, ngx)?;
     ctx::register(lua, ngx)?;
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! The per-request fields of the `ngx` table: `ngx.ctx`, `ngx.status`, `ngx.headers_sent`,
-//! and `ngx.arg` (set_by_lua arguments, body_filter chunk and eof). They live behind a
-//! metatable because their value depends on the request of the running coroutine.
+//! `ngx.is_subrequest`, and `ngx.arg` (set_by_lua arguments, body_filter chunk and eof). They
+//! live behind a metatable because their value depends on the request of the running coroutine.
 
 use bytes::Bytes;
 use mlua::{Lua, Table, Value};
@@ -41,6 +41,9 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
                     let st = rc.st.borrow();
                     Ok(Value::Integer(st.status as i64))
                 }
+                b"is_subrequest" => Ok(Value::Boolean(
+                    try_current(lua).is_some_and(|rc| rc.is_subrequest()),
+                )),
                 b"headers_sent" => {
                     let Some(rc) = try_current(lua) else {
                         return Ok(Value::Boolean(false));

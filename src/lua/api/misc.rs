@@ -9,7 +9,6 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
         "get_phase",
         lua.create_function(|lua, ()| Ok(phase(lua).name()))?,
     )?;
-    // A field in OpenResty; there are no subrequests yet, so it is always false.
-    ngx.set("is_subrequest", false)?;
+    // `ngx.is_subrequest` is a per-request field: see ctx.rs (the `ngx` metatable).
     Ok(())
 }

@@ -6,6 +6,7 @@ pub mod consts;
 pub mod ctx;
 pub mod exit;
 pub mod header;
+pub mod location;
 pub mod log;
 pub mod misc;
 pub mod output;
