@@ -720,3 +720,33 @@ fn variable_target_resolved_through_location_resolver() {
         s.error_log()
     );
 }
+
+#[test]
+fn lua_filters_and_subrequests_see_proxied_responses() {
+    let o = Origin::start(|r, s| {
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-O: 1\r\n\r\n6\r\nhello \r\n");
+        std::thread::sleep(Duration::from_millis(50));
+        let _ = s.write_all(b"5\r\nworld\r\n0\r\n\r\n");
+        keep(r)
+    });
+    let s = server(&format!(
+        "location /p/ {{
+            body_filter_by_lua_block {{ ngx.arg[1] = string.upper(ngx.arg[1]) }}
+            proxy_pass http://127.0.0.1:{p}/;
+        }}
+        location /raw/ {{ proxy_pass http://127.0.0.1:{p}/; }}
+        location = /sub {{
+            content_by_lua_block {{
+                local r = ngx.location.capture('/raw/x')
+                ngx.say(r.status, ' ', r.header['X-O'], ' ', r.body)
+            }}
+        }}",
+        p = o.port()
+    ));
+    let r = s.get("/p/a");
+    assert_eq!(r.status, 200, "{}", s.error_log());
+    assert_eq!(r.text(), "HELLO WORLD");
+    let r = s.get("/sub");
+    assert_eq!(r.status, 200, "{}", s.error_log());
+    assert_eq!(r.text(), "200 1 hello world\n");
+}
