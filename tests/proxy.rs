@@ -724,7 +724,9 @@ fn variable_target_resolved_through_location_resolver() {
 #[test]
 fn lua_filters_and_subrequests_see_proxied_responses() {
     let o = Origin::start(|r, s| {
-        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-O: 1\r\n\r\n6\r\nhello \r\n");
+        let _ = s.write_all(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-O: 1\r\n\r\n6\r\nhello \r\n",
+        );
         std::thread::sleep(Duration::from_millis(50));
         let _ = s.write_all(b"5\r\nworld\r\n0\r\n\r\n");
         keep(r)

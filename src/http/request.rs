@@ -138,8 +138,8 @@ pub struct ReqState {
     /// `$upstream_*` and other late variables other rooms fill in.
     pub extra_vars: HashMap<&'static str, String>,
     pub error_page_done: bool,
-    /// The proxied response's headers as the upstream sent them (`$upstream_http_*`).
-    pub upstream_headers: Option<HeaderMap>,
+    /// What the proxy learnt (`$proxy_host`, `$upstream_*`), read on demand by variables.
+    pub upstream: Option<Box<crate::proxy::UpstreamInfo>>,
     /// The client side of a protocol upgrade (WebSocket), taken by the proxy on a 101.
     pub on_upgrade: Option<hyper::upgrade::OnUpgrade>,
 }
@@ -243,7 +243,7 @@ impl ReqState {
             body_tx: None,
             extra_vars: Default::default(),
             error_page_done: false,
-            upstream_headers: None,
+            upstream: None,
             on_upgrade: None,
         }
     }

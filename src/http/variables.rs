@@ -33,8 +33,12 @@ pub fn get(rc: &ReqCtx, st: &ReqState, name: &str) -> Option<Vec<u8>> {
             Some(vals.join(&b", "[..]))
         };
     }
-    if let Some(h) = name.strip_prefix("upstream_http_") {
-        return crate::proxy::upstream_http(st, h);
+    if name.starts_with("upstream_") || name.starts_with("proxy_") {
+        if let Some(u) = &st.upstream {
+            if let Some(v) = u.variable(name) {
+                return Some(v);
+            }
+        }
     }
     if let Some(a) = name.strip_prefix("arg_") {
         return arg(st.args.as_deref().unwrap_or(""), a).map(|v| v.into_owned());

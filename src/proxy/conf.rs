@@ -36,6 +36,14 @@ pub struct Url {
     pub addrs: Vec<SocketAddr>,
 }
 
+/// A resolved address with its `$upstream_addr` text, made once.
+pub fn addr_names(addrs: &[SocketAddr]) -> Vec<(SocketAddr, Arc<str>)> {
+    addrs
+        .iter()
+        .map(|a| (*a, Arc::from(a.to_string())))
+        .collect()
+}
+
 impl Url {
     /// `$proxy_host`: the name (and the port when given) as the directive wrote it.
     pub fn proxy_host(&self) -> String {
@@ -104,6 +112,9 @@ fn parse_port(p: &str, s: &str) -> Result<u16, String> {
 #[derive(Debug)]
 pub struct ProxyPass {
     pub target: Target,
+    /// For a fixed URL: its addresses with their names, and `$proxy_host`.
+    pub peers: Vec<(SocketAddr, Arc<str>)>,
+    pub proxy_host: String,
     /// `file:line` of the directive, for load-time checks made later.
     pub file: String,
     pub line: usize,
@@ -432,7 +443,13 @@ pub fn proxy_pass(
         }
         Target::Fixed(url)
     };
+    let (peers, proxy_host) = match &target {
+        Target::Fixed(u) => (addr_names(&u.addrs), u.proxy_host()),
+        Target::Dynamic(_) => (Vec::new(), String::new()),
+    };
     Ok(ProxyPass {
+        peers,
+        proxy_host,
         target,
         file: d.file.to_string(),
         line: d.line,

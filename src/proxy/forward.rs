@@ -111,7 +111,8 @@ pub async fn attempt(
     peer: &Peer,
     dest: &Dest<'_>,
     pc: &ProxyConf,
-    head: &ReqHead,
+    head: &mut ReqHead,
+    keep_head: bool,
     src: &mut BodySrc,
     use_pool: bool,
 ) -> Result<Got, Failed> {
@@ -176,7 +177,11 @@ pub async fn attempt(
     } else {
         Version::HTTP_10
     };
-    *req.headers_mut() = head.headers.clone();
+    *req.headers_mut() = if keep_head {
+        head.headers.clone()
+    } else {
+        std::mem::take(&mut head.headers)
+    };
     let t0 = Instant::now();
     // The head must come within proxy_read_timeout of the request being sent; a streamed
     // body's upload gets proxy_send_timeout on top.

@@ -6,7 +6,6 @@ use http::header::{HeaderName, HeaderValue};
 use http::HeaderMap;
 
 use super::conf::{ProxyConf, RedirectRule};
-use crate::conf::template::Template;
 use crate::http::request::{ReqCtx, ReqState};
 use crate::http::variables;
 
@@ -36,40 +35,34 @@ fn connection_tokens(h: &HeaderMap) -> Vec<String> {
         .collect()
 }
 
-thread_local! {
-    static DEFAULTS: [(HeaderName, Template); 2] = [
-        (HeaderName::from_static("host"), Template::parse("$proxy_host").unwrap_or_default()),
-        (HeaderName::from_static("connection"), Template::parse("close").unwrap_or_default()),
-    ];
-}
-
 /// The request headers for upstream. `content_length` is the body length when known.
 pub fn request(
     rc: &ReqCtx,
     st: &ReqState,
     pc: &ProxyConf,
+    proxy_host: &str,
     content_length: Option<u64>,
 ) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(st.headers.len() + 4);
-    let mut set = |name: &HeaderName, t: &Template| {
+    // nginx's defaults (`Host $proxy_host`, `Connection close`) unless the configuration
+    // names them.
+    let named = |n: &HeaderName| pc.set_headers.iter().any(|(m, _)| m == n);
+    if !named(&http::header::HOST) {
+        if let Ok(v) = HeaderValue::from_str(proxy_host) {
+            out.insert(http::header::HOST, v);
+        }
+    }
+    if !named(&http::header::CONNECTION) {
+        out.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    for (n, t) in &pc.set_headers {
         let v = variables::eval(rc, st, t);
         if v.is_empty() {
-            return;
+            continue;
         }
         if let Ok(v) = HeaderValue::from_bytes(&v) {
-            out.append(name.clone(), v);
+            out.append(n.clone(), v);
         }
-    };
-    // Defaults first unless the configuration names them (nginx: its own list wins).
-    DEFAULTS.with(|d| {
-        for (n, t) in d {
-            if !pc.set_headers.iter().any(|(m, _)| m == n) {
-                set(n, t);
-            }
-        }
-    });
-    for (n, t) in &pc.set_headers {
-        set(n, t);
     }
     if pc.pass_request_headers {
         let named = connection_tokens(&st.headers);
@@ -139,7 +132,7 @@ pub fn redirect(
     rc: &ReqCtx,
     st: &mut ReqState,
     pc: &ProxyConf,
-    default_from: Option<&str>,
+    default_from: &dyn Fn() -> Option<String>,
     prefix: &str,
 ) {
     if pc.redirects.is_empty() {
@@ -162,8 +155,8 @@ pub fn redirect(
         for rule in &pc.redirects {
             match rule {
                 RedirectRule::Default => {
-                    if let Some(from) = default_from {
-                        if let Some(rest) = url.strip_prefix(from) {
+                    if let Some(from) = default_from() {
+                        if let Some(rest) = url.strip_prefix(from.as_str()) {
                             new = Some(format!("{}{}", prefix, rest));
                         }
                     }

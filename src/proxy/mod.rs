@@ -27,6 +27,7 @@ mod retry;
 mod vars;
 mod websocket;
 
+use std::borrow::Cow;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -41,13 +42,29 @@ use crate::conf::model::LocMatch;
 use crate::http::engine::Outcome;
 use crate::http::request::{ReqBody, ReqCtx, ReqState};
 
-pub use vars::upstream_http;
+pub use vars::UpstreamInfo;
 
 /// The target of one request, evaluated.
-struct Resolved {
-    url: Url,
+struct Resolved<'a> {
+    url: Cow<'a, Url>,
+    peers: Cow<'a, [(std::net::SocketAddr, Arc<str>)]>,
+    proxy_host: Cow<'a, str>,
     dynamic: bool,
     start: usize,
+}
+
+/// Record a try in the request's `$upstream_*` facts.
+fn record(
+    rc: &ReqCtx,
+    addr: &Arc<str>,
+    status: u16,
+    connect: Option<Duration>,
+    header: Option<Duration>,
+    response: Duration,
+) {
+    if let Some(u) = rc.st.borrow_mut().upstream.as_mut() {
+        u.push(addr, status, connect, header, response);
+    }
 }
 
 /// Serve the request by proxying it (the content phase of a `proxy_pass` location).
@@ -57,22 +74,20 @@ pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
         Ok(t) => t,
         Err(code) => return Outcome::Status(code),
     };
-    let proxy_host = target.url.proxy_host();
-    {
-        let mut st = rc.st.borrow_mut();
-        st.extra_vars.insert("proxy_host", proxy_host.clone());
-        st.extra_vars
-            .insert("proxy_port", target.url.port.to_string());
-    }
-    let retries = pc.next_upstream != 0 && target.url.addrs.len() > 1;
+    rc.st.borrow_mut().upstream = Some(Box::new(UpstreamInfo::new(
+        target.proxy_host.to_string(),
+        target.url.port,
+    )));
+    let retries = pc.next_upstream != 0 && target.peers.len() > 1;
     let mut src = match body_source(rc, &pc, retries).await {
         Ok(s) => s,
         Err(code) => return Outcome::Status(code),
     };
-    let (head, prefix) = {
+    let (mut head, location) = {
         let st = rc.st.borrow();
-        let prefix = location_prefix(&st);
-        let uri = upstream_uri(&st, &target, prefix.as_deref());
+        let location = st.location.clone();
+        let prefix = location.as_deref().and_then(location_prefix);
+        let uri = upstream_uri(&st, &target, prefix);
         let len = match &src {
             BodySrc::Kept(b) => Some(b.len() as u64),
             _ => client_length(&st),
@@ -80,10 +95,10 @@ pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
         let head = ReqHead {
             method: st.method.clone(),
             uri,
-            headers: headers::request(rc, &st, &pc, len),
+            headers: headers::request(rc, &st, &pc, &target.proxy_host, len),
             http11: pc.http11,
         };
-        (head, prefix)
+        (head, location)
     };
     let tls_name = if target.url.https {
         let st = rc.st.borrow();
@@ -105,24 +120,26 @@ pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
         keepalive: None,
     };
     let scheme = if target.url.https { "https" } else { "http" };
-    let mut sel = Selector::new(target.url.addrs.clone(), target.start);
+    let mut sel = Selector::new(&target.peers, target.start);
     let mut budget = Budget::new(&head.method);
-    let mut uv = vars::UpVars::default();
     loop {
         let Some(peer) = sel.next() else {
             log_upstream(
                 rc,
                 "no live upstreams while connecting to upstream",
-                &proxy_host,
+                &target.proxy_host,
             );
             return Outcome::Status(502);
         };
         budget.tries += 1;
         let t0 = Instant::now();
-        let upstream = format!("{}://{}{}", scheme, peer.name, head.uri);
+        let upstream = |uri: &str| format!("{}://{}{}", scheme, peer.name, uri);
         let mut use_pool = true;
         let res = loop {
-            let r = forward::attempt(&peer, &dest, &pc, &head, &mut src, use_pool).await;
+            // The head is copied only while another try may need it.
+            let keep_head = sel.has_more() || (use_pool && dest.keepalive.is_some());
+            let r =
+                forward::attempt(&peer, &dest, &pc, &mut head, keep_head, &mut src, use_pool).await;
             match r {
                 // A kept-alive connection the upstream had closed: once more on a fresh one,
                 // not counted as a try (nginx does the same for cached connections).
@@ -132,18 +149,25 @@ pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
         };
         match res {
             Err(f) => {
-                uv.push(&peer.name, f.status(), f.connect_time, None, t0.elapsed());
-                log_upstream(rc, &f.msg, &upstream);
+                record(
+                    rc,
+                    &peer.name,
+                    f.status(),
+                    f.connect_time,
+                    None,
+                    t0.elapsed(),
+                );
+                log_upstream(rc, &f.msg, &upstream(&head.uri));
                 let again =
                     sel.has_more() && budget.may_retry(&pc, f.kind, f.sent, src.replayable());
-                uv.publish(&mut rc.st.borrow_mut());
                 if !again {
                     return Outcome::Status(f.status());
                 }
             }
             Ok(got) => {
                 let status = got.resp.status().as_u16();
-                uv.push(
+                record(
+                    rc,
                     &peer.name,
                     status,
                     got.connect_time,
@@ -154,26 +178,28 @@ pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
                     && sel.has_more()
                     && budget.may_retry(&pc, Failure::Status(status), true, src.replayable());
                 if !again {
-                    let default_from = match (&pass.target, &prefix) {
-                        (Target::Fixed(u), Some(p)) => Some(format!(
-                            "{}://{}{}",
-                            scheme,
-                            proxy_host,
-                            u.uri.as_deref().unwrap_or(p)
-                        )),
-                        _ => None,
-                    };
+                    let prefix = location.as_deref().and_then(location_prefix).unwrap_or("");
+                    let default_from =
+                        || match (&pass.target, location.as_deref().and_then(location_prefix)) {
+                            (Target::Fixed(u), Some(p)) => Some(format!(
+                                "{}://{}{}",
+                                scheme,
+                                target.proxy_host,
+                                u.uri.as_deref().unwrap_or(p)
+                            )),
+                            _ => None,
+                        };
+                    let upstream = upstream(&head.uri);
                     let ctx = Respond {
                         pc: &pc,
                         dest: &dest,
                         upstream: &upstream,
-                        default_from: default_from.as_deref(),
-                        prefix: prefix.as_deref().unwrap_or(""),
+                        default_from: &default_from,
+                        prefix,
                         t0,
                     };
-                    return respond(rc, ctx, got, &mut uv).await;
+                    return respond(rc, ctx, got).await;
                 }
-                uv.publish(&mut rc.st.borrow_mut());
             }
         }
         if let Some(d) = budget.backoff(&pc) {
@@ -186,13 +212,13 @@ struct Respond<'a> {
     pc: &'a ProxyConf,
     dest: &'a Dest<'a>,
     upstream: &'a str,
-    default_from: Option<&'a str>,
+    default_from: &'a dyn Fn() -> Option<String>,
     prefix: &'a str,
     t0: Instant,
 }
 
 /// Send the accepted response to the client.
-async fn respond(rc: &Rc<ReqCtx>, c: Respond<'_>, got: Got, uv: &mut vars::UpVars) -> Outcome {
+async fn respond(rc: &Rc<ReqCtx>, c: Respond<'_>, got: Got) -> Outcome {
     let Got {
         mut resp,
         conn,
@@ -209,21 +235,21 @@ async fn respond(rc: &Rc<ReqCtx>, c: Respond<'_>, got: Got, uv: &mut vars::UpVar
             .iter()
             .any(|p| p.codes.contains(&status));
         if has_page {
-            uv.publish(&mut rc.st.borrow_mut());
             return Outcome::Status(status);
         }
     }
     let upgrade = status == 101;
     let up_upgrade = upgrade.then(|| hyper::upgrade::on(&mut resp));
-    let (mut parts, body) = resp.into_parts();
+    let (parts, body) = resp.into_parts();
     {
         let mut guard = rc.st.borrow_mut();
         let st = &mut *guard;
         st.status = status;
         st.resp_headers = headers::response(c.pc, &parts.headers, upgrade);
-        st.upstream_headers = Some(std::mem::take(&mut parts.headers));
+        if let Some(u) = st.upstream.as_mut() {
+            u.headers = Some(parts.headers);
+        }
         headers::redirect(rc, st, c.pc, c.default_from, c.prefix);
-        uv.publish(st);
     }
     if let Some(up) = up_upgrade {
         let client = rc.st.borrow_mut().on_upgrade.take();
@@ -246,9 +272,10 @@ async fn respond(rc: &Rc<ReqCtx>, c: Respond<'_>, got: Got, uv: &mut vars::UpVar
     let log = |msg: &str| log_upstream(rc, msg, c.upstream);
     let mut len = 0;
     let r = forward::stream_body(rc, c.pc, body, &mut len, &log).await;
-    uv.response_length = len;
-    uv.set_last_response_time(c.t0.elapsed());
-    uv.publish(&mut rc.st.borrow_mut());
+    if let Some(u) = rc.st.borrow_mut().upstream.as_mut() {
+        u.response_length = len;
+        u.set_last_response_time(c.t0.elapsed());
+    }
     if let Streamed::Complete = r {
         forward::finish(conn, key, c.dest);
     }
@@ -256,7 +283,7 @@ async fn respond(rc: &Rc<ReqCtx>, c: Respond<'_>, got: Got, uv: &mut vars::UpVar
 }
 
 /// The target URL of this request, with the addresses to try.
-async fn resolve(rc: &Rc<ReqCtx>, pass: &ProxyPass) -> Result<Resolved, u16> {
+async fn resolve<'a>(rc: &Rc<ReqCtx>, pass: &'a ProxyPass) -> Result<Resolved<'a>, u16> {
     let url = match &pass.target {
         Target::Fixed(u) => {
             if u.addrs.is_empty() {
@@ -269,7 +296,9 @@ async fn resolve(rc: &Rc<ReqCtx>, pass: &ProxyPass) -> Result<Resolved, u16> {
                 return Err(502);
             }
             return Ok(Resolved {
-                url: u.clone(),
+                url: Cow::Borrowed(u),
+                peers: Cow::Borrowed(&pass.peers),
+                proxy_host: Cow::Borrowed(&pass.proxy_host),
                 dynamic: false,
                 start: pass.rr.fetch_add(1, Ordering::Relaxed),
             });
@@ -288,7 +317,6 @@ async fn resolve(rc: &Rc<ReqCtx>, pass: &ProxyPass) -> Result<Resolved, u16> {
             }
         }
     };
-    let mut url = url;
     let resolver = rc.st.borrow().conf.resolver.clone();
     let is_ip = url.host.parse::<std::net::IpAddr>().is_ok();
     if !is_ip && resolver.is_none() {
@@ -306,9 +334,10 @@ async fn resolve(rc: &Rc<ReqCtx>, pass: &ProxyPass) -> Result<Resolved, u16> {
             return Err(502);
         }
     };
-    url.addrs = addrs;
     Ok(Resolved {
-        url,
+        peers: Cow::Owned(conf::addr_names(&addrs)),
+        proxy_host: Cow::Owned(url.proxy_host()),
+        url: Cow::Owned(url),
         dynamic: true,
         start: pass.rr.fetch_add(1, Ordering::Relaxed),
     })
@@ -360,9 +389,9 @@ async fn body_source(rc: &Rc<ReqCtx>, pc: &ProxyConf, retries: bool) -> Result<B
 }
 
 /// The location's literal prefix (what a URI part replaces).
-fn location_prefix(st: &ReqState) -> Option<String> {
-    match &st.location.as_ref()?.matcher {
-        LocMatch::Prefix(p) | LocMatch::PrefixNoRegex(p) | LocMatch::Exact(p) => Some(p.clone()),
+fn location_prefix(l: &crate::conf::model::Location) -> Option<&str> {
+    match &l.matcher {
+        LocMatch::Prefix(p) | LocMatch::PrefixNoRegex(p) | LocMatch::Exact(p) => Some(p),
         _ => None,
     }
 }

@@ -17,14 +17,14 @@ pub struct Peer {
 }
 
 /// The peers of one request: the addresses of a name, tried round robin from a shared start.
-pub struct Selector {
-    addrs: Vec<SocketAddr>,
+pub struct Selector<'a> {
+    addrs: &'a [(SocketAddr, Arc<str>)],
     start: usize,
     tried: usize,
 }
 
-impl Selector {
-    pub fn new(addrs: Vec<SocketAddr>, start: usize) -> Selector {
+impl<'a> Selector<'a> {
+    pub fn new(addrs: &'a [(SocketAddr, Arc<str>)], start: usize) -> Selector<'a> {
         Selector {
             addrs,
             start,
@@ -37,11 +37,11 @@ impl Selector {
         if self.tried >= self.addrs.len() {
             return None;
         }
-        let addr = self.addrs[(self.start + self.tried) % self.addrs.len()];
+        let (addr, name) = &self.addrs[(self.start + self.tried) % self.addrs.len()];
         self.tried += 1;
         Some(Peer {
-            addr,
-            name: Arc::from(addr.to_string()),
+            addr: *addr,
+            name: name.clone(),
         })
     }
 

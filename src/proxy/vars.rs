@@ -1,18 +1,29 @@
-//! `$upstream_*` variables: one entry per try, joined with ", " as nginx prints them.
+//! `$proxy_host`, `$proxy_port` and the `$upstream_*` variables. The proxy records facts as
+//! it goes; the text is only made when a variable is read (most requests read none).
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::http::request::ReqState;
+use http::HeaderMap;
 
-/// What the tries of one request left behind.
+/// One try.
+struct Try {
+    addr: Arc<str>,
+    status: u16,
+    connect: Option<Duration>,
+    header: Option<Duration>,
+    response: Duration,
+}
+
+/// What the proxy learnt about one request, kept in `ReqState::upstream`.
 #[derive(Default)]
-pub struct UpVars {
-    addr: Vec<String>,
-    status: Vec<String>,
-    connect: Vec<String>,
-    header: Vec<String>,
-    response: Vec<String>,
+pub struct UpstreamInfo {
+    pub proxy_host: String,
+    pub proxy_port: u16,
+    tries: Vec<Try>,
     pub response_length: u64,
+    /// The accepted response's headers as the upstream sent them (`$upstream_http_*`).
+    pub headers: Option<HeaderMap>,
 }
 
 fn secs(d: Option<Duration>) -> String {
@@ -22,45 +33,73 @@ fn secs(d: Option<Duration>) -> String {
     }
 }
 
-impl UpVars {
+impl UpstreamInfo {
+    pub fn new(proxy_host: String, proxy_port: u16) -> UpstreamInfo {
+        UpstreamInfo {
+            proxy_host,
+            proxy_port,
+            ..Default::default()
+        }
+    }
+
     /// Record one try. `status` is the upstream's, or the 502/504 nginx records for a failure.
     pub fn push(
         &mut self,
-        addr: &str,
+        addr: &Arc<str>,
         status: u16,
         connect: Option<Duration>,
         header: Option<Duration>,
         response: Duration,
     ) {
-        self.addr.push(addr.to_string());
-        self.status.push(status.to_string());
-        self.connect.push(secs(connect));
-        self.header.push(secs(header));
-        self.response.push(secs(Some(response)));
+        self.tries.push(Try {
+            addr: addr.clone(),
+            status,
+            connect,
+            header,
+            response,
+        });
     }
 
     /// The last try's full time, once its body has been read.
     pub fn set_last_response_time(&mut self, d: Duration) {
-        if let Some(r) = self.response.last_mut() {
-            *r = secs(Some(d));
+        if let Some(t) = self.tries.last_mut() {
+            t.response = d;
         }
     }
 
-    /// Make them visible to `ngx.var`, the access log and header filters.
-    pub fn publish(&self, st: &mut ReqState) {
-        let v = &mut st.extra_vars;
-        v.insert("upstream_addr", self.addr.join(", "));
-        v.insert("upstream_status", self.status.join(", "));
-        v.insert("upstream_connect_time", self.connect.join(", "));
-        v.insert("upstream_header_time", self.header.join(", "));
-        v.insert("upstream_response_time", self.response.join(", "));
-        v.insert("upstream_response_length", self.response_length.to_string());
+    fn join(&self, f: impl Fn(&Try) -> String) -> Vec<u8> {
+        self.tries
+            .iter()
+            .map(f)
+            .collect::<Vec<_>>()
+            .join(", ")
+            .into_bytes()
+    }
+
+    /// A variable's value, `None` when it is not one of ours (or not known yet).
+    pub fn variable(&self, name: &str) -> Option<Vec<u8>> {
+        if let Some(h) = name.strip_prefix("upstream_http_") {
+            return upstream_http(self.headers.as_ref()?, h);
+        }
+        let has_tries = !self.tries.is_empty();
+        Some(match name {
+            "proxy_host" => self.proxy_host.clone().into_bytes(),
+            "proxy_port" => self.proxy_port.to_string().into_bytes(),
+            "upstream_addr" if has_tries => self.join(|t| t.addr.to_string()),
+            "upstream_status" if has_tries => self.join(|t| t.status.to_string()),
+            "upstream_connect_time" if has_tries => self.join(|t| secs(t.connect)),
+            "upstream_header_time" if has_tries => self.join(|t| secs(t.header)),
+            "upstream_response_time" if has_tries => self.join(|t| secs(Some(t.response))),
+            "upstream_response_length" if has_tries => {
+                self.response_length.to_string().into_bytes()
+            }
+            _ => return None,
+        })
     }
 }
 
 /// `$upstream_http_NAME` (name with `_` for `-`, lower-case).
-pub fn upstream_http(st: &ReqState, name: &str) -> Option<Vec<u8>> {
-    let h = st.upstream_headers.as_ref()?;
+fn upstream_http(h: &HeaderMap, name: &str) -> Option<Vec<u8>> {
     let name = name.replace('_', "-");
     let vals: Vec<&[u8]> = h
         .get_all(name.as_str())
