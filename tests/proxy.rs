@@ -383,15 +383,21 @@ fn websocket_upgrade_is_tunnelled() {
         }
         Next::Close
     });
-    let s = server(&format!(
-        "location /ws {{
-            proxy_http_version 1.1;
-            proxy_set_header Upgrade $http_upgrade;
-            proxy_set_header Connection \"upgrade\";
-            proxy_pass http://127.0.0.1:{};
+    // The canonical nginx WebSocket configuration.
+    let s = Server::start(&http_conf(&format!(
+        "map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
+        server {{
+            listen 127.0.0.1:PORT;
+            server_name localhost;
+            location /ws {{
+                proxy_http_version 1.1;
+                proxy_set_header Upgrade $http_upgrade;
+                proxy_set_header Connection $connection_upgrade;
+                proxy_pass http://127.0.0.1:{};
+            }}
         }}",
         o.port()
-    ));
+    )));
     let mut c = connect(&s);
     c.write_all(b"GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: x\r\n\r\n")
         .unwrap();

@@ -17,6 +17,8 @@ use crate::lua::api::re::Regex;
 
 pub use super::model::Config;
 
+mod edge;
+
 /// How to load a configuration: nginx's `-p`, `-c` and `-g`.
 #[derive(Debug, Default, Clone)]
 pub struct LoadOptions {
@@ -347,6 +349,9 @@ impl Builder {
             log_by_lua: None,
             server_tokens: true,
             proxy: Default::default(),
+            realip: RealIpConf::default(),
+            access_rules: Arc::new(Vec::new()),
+            max_in_flight: None,
             resolver: None,
             resolver_timeout_ms: crate::net::resolver::DEFAULT_TIMEOUT_MS,
             lua_socket: LuaSocketConf::default(),
@@ -375,6 +380,7 @@ impl Builder {
             }
             match d.name.as_str() {
                 "server" | "log_format" | "lua_code_cache" => {}
+                "map" => self.map(d, &mut http)?,
                 "lua_package_path" => http.lua.package_path = Some(arg(d, 0).to_string()),
                 "lua_package_cpath" => http.lua.package_cpath = Some(arg(d, 0).to_string()),
                 "lua_shared_dict" => {
@@ -410,6 +416,7 @@ impl Builder {
                 http.servers.push(Arc::new(s));
             }
         }
+        http.in_flight = edge::collect_in_flight(&http);
         Ok(http)
     }
 }
@@ -448,6 +455,7 @@ impl Builder {
         if list.iter().any(|d| d.name.starts_with("proxy_")) {
             crate::proxy::conf::level_start(Arc::make_mut(&mut conf.proxy), list);
         }
+        edge::level_start(conf, list);
     }
 
     fn setting(&mut self, conf: &mut LocConf, d: &Directive) -> Result<(), ConfError> {
@@ -560,10 +568,12 @@ impl Builder {
                 self.net_setting(conf, d)?
             }
             other => {
-                return Err(ConfError::directive(
-                    d,
-                    format!("\"{}\" directive is not allowed here", other),
-                ))
+                if !self.edge_setting(conf, d)? {
+                    return Err(ConfError::directive(
+                        d,
+                        format!("\"{}\" directive is not allowed here", other),
+                    ));
+                }
             }
         }
         Ok(())

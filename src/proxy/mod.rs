@@ -457,7 +457,7 @@ fn log_upstream(rc: &ReqCtx, msg: &str, upstream: &str) {
             };
             let mut t = format!(
                 ", client: {}, server: {}, request: \"{} {} {}\", upstream: \"{}\"",
-                rc.conn.remote.ip(),
+                st.remote(&rc.conn).ip(),
                 st.server.primary_name,
                 st.method,
                 st.request_uri,
