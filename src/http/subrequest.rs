@@ -133,7 +133,7 @@ pub async fn create(parent: &Rc<ReqCtx>, spec: Spec) -> Result<Rc<ReqCtx>, Strin
         );
         st.vars = vars;
         // The parent's real client address, not the connection's.
-        st.realip = pst.realip.clone();
+        st.realip = pst.realip;
         st.internal = true;
         st.ctx_table = spec.ctx;
         st
