@@ -118,7 +118,13 @@ pub async fn attempt(
 ) -> Result<Got, Failed> {
     let key = Key {
         addr: peer.addr,
-        tls: dest.tls_name.map(std::sync::Arc::from),
+        tls: dest.tls_name.filter(|_| dest.https).map(|n| {
+            (
+                std::sync::Arc::from(n),
+                dest.sni.is_some(),
+                std::sync::Arc::as_ptr(&pc.ssl) as usize,
+            )
+        }),
     };
     let mut connect_time = None;
     let pooled = if use_pool && dest.keepalive.is_some() {

@@ -25,8 +25,9 @@ pub struct Limits {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Key {
     pub addr: SocketAddr,
-    /// `None` for plain HTTP; the SNI/verify name for TLS.
-    pub tls: Option<Arc<str>>,
+    /// `None` for plain HTTP; for TLS the verify name, SNI, and which `proxy_ssl_*` block
+    /// made it (a connection with one client certificate never serves another's requests).
+    pub tls: Option<(Arc<str>, bool, usize)>,
 }
 
 /// A connection in use; hand it back with [`release`] when its response is complete.
