@@ -473,3 +473,40 @@ pub fn check_uri_part(matcher: Option<&LocMatch>, pass: &ProxyPass) -> Result<()
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let u = Url::parse("http://127.0.0.1:8080/x/").unwrap();
+        assert_eq!(
+            (u.https, u.host.as_str(), u.port),
+            (false, "127.0.0.1", 8080)
+        );
+        assert_eq!(u.uri.as_deref(), Some("/x/"));
+        assert_eq!(u.proxy_host(), "127.0.0.1:8080");
+        let u = Url::parse("https://backend").unwrap();
+        assert_eq!(
+            (u.port, u.explicit_port, u.uri.is_none()),
+            (443, false, true)
+        );
+        assert_eq!(u.proxy_host(), "backend");
+        let u = Url::parse("http://[::1]:81/").unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("::1", 81));
+        assert_eq!(u.proxy_host(), "[::1]:81");
+        assert_eq!(
+            Url::parse("ftp://x").unwrap_err(),
+            "invalid URL prefix in \"ftp://x\""
+        );
+        assert_eq!(
+            Url::parse("http://x:0").unwrap_err(),
+            "invalid port in \"http://x:0\""
+        );
+        assert_eq!(
+            Url::parse("http:///a").unwrap_err(),
+            "no host in \"http:///a\""
+        );
+    }
+}

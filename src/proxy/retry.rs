@@ -118,3 +118,44 @@ impl Budget {
         Some(Duration::from_millis(rand::random_range(0..=ceiling)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_full_jitter_under_a_growing_cap() {
+        let pc = ProxyConf {
+            backoff: Some((50, 1000)),
+            ..Default::default()
+        };
+        let mut b = Budget::new(&http::Method::GET);
+        for (tries, cap) in [(1, 50), (2, 100), (3, 200), (5, 800), (6, 1000), (30, 1000)] {
+            b.tries = tries;
+            for _ in 0..50 {
+                let d = b.backoff(&pc).unwrap();
+                assert!(d <= Duration::from_millis(cap), "{} {:?}", tries, d);
+            }
+        }
+        assert!(Budget::new(&http::Method::GET)
+            .backoff(&ProxyConf::default())
+            .is_none());
+    }
+
+    #[test]
+    fn retry_rules() {
+        let pc = ProxyConf::default();
+        let get = Budget::new(&http::Method::GET);
+        let post = Budget::new(&http::Method::POST);
+        assert!(get.may_retry(&pc, Failure::Error, true, true));
+        assert!(get.may_retry(&pc, Failure::Timeout, true, true));
+        assert!(!get.may_retry(&pc, Failure::Status(502), true, true));
+        assert!(!get.may_retry(&pc, Failure::InvalidHeader, true, true));
+        // Not sent yet: even a POST moves on; sent: only with non_idempotent.
+        assert!(post.may_retry(&pc, Failure::Error, false, true));
+        assert!(!post.may_retry(&pc, Failure::Error, true, true));
+        // A body that cannot be sent again stops retries once it went out.
+        assert!(!get.may_retry(&pc, Failure::Error, true, false));
+        assert!(get.may_retry(&pc, Failure::Error, false, false));
+    }
+}
