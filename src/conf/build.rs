@@ -381,6 +381,16 @@ impl Builder {
             match d.name.as_str() {
                 "server" | "log_format" | "lua_code_cache" => {}
                 "map" => self.map(d, &mut http)?,
+                "upstream" => {
+                    let u = self.upstream(d)?;
+                    if http.upstreams.iter().any(|o| o.name == u.name) {
+                        return Err(ConfError::directive(
+                            d,
+                            format!("duplicate upstream \"{}\"", u.name),
+                        ));
+                    }
+                    http.upstreams.push(Arc::new(u));
+                }
                 "lua_package_path" => http.lua.package_path = Some(arg(d, 0).to_string()),
                 "lua_package_cpath" => http.lua.package_cpath = Some(arg(d, 0).to_string()),
                 "lua_shared_dict" => {
@@ -1162,4 +1172,335 @@ fn parse_cond(d: &Directive) -> Result<Cond, ConfError> {
         }
         _ => Err(bad()),
     }
+}
+
+// ---- upstream blocks (owner: src/proxy/upstream) ----
+
+impl Builder {
+    /// `upstream name { server ...; [method;] [keepalive ...;] ... }`.
+    fn upstream(&mut self, d: &Directive) -> Result<UpstreamConf, ConfError> {
+        let list = d.block.as_deref().unwrap_or(&[]);
+        let mut u = UpstreamConf {
+            name: arg(d, 0).to_string(),
+            servers: Vec::new(),
+            method: Balance::RoundRobin,
+            keepalive: None,
+            zone: None,
+            health_check: None,
+            circuit_breaker: None,
+            balancer: None,
+            file_line: d.location(),
+        };
+        let mut method_set = false;
+        let mut ka = UpstreamKeepalive {
+            max_idle: 0,
+            timeout_ms: 60_000,
+            requests: 1000,
+            time_ms: 3_600_000,
+        };
+        let mut ka_on = false;
+        for c in list {
+            let method = match c.name.as_str() {
+                "least_conn" => Some(Balance::LeastConn),
+                "ip_hash" => Some(Balance::IpHash),
+                "hash" => {
+                    let consistent = match c.args.get(1).map(String::as_str) {
+                        None => false,
+                        Some("consistent") => true,
+                        Some(v) => return Err(ConfError::invalid_value(c, v)),
+                    };
+                    Some(Balance::Hash {
+                        key: template(c, arg(c, 0))?,
+                        consistent,
+                    })
+                }
+                "random" => {
+                    let two = match (c.args.first(), c.args.get(1)) {
+                        (None, _) => false,
+                        (Some(t), None) if t == "two" => true,
+                        (Some(t), Some(m)) if t == "two" && m == "least_conn" => true,
+                        (Some(t), Some(m)) if t == "two" => {
+                            return Err(ConfError::invalid_value(c, m))
+                        }
+                        (Some(t), _) => return Err(ConfError::invalid_value(c, t)),
+                    };
+                    Some(Balance::Random { two })
+                }
+                "ewma" => {
+                    let mut decay_ms = 10_000;
+                    if let Some(a) = c.args.first() {
+                        let v = a
+                            .strip_prefix("decay=")
+                            .ok_or_else(|| ConfError::invalid_value(c, a))?;
+                        decay_ms = time_ms(c, v)?.max(1);
+                    }
+                    Some(Balance::Ewma { decay_ms })
+                }
+                _ => None,
+            };
+            if let Some(m) = method {
+                if method_set {
+                    self.notices.push(format!(
+                        "load balancing method redefined in {}",
+                        c.location()
+                    ));
+                }
+                method_set = true;
+                u.method = m;
+                continue;
+            }
+            match c.name.as_str() {
+                "server" => {}
+                "keepalive" => {
+                    ka_on = true;
+                    ka.max_idle = arg(c, 0)
+                        .parse()
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .ok_or_else(|| ConfError::invalid_value(c, arg(c, 0)))?;
+                }
+                "keepalive_timeout" => ka.timeout_ms = time_ms(c, arg(c, 0))?,
+                "keepalive_time" => ka.time_ms = time_ms(c, arg(c, 0))?,
+                "keepalive_requests" => {
+                    ka.requests = arg(c, 0)
+                        .parse()
+                        .map_err(|_| ConfError::invalid_value(c, arg(c, 0)))?
+                }
+                "zone" => {
+                    let sz = match c.args.get(1) {
+                        Some(v) => Some(size(c, v)?),
+                        None => None,
+                    };
+                    u.zone = Some((arg(c, 0).to_string(), sz));
+                }
+                "health_check" => u.health_check = Some(health_check(c)?),
+                "circuit_breaker" => u.circuit_breaker = Some(circuit_breaker(c)?),
+                "balancer_by_lua_block" | "balancer_by_lua_file" => {
+                    u.balancer = Some(self.lua_chunk(c, arg(c, 0))?)
+                }
+                "include" => {}
+                other => {
+                    return Err(ConfError::directive(
+                        c,
+                        format!("\"{}\" directive is not allowed here", other),
+                    ))
+                }
+            }
+        }
+        if ka_on {
+            u.keepalive = Some(ka);
+        }
+        let no_backup = matches!(
+            u.method,
+            Balance::IpHash | Balance::Hash { .. } | Balance::Random { .. }
+        );
+        for c in list.iter().filter(|c| c.name == "server") {
+            u.servers.push(upstream_server(c, no_backup)?);
+        }
+        if u.servers.is_empty() {
+            return Err(ConfError::directive(
+                d,
+                format!("no servers are inside upstream \"{}\"", u.name),
+            ));
+        }
+        Ok(u)
+    }
+}
+
+/// One `server address [parameters]` line; names are resolved now, as nginx resolves them
+/// while reading the configuration.
+fn upstream_server(d: &Directive, no_backup: bool) -> Result<UpstreamServer, ConfError> {
+    let url = arg(d, 0);
+    let mut s = UpstreamServer {
+        text: url.to_string(),
+        host: String::new(),
+        addrs: Vec::new(),
+        weight: 1,
+        max_fails: 1,
+        fail_timeout_ms: 10_000,
+        backup: false,
+        down: false,
+        max_conns: 0,
+    };
+    let bad = |p: &str| ConfError::directive(d, format!("invalid parameter \"{}\"", p));
+    for p in &d.args[1..] {
+        let num = |v: &str| v.parse::<u32>().map_err(|_| bad(p));
+        if let Some(v) = p.strip_prefix("weight=") {
+            s.weight = num(v)?;
+            if s.weight == 0 {
+                return Err(bad(p));
+            }
+        } else if let Some(v) = p.strip_prefix("max_fails=") {
+            s.max_fails = num(v)?;
+        } else if let Some(v) = p.strip_prefix("max_conns=") {
+            s.max_conns = num(v)?;
+        } else if let Some(v) = p.strip_prefix("fail_timeout=") {
+            s.fail_timeout_ms = parse_time_ms(v).ok_or_else(|| bad(p))?;
+        } else if p == "backup" {
+            if no_backup {
+                return Err(ConfError::directive(
+                    d,
+                    "balancing method does not support parameter \"backup\"",
+                ));
+            }
+            s.backup = true;
+        } else if p == "down" {
+            s.down = true;
+        } else if p == "resolve" || p.starts_with("service=") || p.starts_with("slow_start=") {
+            // nginx plus parameters: addresses are resolved once here.
+        } else {
+            return Err(bad(p));
+        }
+    }
+    if url.starts_with("unix:") {
+        return Err(ConfError::directive(
+            d,
+            format!("unix sockets are not supported in upstream \"{}\"", url),
+        ));
+    }
+    let not_found = || ConfError::directive(d, format!("host not found in upstream \"{}\"", url));
+    let (host, port) = split_host_port(url)
+        .ok_or_else(|| ConfError::directive(d, format!("invalid port in upstream \"{}\"", url)))?;
+    if host.is_empty() {
+        return Err(ConfError::directive(
+            d,
+            format!("no host in upstream \"{}\"", url),
+        ));
+    }
+    s.host = host.to_string();
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    s.addrs = match bare.parse::<IpAddr>() {
+        Ok(ip) => vec![SocketAddr::new(ip, port)],
+        Err(_) => {
+            use std::net::ToSocketAddrs;
+            let mut v: Vec<SocketAddr> = (bare, port)
+                .to_socket_addrs()
+                .map_err(|_| not_found())?
+                .collect();
+            let mut seen = Vec::new();
+            v.retain(|a| {
+                let new = !seen.contains(a);
+                seen.push(*a);
+                new
+            });
+            v
+        }
+    };
+    if s.addrs.is_empty() {
+        return Err(not_found());
+    }
+    Ok(s)
+}
+
+/// `host`, `host:port`, `[v6]`, `[v6]:port`; the port defaults to 80.
+fn split_host_port(url: &str) -> Option<(&str, u16)> {
+    if url.starts_with('[') {
+        let end = url.find(']')?;
+        let rest = &url[end + 1..];
+        let port = match rest.strip_prefix(':') {
+            Some(p) => p.parse().ok()?,
+            None if rest.is_empty() => 80,
+            None => return None,
+        };
+        return Some((&url[..=end], port));
+    }
+    match url.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => Some((h, p.parse().ok().filter(|p| *p > 0)?)),
+        Some(_) => Some((url, 80)),
+        None => Some((url, 80)),
+    }
+}
+
+/// `key=value` parameters of our own directives.
+fn kv_params(d: &Directive) -> Result<Vec<(&str, &str)>, ConfError> {
+    d.args
+        .iter()
+        .map(|a| {
+            a.split_once('=')
+                .ok_or_else(|| ConfError::directive(d, format!("invalid parameter \"{}\"", a)))
+        })
+        .collect()
+}
+
+fn health_check(d: &Directive) -> Result<HealthCheck, ConfError> {
+    let mut h = HealthCheck {
+        interval_ms: 5000,
+        timeout_ms: 1000,
+        uri: "/".to_string(),
+        fails: 1,
+        passes: 1,
+        expect: vec![(200, 399)],
+        tcp: false,
+        host: None,
+    };
+    let bad =
+        |k: &str, v: &str| ConfError::directive(d, format!("invalid parameter \"{}={}\"", k, v));
+    for (k, v) in kv_params(d)? {
+        let count = || {
+            v.parse::<u32>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| bad(k, v))
+        };
+        match k {
+            "interval" => {
+                h.interval_ms = parse_time_ms(v)
+                    .filter(|t| *t > 0)
+                    .ok_or_else(|| bad(k, v))?
+            }
+            "timeout" => {
+                h.timeout_ms = parse_time_ms(v)
+                    .filter(|t| *t > 0)
+                    .ok_or_else(|| bad(k, v))?
+            }
+            "uri" if v.starts_with('/') => h.uri = v.to_string(),
+            "fails" => h.fails = count()?,
+            "passes" => h.passes = count()?,
+            "type" if v == "tcp" || v == "http" => h.tcp = v == "tcp",
+            "host" => h.host = Some(v.to_string()),
+            "expect" => {
+                let mut ranges = Vec::new();
+                for part in v.split(',') {
+                    let (a, b) = part.split_once('-').unwrap_or((part, part));
+                    let a: u16 = a.parse().map_err(|_| bad(k, v))?;
+                    let b: u16 = b.parse().map_err(|_| bad(k, v))?;
+                    if !(100..=599).contains(&a) || b < a || b > 599 {
+                        return Err(bad(k, v));
+                    }
+                    ranges.push((a, b));
+                }
+                h.expect = ranges;
+            }
+            _ => return Err(bad(k, v)),
+        }
+    }
+    Ok(h)
+}
+
+fn circuit_breaker(d: &Directive) -> Result<CircuitBreaker, ConfError> {
+    let mut b = CircuitBreaker {
+        failures: 5,
+        window_ms: 10_000,
+        open_ms: 5_000,
+        half_open: 1,
+    };
+    let bad =
+        |k: &str, v: &str| ConfError::directive(d, format!("invalid parameter \"{}={}\"", k, v));
+    for (k, v) in kv_params(d)? {
+        let count = || {
+            v.parse::<u32>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| bad(k, v))
+        };
+        let time = || parse_time_ms(v).filter(|t| *t > 0).ok_or_else(|| bad(k, v));
+        match k {
+            "failures" => b.failures = count()?,
+            "half_open" => b.half_open = count()?,
+            "window" => b.window_ms = time()?,
+            "open" => b.open_ms = time()?,
+            _ => return Err(bad(k, v)),
+        }
+    }
+    Ok(b)
 }

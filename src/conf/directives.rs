@@ -187,9 +187,40 @@ pub const EDGE: &[C] = &[
     C::new("max_in_flight", HSL, Exactly(1)).unique(),
 ];
 
+/// ngx_http_upstream_module and its balancers, lua-nginx-module's balancer_by_lua, and our
+/// own `health_check`, `circuit_breaker` and `ewma` (src/proxy/upstream).
+pub const UPSTREAM_MOD: &[C] = &[
+    C::new("upstream", HTTP, Exactly(1)).block(),
+    C::new("server", UPSTREAM, AtLeast(1)),
+    C::new("least_conn", UPSTREAM, Exactly(0)),
+    C::new("ip_hash", UPSTREAM, Exactly(0)),
+    C::new("hash", UPSTREAM, Range(1, 2)),
+    C::new("random", UPSTREAM, Range(0, 2)),
+    C::new("ewma", UPSTREAM, Range(0, 1)),
+    C::new("keepalive", UPSTREAM, Exactly(1)).unique(),
+    C::new("keepalive_timeout", UPSTREAM, Exactly(1)).unique(),
+    C::new("keepalive_requests", UPSTREAM, Exactly(1)).unique(),
+    C::new("keepalive_time", UPSTREAM, Exactly(1)).unique(),
+    C::new("zone", UPSTREAM, Range(1, 2)).unique(),
+    C::new("health_check", UPSTREAM, AtLeast(0)).unique(),
+    C::new("circuit_breaker", UPSTREAM, AtLeast(0)).unique(),
+    C::new("balancer_by_lua_block", UPSTREAM, Exactly(1)).unique(),
+    C::new("balancer_by_lua_file", UPSTREAM, Exactly(1)).unique(),
+];
+
 /// All tables, in the order `check` searches them.
 pub const ALL: &[&[C]] = &[
-    CORE, HTTP_CORE, REWRITE, HEADERS, LOG, LUA, IGNORED, NET, EDGE, PROXY,
+    CORE,
+    HTTP_CORE,
+    REWRITE,
+    HEADERS,
+    LOG,
+    LUA,
+    IGNORED,
+    NET,
+    EDGE,
+    UPSTREAM_MOD,
+    PROXY,
 ];
 
 /// ngx_http_proxy_module (src/proxy/conf.rs builds them).

@@ -43,6 +43,8 @@ pub struct Http {
     pub in_flight: Vec<Arc<crate::http::limits::InFlight>>,
     /// The http-level settings, for Lua code that runs without a request (timers).
     pub conf: Option<Arc<LocConf>>,
+    /// `upstream name { }` blocks, in file order (src/proxy/upstream builds the runtime side).
+    pub upstreams: Vec<Arc<UpstreamConf>>,
 }
 
 /// http-level Lua settings.
@@ -384,4 +386,113 @@ pub struct MapRegex {
     /// Named groups, to resolve `$name` in the value (and for `$name` elsewhere afterwards).
     pub names: Vec<(String, usize)>,
     pub value: Template,
+}
+
+// ---- upstream blocks (owner: src/proxy/upstream) ----
+
+/// An `upstream name { ... }` block.
+#[derive(Debug, Clone)]
+pub struct UpstreamConf {
+    pub name: String,
+    pub servers: Vec<UpstreamServer>,
+    pub method: Balance,
+    pub keepalive: Option<UpstreamKeepalive>,
+    /// `zone name [size]`: accepted; peer state is always shared between workers here.
+    pub zone: Option<(String, Option<u64>)>,
+    pub health_check: Option<HealthCheck>,
+    pub circuit_breaker: Option<CircuitBreaker>,
+    /// `balancer_by_lua_block` / `balancer_by_lua_file`.
+    pub balancer: Option<Arc<LuaChunk>>,
+    /// `file:line` of the block, for messages.
+    pub file_line: String,
+}
+
+impl UpstreamConf {
+    /// Same servers, method and settings (the balancer chunk's source, not its id), so the
+    /// running state (counters, health, breakers) can carry over a reload.
+    pub fn same_shape(&self, o: &UpstreamConf) -> bool {
+        self.name == o.name
+            && self.servers == o.servers
+            && self.method == o.method
+            && self.keepalive == o.keepalive
+            && self.health_check == o.health_check
+            && self.circuit_breaker == o.circuit_breaker
+            && self.balancer.as_ref().map(|c| &c.source) == o.balancer.as_ref().map(|c| &c.source)
+    }
+}
+
+/// One `server` line of an upstream: each resolved address becomes a peer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamServer {
+    /// As written (`backend.local:8080`): `$upstream_addr` uses addresses, consistent hashing
+    /// uses this text, as nginx does.
+    pub text: String,
+    /// The host part (for `Host`/SNI when a proxy wants it).
+    pub host: String,
+    pub addrs: Vec<SocketAddr>,
+    pub weight: u32,
+    pub max_fails: u32,
+    pub fail_timeout_ms: u64,
+    pub backup: bool,
+    pub down: bool,
+    /// 0: unlimited.
+    pub max_conns: u32,
+}
+
+/// The balancing method of an upstream.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum Balance {
+    /// nginx's smooth weighted round robin.
+    #[default]
+    RoundRobin,
+    LeastConn,
+    IpHash,
+    /// `hash $key [consistent]`.
+    Hash {
+        key: Template,
+        consistent: bool,
+    },
+    /// `random [two [least_conn]]`.
+    Random {
+        two: bool,
+    },
+    /// `ewma [decay=10s]`: peak EWMA of response latency (tidegate's own).
+    Ewma {
+        decay_ms: u64,
+    },
+}
+
+/// `keepalive`, `keepalive_timeout`, `keepalive_requests`, `keepalive_time` of an upstream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamKeepalive {
+    pub max_idle: usize,
+    pub timeout_ms: u64,
+    pub requests: u64,
+    pub time_ms: u64,
+}
+
+/// `health_check interval=2s timeout=1s uri=/health fails=3 passes=2 expect=200-399 [type=tcp]
+/// [host=name]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthCheck {
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub uri: String,
+    pub fails: u32,
+    pub passes: u32,
+    /// Inclusive status ranges that count as healthy.
+    pub expect: Vec<(u16, u16)>,
+    /// Only connect (no HTTP request).
+    pub tcp: bool,
+    /// `Host` header of the check request (default: the server's host).
+    pub host: Option<String>,
+}
+
+/// `circuit_breaker failures=5 window=10s open=5s half_open=1`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CircuitBreaker {
+    pub failures: u32,
+    pub window_ms: u64,
+    pub open_ms: u64,
+    pub half_open: u32,
 }

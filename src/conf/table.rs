@@ -106,11 +106,18 @@ pub fn check(tree: &[Directive], tables: &[&[Command]]) -> Result<(), ConfError>
     check_level(tree, MAIN, tables)
 }
 
-fn find<'a>(tables: &[&'a [Command]], name: &str) -> Option<&'a Command> {
-    tables
+/// The row for `name` in context `ctx`: a name may have one row per context (`server` is a
+/// block in http and a line in upstream), so a row allowed here wins over the first one.
+fn find<'a>(tables: &[&'a [Command]], name: &str, ctx: Ctx) -> Option<&'a Command> {
+    let mut rows = tables
         .iter()
         .flat_map(|t| t.iter())
-        .find(|c| c.name == name)
+        .filter(|c| c.name == name);
+    let first = rows.next()?;
+    if first.contexts & ctx != 0 {
+        return Some(first);
+    }
+    Some(rows.find(|c| c.contexts & ctx != 0).unwrap_or(first))
 }
 
 fn check_level(list: &[Directive], ctx: Ctx, tables: &[&[Command]]) -> Result<(), ConfError> {
@@ -119,7 +126,7 @@ fn check_level(list: &[Directive], ctx: Ctx, tables: &[&[Command]]) -> Result<()
     }
     let mut seen: Vec<&str> = Vec::new();
     for d in list {
-        let cmd = find(tables, &d.name)
+        let cmd = find(tables, &d.name, ctx)
             .ok_or_else(|| ConfError::directive(d, format!("unknown directive \"{}\"", d.name)))?;
         if cmd.contexts & ctx == 0 {
             return Err(ConfError::directive(

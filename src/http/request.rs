@@ -23,6 +23,8 @@ pub struct Env {
     pub worker_id: usize,
     /// Declared variable names (`set $x`), for `ngx.var.x = v` checks.
     pub declared: std::collections::HashSet<String>,
+    /// The `upstream {}` groups, shared by all workers.
+    pub upstreams: Arc<crate::proxy::upstream::UpstreamSet>,
 }
 
 /// The nginx phase a request (or a Lua call) is in, as `ngx.get_phase()` names it.
@@ -39,6 +41,8 @@ pub enum Phase {
     BodyFilter,
     Log,
     Timer,
+    /// balancer_by_lua, run per try inside the content phase.
+    Balancer,
 }
 
 impl Phase {
@@ -54,6 +58,7 @@ impl Phase {
             Phase::BodyFilter => "body_filter",
             Phase::Log => "log",
             Phase::Timer => "timer",
+            Phase::Balancer => "balancer",
         }
     }
 }
@@ -149,6 +154,8 @@ pub struct ReqState {
     /// The `max_in_flight` slot this request holds, and whether the check already ran.
     pub in_flight: Option<super::limits::InFlightGuard>,
     pub in_flight_checked: bool,
+    /// What `ngx.balancer` set during a balancer_by_lua run (src/proxy/upstream).
+    pub balancer: Option<Box<crate::proxy::upstream::BalancerCall>>,
 }
 
 impl ReqState {
@@ -263,6 +270,7 @@ impl ReqState {
             map_cache: Default::default(),
             in_flight: None,
             in_flight_checked: false,
+            balancer: None,
         }
     }
 }

@@ -66,5 +66,6 @@ pub fn context_name(p: Phase) -> &'static str {
         Phase::BodyFilter => "body_filter_by_lua*",
         Phase::Log => "log_by_lua*",
         Phase::Timer => "ngx.timer",
+        Phase::Balancer => "balancer_by_lua*",
     }
 }

@@ -17,6 +17,7 @@
 //! ```
 
 pub mod conf;
+pub mod upstream;
 
 mod body;
 mod connect;

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use crate::conf::{self, Config, LoadOptions};
 use crate::log::{self as elog, Level};
+use crate::proxy::upstream::{health::Checker, UpstreamSet};
 use crate::shdict::{Zone, Zones};
 
 static EXITING: AtomicBool = AtomicBool::new(false);
@@ -24,8 +25,13 @@ pub fn exiting() -> bool {
 
 /// Messages from the main thread to a worker.
 pub enum Control {
-    /// A new configuration with its zones and this worker's listening sockets.
-    Reload(Arc<Config>, Zones, Vec<(SocketAddr, std::net::TcpListener)>),
+    /// A new configuration with its zones, upstreams and this worker's listening sockets.
+    Reload(
+        Arc<Config>,
+        Zones,
+        Arc<UpstreamSet>,
+        Vec<(SocketAddr, std::net::TcpListener)>,
+    ),
     /// Stop accepting, finish in-flight requests, exit.
     Quit,
 }
@@ -77,6 +83,7 @@ pub fn run(opts: LoadOptions) -> i32 {
         elog::log(Level::Notice, None, n);
     }
     let zones = make_zones(&cfg, None);
+    let upstreams = UpstreamSet::build(&cfg, None);
     let addrs = listen_addrs(&cfg);
     for (addr, _) in &addrs {
         if let Err(e) = listen::probe(*addr) {
@@ -115,10 +122,11 @@ pub fn run(opts: LoadOptions) -> i32 {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let cfg2 = cfg.clone();
         let zones2 = zones.clone();
+        let ups2 = upstreams.clone();
         let ready = ready_tx.clone();
         let h = std::thread::Builder::new()
             .name(format!("worker-{}", id))
-            .spawn(move || worker::main(id, workers, cfg2, zones2, socks, rx, ready));
+            .spawn(move || worker::main(id, workers, cfg2, zones2, ups2, socks, rx, ready));
         match h {
             Ok(h) => handles.push((h, tx)),
             Err(e) => {
@@ -139,6 +147,17 @@ pub fn run(opts: LoadOptions) -> i32 {
             Err(_) => return 1,
         }
     }
+    // One health checker per process, outside the workers' request paths.
+    let checker = Checker::start(&upstreams);
+    let code = master_loop(opts, cfg, zones, (upstreams, checker), &handles);
+    for (h, _) in handles {
+        let _ = h.join();
+    }
+    code
+}
+
+/// Write the pid file and say we started.
+fn write_pid(cfg: &Config, workers: usize) {
     if let Some(dir) = cfg.pid.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
@@ -154,11 +173,6 @@ pub fn run(opts: LoadOptions) -> i32 {
         None,
         &format!("tidegate/{} started, {} worker(s)", crate::VERSION, workers),
     );
-    let code = master_loop(opts, cfg, zones, &handles);
-    for (h, _) in handles {
-        let _ = h.join();
-    }
-    code
 }
 
 /// The signal loop of the main thread.
@@ -166,6 +180,7 @@ fn master_loop(
     opts: LoadOptions,
     mut cfg: Arc<Config>,
     mut zones: Zones,
+    (mut upstreams, mut checker): (Arc<UpstreamSet>, Option<Checker>),
     workers: &[(
         std::thread::JoinHandle<()>,
         tokio::sync::mpsc::UnboundedSender<Control>,
@@ -192,12 +207,23 @@ fn master_loop(
         ) else {
             return 1;
         };
+        // The pid file appears only once the signal handlers are in place: whoever reads it
+        // may signal at once, and SIGQUIT's default action would kill us.
+        write_pid(&cfg, workers.len());
         loop {
             tokio::select! {
                 _ = hup.recv() => {
                     elog::log(Level::Notice, None, "signal 1 (SIGHUP) received, reconfiguring");
-                    match reload(&opts, &cfg, &zones, workers) {
-                        Ok((c, z)) => { cfg = c; zones = z; }
+                    match reload(&opts, &cfg, &zones, &upstreams, workers) {
+                        Ok((c, z, u)) => {
+                            cfg = c;
+                            zones = z;
+                            upstreams = u;
+                            if let Some(old) = checker.take() {
+                                old.stop();
+                            }
+                            checker = Checker::start(&upstreams);
+                        }
                         Err(e) => elog::log(Level::Emerg, None, &e),
                     }
                 }
@@ -241,8 +267,9 @@ fn reload(
     opts: &LoadOptions,
     old: &Arc<Config>,
     old_zones: &Zones,
+    old_upstreams: &Arc<UpstreamSet>,
     workers: &WorkerHandles,
-) -> Result<(Arc<Config>, Zones), String> {
+) -> Result<(Arc<Config>, Zones, Arc<UpstreamSet>), String> {
     let cfg = Arc::new(conf::build::load(opts).map_err(|e| e.to_string())?);
     let old_addrs: Vec<SocketAddr> = listen_addrs(old).into_iter().map(|(a, _)| a).collect();
     let addrs = listen_addrs(&cfg);
@@ -259,6 +286,7 @@ fn reload(
         }
     }
     let zones = make_zones(&cfg, Some(old_zones));
+    let upstreams = UpstreamSet::build(&cfg, Some(old_upstreams));
     if cfg.error_log != old.error_log {
         let _ = elog::open(&cfg.error_log.0, &cfg.error_log.1);
     }
@@ -272,7 +300,12 @@ fn reload(
                 socks.push((*addr, l));
             }
         }
-        let _ = tx.send(Control::Reload(cfg.clone(), zones.clone(), socks));
+        let _ = tx.send(Control::Reload(
+            cfg.clone(),
+            zones.clone(),
+            upstreams.clone(),
+            socks,
+        ));
     }
-    Ok((cfg, zones))
+    Ok((cfg, zones, upstreams))
 }

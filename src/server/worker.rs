@@ -21,6 +21,7 @@ use crate::conf::Config;
 use crate::http::request::{ConnInfo, Env, Phase};
 use crate::log::{self as elog, Level};
 use crate::lua::vm::{LuaVm, VmOptions};
+use crate::proxy::upstream::UpstreamSet;
 use crate::shdict::Zones;
 
 /// nginx's connection numbers are unique per process.
@@ -40,6 +41,7 @@ async fn build_env(
     count: usize,
     cfg: Arc<Config>,
     zones: Zones,
+    upstreams: Arc<UpstreamSet>,
 ) -> Result<Rc<Env>, String> {
     let opts = VmOptions {
         prefix: cfg.prefix.clone(),
@@ -50,6 +52,8 @@ async fn build_env(
         worker_count: count,
     };
     let vm = LuaVm::new(&opts).map_err(|e| format!("failed to create Lua state: {}", e))?;
+    vm.lua
+        .set_app_data(crate::proxy::upstream::LuaUpstreams(upstreams.clone()));
     if let Some(init) = &cfg.http.lua.init {
         run_chunk(&vm, init, Phase::Init)
             .await
@@ -70,6 +74,7 @@ async fn build_env(
         vm: Rc::new(vm),
         worker_id: id,
         declared,
+        upstreams,
     }))
 }
 
@@ -96,11 +101,13 @@ async fn run_chunk(
 }
 
 /// The worker thread's entry point.
+#[allow(clippy::too_many_arguments)]
 pub fn main(
     id: usize,
     count: usize,
     cfg: Arc<Config>,
     zones: Zones,
+    upstreams: Arc<UpstreamSet>,
     socks: Vec<(SocketAddr, std::net::TcpListener)>,
     mut rx: mpsc::UnboundedReceiver<Control>,
     ready: std::sync::mpsc::Sender<Result<(), String>>,
@@ -118,7 +125,7 @@ pub fn main(
     };
     let local = LocalSet::new();
     local.block_on(&rt, async move {
-        let env = match build_env(id, count, cfg.clone(), zones).await {
+        let env = match build_env(id, count, cfg.clone(), zones, upstreams).await {
             Ok(e) => e,
             Err(e) => {
                 let _ = ready.send(Err(e));
@@ -148,8 +155,8 @@ pub fn main(
         let _ = ready.send(Ok(()));
         while let Some(msg) = rx.recv().await {
             match msg {
-                Control::Reload(cfg, zones, socks) => {
-                    match build_env(w.id, w.count, cfg.clone(), zones).await {
+                Control::Reload(cfg, zones, upstreams, socks) => {
+                    match build_env(w.id, w.count, cfg.clone(), zones, upstreams).await {
                         Ok(env) => {
                             // In-flight requests keep their Rc<Env>: they finish on the old state.
                             *w.env.borrow_mut() = env;

@@ -27,6 +27,7 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
                     Phase::HeaderFilter,
                     Phase::Timer,
                     Phase::InitWorker,
+                    Phase::Balancer,
                 ],
             )?;
             if p == Phase::Timer || p == Phase::InitWorker {

@@ -1,6 +1,7 @@
 //! The `ngx` API, one file per family as lua-nginx-module has one C file per family.
 //! Each file has one `register` entry point that adds its functions to the `ngx` table.
 
+pub mod balancer;
 pub mod cjson;
 pub mod consts;
 pub mod ctx;
