@@ -31,9 +31,30 @@ pub struct ReqHead {
 /// Where a try goes beyond its address.
 pub struct Dest<'a> {
     pub https: bool,
+    pub ssl: &'a std::sync::Arc<super::conf::ProxySsl>,
     pub tls_name: Option<&'a str>,
     pub sni: Option<&'a str>,
     pub keepalive: Option<Limits>,
+}
+
+/// The timeouts of one try: the location's, or what `ngx.balancer.set_timeouts` set.
+pub struct Timeouts {
+    pub connect: Duration,
+    pub send: Duration,
+    pub read: Duration,
+}
+
+impl Timeouts {
+    pub fn of(pc: &ProxyConf, lua: Option<(u64, u64, u64)>) -> Timeouts {
+        let (c, s, r) = lua.unwrap_or((0, 0, 0));
+        let pick =
+            |lua: u64, conf: u64| Duration::from_millis(if lua > 0 { lua } else { conf }.max(1));
+        Timeouts {
+            connect: pick(c, pc.connect_timeout_ms),
+            send: pick(s, pc.send_timeout_ms),
+            read: pick(r, pc.read_timeout_ms),
+        }
+    }
 }
 
 /// A try that got a response head.
@@ -110,7 +131,7 @@ fn classify(e: &hyper::Error) -> (Failure, String) {
 pub async fn attempt(
     peer: &Peer,
     dest: &Dest<'_>,
-    pc: &ProxyConf,
+    tmo: &Timeouts,
     head: &mut ReqHead,
     keep_head: bool,
     src: &mut BodySrc,
@@ -122,7 +143,7 @@ pub async fn attempt(
             (
                 std::sync::Arc::from(n),
                 dest.sni.is_some(),
-                std::sync::Arc::as_ptr(&pc.ssl) as usize,
+                std::sync::Arc::as_ptr(dest.ssl) as usize,
             )
         }),
     };
@@ -137,27 +158,23 @@ pub async fn attempt(
         None => {
             let t0 = Instant::now();
             let tls = dest.https.then(|| TlsParams {
-                ssl: &pc.ssl,
+                ssl: dest.ssl,
                 sni: dest.sni,
                 verify_name: dest.tls_name.unwrap_or(""),
             });
-            let tx = connect::open(
-                peer.addr,
-                tls,
-                Duration::from_millis(pc.connect_timeout_ms.max(1)),
-            )
-            .await
-            .map_err(|e| Failed {
-                kind: if e.timeout {
-                    Failure::Timeout
-                } else {
-                    Failure::Error
-                },
-                msg: e.msg,
-                sent: false,
-                stale: false,
-                connect_time: None,
-            })?;
+            let tx = connect::open(peer.addr, tls, tmo.connect)
+                .await
+                .map_err(|e| Failed {
+                    kind: if e.timeout {
+                        Failure::Timeout
+                    } else {
+                        Failure::Error
+                    },
+                    msg: e.msg,
+                    sent: false,
+                    stale: false,
+                    connect_time: None,
+                })?;
             connect_time = Some(t0.elapsed());
             Conn {
                 tx,
@@ -191,9 +208,9 @@ pub async fn attempt(
     let t0 = Instant::now();
     // The head must come within proxy_read_timeout of the request being sent; a streamed
     // body's upload gets proxy_send_timeout on top.
-    let mut wait = Duration::from_millis(pc.read_timeout_ms.max(1));
+    let mut wait = tmo.read;
     if streamed {
-        wait += Duration::from_millis(pc.send_timeout_ms);
+        wait += tmo.send;
     }
     let resp = match tokio::time::timeout(wait, conn.tx.send_request(req)).await {
         Err(_) => {
@@ -243,11 +260,12 @@ pub enum Streamed {
 pub async fn stream_body(
     rc: &Rc<ReqCtx>,
     pc: &ProxyConf,
+    tmo: &Timeouts,
     mut body: Incoming,
     bytes: &mut u64,
     log: &dyn Fn(&str),
 ) -> Streamed {
-    let read_timeout = Duration::from_millis(pc.read_timeout_ms.max(1));
+    let read_timeout = tmo.read;
     if body.is_end_stream() {
         return match filter::send(rc, true).await {
             Ok(()) => Streamed::Complete,

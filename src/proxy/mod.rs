@@ -36,8 +36,9 @@ use std::time::{Duration, Instant};
 
 use body::BodySrc;
 use conf::{ProxyConf, ProxyPass, Target, Url};
-use forward::{Dest, Got, ReqHead, Streamed};
-use retry::{Budget, Failure, Selector};
+use forward::{Dest, Got, ReqHead, Streamed, Timeouts};
+use retry::{Budget, Failure, Peers, Selector};
+use upstream::TryResult;
 
 use crate::conf::model::LocMatch;
 use crate::http::engine::Outcome;
@@ -48,6 +49,8 @@ pub use vars::UpstreamInfo;
 /// The target of one request, evaluated.
 struct Resolved<'a> {
     url: Cow<'a, Url>,
+    /// The `upstream {}` block the host names, if any.
+    group: Option<Arc<upstream::Upstream>>,
     peers: Cow<'a, [(std::net::SocketAddr, Arc<str>)]>,
     proxy_host: Cow<'a, str>,
     dynamic: bool,
@@ -79,7 +82,15 @@ pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
         target.proxy_host.to_string(),
         target.url.port,
     )));
-    let retries = pc.next_upstream != 0 && target.peers.len() > 1;
+    let mut peers = match &target.group {
+        Some(g) => {
+            let mut p = g.picker_for(rc);
+            p.limit_tries(pc.next_upstream_tries);
+            Peers::Group(Box::new(p))
+        }
+        None => Peers::Addrs(Selector::new(&target.peers, target.start)),
+    };
+    let retries = pc.next_upstream != 0 && peers.has_more(1);
     let mut src = match body_source(rc, &pc, retries).await {
         Ok(s) => s,
         Err(code) => return Outcome::Status(code),
@@ -112,35 +123,47 @@ pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
     };
     let dest = Dest {
         https: target.url.https,
+        ssl: &pc.ssl,
         tls_name: tls_name.as_deref(),
         sni: if pc.ssl.server_name {
             tls_name.as_deref()
         } else {
             None
         },
-        keepalive: None,
+        keepalive: target.group.as_ref().and_then(|g| {
+            g.keepalive.as_ref().map(|k| pool::Limits {
+                max_idle: k.max_idle,
+                timeout: Duration::from_millis(k.timeout_ms),
+                requests: k.requests.max(1),
+            })
+        }),
     };
     let scheme = if target.url.https { "https" } else { "http" };
-    let mut sel = Selector::new(&target.peers, target.start);
     let mut budget = Budget::new(&head.method);
     loop {
-        let Some(peer) = sel.next() else {
-            log_upstream(
-                rc,
-                "no live upstreams while connecting to upstream",
-                &target.proxy_host,
-            );
-            return Outcome::Status(502);
+        let peer = match peers.next(rc).await {
+            Ok(p) => p,
+            Err(code) => {
+                if target.group.is_none() {
+                    log_upstream(
+                        rc,
+                        "no live upstreams while connecting to upstream",
+                        &target.proxy_host,
+                    );
+                }
+                return Outcome::Status(code);
+            }
         };
+        let tmo = Timeouts::of(&pc, peers.timeouts());
         budget.tries += 1;
         let t0 = Instant::now();
         let upstream = |uri: &str| format!("{}://{}{}", scheme, peer.name, uri);
         let mut use_pool = true;
         let res = loop {
             // The head is copied only while another try may need it.
-            let keep_head = sel.has_more() || (use_pool && dest.keepalive.is_some());
-            let r =
-                forward::attempt(&peer, &dest, &pc, &mut head, keep_head, &mut src, use_pool).await;
+            let keep_head = peers.has_more(budget.tries) || (use_pool && dest.keepalive.is_some());
+            let r = forward::attempt(&peer, &dest, &tmo, &mut head, keep_head, &mut src, use_pool)
+                .await;
             match r {
                 // A kept-alive connection the upstream had closed: once more on a fresh one,
                 // not counted as a try (nginx does the same for cached connections).
@@ -159,8 +182,14 @@ pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
                     t0.elapsed(),
                 );
                 log_upstream(rc, &f.msg, &upstream(&head.uri));
-                let again =
-                    sel.has_more() && budget.may_retry(&pc, f.kind, f.sent, src.replayable());
+                peers.report(
+                    &peer,
+                    TryResult::Fail {
+                        elapsed: t0.elapsed(),
+                    },
+                );
+                let again = peers.has_more(budget.tries)
+                    && budget.may_retry(&pc, f.kind, f.sent, src.replayable());
                 if !again {
                     return Outcome::Status(f.status());
                 }
@@ -175,9 +204,23 @@ pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
                     Some(got.header_time),
                     t0.elapsed(),
                 );
-                let again = conf::next::for_status(status) != 0
-                    && sel.has_more()
+                let listed = pc.next_upstream & conf::next::for_status(status) != 0;
+                let again = listed
+                    && peers.has_more(budget.tries)
                     && budget.may_retry(&pc, Failure::Status(status), true, src.replayable());
+                let elapsed = t0.elapsed();
+                peers.report(
+                    &peer,
+                    if listed {
+                        TryResult::Status {
+                            elapsed,
+                            status,
+                            failed: status >= 500,
+                        }
+                    } else {
+                        TryResult::Ok { elapsed }
+                    },
+                );
                 if !again {
                     let prefix = location.as_deref().and_then(location_prefix).unwrap_or("");
                     let default_from =
@@ -193,6 +236,7 @@ pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
                     let upstream = upstream(&head.uri);
                     let ctx = Respond {
                         pc: &pc,
+                        tmo: &tmo,
                         dest: &dest,
                         upstream: &upstream,
                         default_from: &default_from,
@@ -211,6 +255,7 @@ pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
 
 struct Respond<'a> {
     pc: &'a ProxyConf,
+    tmo: &'a Timeouts,
     dest: &'a Dest<'a>,
     upstream: &'a str,
     default_from: &'a dyn Fn() -> Option<String>,
@@ -264,7 +309,7 @@ async fn respond(rc: &Rc<ReqCtx>, c: Respond<'_>, got: Got) -> Outcome {
         if crate::http::filter::send(rc, true).await.is_err() {
             return Outcome::Done;
         }
-        let idle = Duration::from_millis(c.pc.read_timeout_ms.max(1));
+        let idle = c.tmo.read;
         if let Err(e) = websocket::tunnel(client, up, idle).await {
             log_upstream(rc, &e, c.upstream);
         }
@@ -272,7 +317,7 @@ async fn respond(rc: &Rc<ReqCtx>, c: Respond<'_>, got: Got) -> Outcome {
     }
     let log = |msg: &str| log_upstream(rc, msg, c.upstream);
     let mut len = 0;
-    let r = forward::stream_body(rc, c.pc, body, &mut len, &log).await;
+    let r = forward::stream_body(rc, c.pc, c.tmo, body, &mut len, &log).await;
     if let Some(u) = rc.st.borrow_mut().upstream.as_mut() {
         u.response_length = len;
         u.set_last_response_time(c.t0.elapsed());
@@ -287,16 +332,24 @@ async fn respond(rc: &Rc<ReqCtx>, c: Respond<'_>, got: Got) -> Outcome {
 async fn resolve<'a>(rc: &Rc<ReqCtx>, pass: &'a ProxyPass) -> Result<Resolved<'a>, u16> {
     let url = match &pass.target {
         Target::Fixed(u) => {
-            if u.addrs.is_empty() {
-                // An `upstream {}` block name: balanced by src/proxy/upstream once it lands.
-                crate::log::request_error(
-                    rc,
-                    crate::log::Level::Error,
-                    &format!("upstream \"{}\" is not supported yet", u.host),
-                );
-                return Err(502);
-            }
+            let group = if u.addrs.is_empty() {
+                // Checked at load: the host names an upstream block.
+                match rc.env.upstreams.get(&u.host) {
+                    Some(g) => Some(g),
+                    None => {
+                        crate::log::request_error(
+                            rc,
+                            crate::log::Level::Error,
+                            &format!("no upstream \"{}\"", u.host),
+                        );
+                        return Err(502);
+                    }
+                }
+            } else {
+                None
+            };
             return Ok(Resolved {
+                group,
                 url: Cow::Borrowed(u),
                 peers: Cow::Borrowed(&pass.peers),
                 proxy_host: Cow::Borrowed(&pass.proxy_host),
@@ -318,6 +371,18 @@ async fn resolve<'a>(rc: &Rc<ReqCtx>, pass: &'a ProxyPass) -> Result<Resolved<'a
             }
         }
     };
+    if !url.explicit_port {
+        if let Some(g) = rc.env.upstreams.get(&url.host) {
+            return Ok(Resolved {
+                group: Some(g),
+                peers: Cow::Owned(Vec::new()),
+                proxy_host: Cow::Owned(url.proxy_host()),
+                url: Cow::Owned(url),
+                dynamic: true,
+                start: 0,
+            });
+        }
+    }
     let resolver = rc.st.borrow().conf.resolver.clone();
     let is_ip = url.host.parse::<std::net::IpAddr>().is_ok();
     if !is_ip && resolver.is_none() {
@@ -336,6 +401,7 @@ async fn resolve<'a>(rc: &Rc<ReqCtx>, pass: &'a ProxyPass) -> Result<Resolved<'a
         }
     };
     Ok(Resolved {
+        group: None,
         peers: Cow::Owned(conf::addr_names(&addrs)),
         proxy_host: Cow::Owned(url.proxy_host()),
         url: Cow::Owned(url),

@@ -14,6 +14,8 @@ pub struct Peer {
     pub addr: SocketAddr,
     /// `$upstream_addr` text.
     pub name: Arc<str>,
+    /// The upstream block's own peer, to report back to its picker.
+    pub up: Option<super::upstream::Peer>,
 }
 
 /// The peers of one request: the addresses of a name, tried round robin from a shared start.
@@ -42,11 +44,62 @@ impl<'a> Selector<'a> {
         Some(Peer {
             addr: *addr,
             name: name.clone(),
+            up: None,
         })
     }
 
     pub fn has_more(&self) -> bool {
         self.tried < self.addrs.len()
+    }
+}
+
+/// Where the peers of a request come from: the addresses of a name (round robin here) or an
+/// `upstream {}` block's picker (its balancer, health, breakers, balancer_by_lua).
+pub enum Peers<'a> {
+    Addrs(Selector<'a>),
+    Group(Box<super::upstream::Picker>),
+}
+
+impl Peers<'_> {
+    /// The next peer; `Err(status)` when none is left (the picker logged why).
+    pub async fn next(
+        &mut self,
+        rc: &std::rc::Rc<crate::http::request::ReqCtx>,
+    ) -> Result<Peer, u16> {
+        match self {
+            Peers::Addrs(s) => s.next().ok_or(502),
+            Peers::Group(p) => match p.next(rc).await {
+                Ok(peer) => Ok(Peer {
+                    addr: peer.addr,
+                    name: peer.name.clone(),
+                    up: Some(peer),
+                }),
+                Err(_) => Err(p.exit_status().unwrap_or(502)),
+            },
+        }
+    }
+
+    /// Whether another try is allowed after `tries` (nginx's `peer.tries`).
+    pub fn has_more(&self, tries: u32) -> bool {
+        match self {
+            Peers::Addrs(s) => s.has_more(),
+            Peers::Group(p) => tries < p.tries(),
+        }
+    }
+
+    /// How the try on `peer` went (passive health, breakers, EWMA).
+    pub fn report(&mut self, peer: &Peer, r: super::upstream::TryResult) {
+        if let (Peers::Group(p), Some(up)) = (self, &peer.up) {
+            p.report(up, r);
+        }
+    }
+
+    /// `ngx.balancer.set_timeouts` for the current try (ms, 0 = keep the configured one).
+    pub fn timeouts(&self) -> Option<(u64, u64, u64)> {
+        match self {
+            Peers::Group(p) => p.timeouts(),
+            Peers::Addrs(_) => None,
+        }
     }
 }
 

@@ -86,6 +86,7 @@ impl Origin {
                     break;
                 }
                 let Ok(s) = s else { continue };
+                let _ = s.set_nodelay(true);
                 shared.conns.fetch_add(1, Ordering::SeqCst);
                 let f = f.clone();
                 let sh = shared.clone();
@@ -146,8 +147,9 @@ pub fn respond(s: &mut TcpStream, status: u16, headers: &[(&str, &str)], body: &
         h.push_str(&format!("{}: {}\r\n", k, v));
     }
     h.push_str("\r\n");
-    let _ = s.write_all(h.as_bytes());
-    let _ = s.write_all(body);
+    let mut all = h.into_bytes();
+    all.extend_from_slice(body);
+    let _ = s.write_all(&all);
 }
 
 fn serve(mut s: TcpStream, o: &Shared, h: &dyn Fn(&Req, &mut TcpStream) -> Next) {
