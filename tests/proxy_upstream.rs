@@ -145,3 +145,36 @@ fn no_live_upstreams_is_502() {
         s.error_log()
     );
 }
+
+#[test]
+fn balancer_by_lua_picks_the_peer_and_sees_failures() {
+    let o = Origin::echo();
+    let dead = free_port();
+    let s = server(
+        &format!(
+            "upstream dyn {{
+                server 0.0.0.1;
+                balancer_by_lua_block {{
+                    local b = require 'ngx.balancer'
+                    local state = b.get_last_failure()
+                    if not state then
+                        b.set_more_tries(1)
+                        assert(b.set_current_peer('127.0.0.1', {dead}))
+                    else
+                        ngx.ctx.failed = state
+                        assert(b.set_current_peer('127.0.0.1', {}))
+                    end
+                }}
+            }}",
+            o.port()
+        ),
+        "location / {
+            header_filter_by_lua_block { ngx.header['X-Failed'] = ngx.ctx.failed }
+            proxy_pass http://dyn;
+        }",
+    );
+    let r = s.get("/lua");
+    assert_eq!(r.status, 200, "{}", s.error_log());
+    assert_eq!(r.header("x-failed"), Some("failed"));
+    assert_eq!(o.last().target, "/lua");
+}

@@ -180,6 +180,7 @@ pub async fn attempt(
                 tx,
                 requests: 1,
                 reused: false,
+                opened: t0,
             }
         }
     };

@@ -135,6 +135,10 @@ pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
                 max_idle: k.max_idle,
                 timeout: Duration::from_millis(k.timeout_ms),
                 requests: k.requests.max(1),
+                time: match k.time_ms {
+                    0 => Duration::MAX,
+                    t => Duration::from_millis(t),
+                },
             })
         }),
     };

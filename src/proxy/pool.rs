@@ -19,6 +19,8 @@ pub struct Limits {
     pub max_idle: usize,
     pub timeout: Duration,
     pub requests: u64,
+    /// `keepalive_time`: the longest a connection is reused, from when it was opened.
+    pub time: Duration,
 }
 
 /// What a connection is reusable for.
@@ -37,10 +39,12 @@ pub struct Conn {
     pub requests: u64,
     /// Whether it came from the pool (a failure there earns one fresh retry, as in nginx).
     pub reused: bool,
+    pub opened: Instant,
 }
 
 struct Idle {
     tx: SendRequest<UpBody>,
+    opened: Instant,
     /// When keepalive_timeout closes it.
     deadline: Instant,
     requests: u64,
@@ -65,6 +69,7 @@ pub fn take(key: &Key) -> Option<Conn> {
                 tx: idle.tx,
                 requests: idle.requests + 1,
                 reused: true,
+                opened: idle.opened,
             });
         }
         None
@@ -75,13 +80,17 @@ pub fn take(key: &Key) -> Option<Conn> {
 /// full for its key, the request budget is spent, or hyper says it cannot take another request
 /// (the upstream asked to close, or the response was not read to the end).
 pub fn release(key: Key, conn: Conn, limits: Limits) {
-    if conn.requests >= limits.requests || limits.max_idle == 0 {
+    if conn.requests >= limits.requests
+        || limits.max_idle == 0
+        || conn.opened.elapsed() >= limits.time
+    {
         return;
     }
     let mut tx = conn.tx;
     let requests = conn.requests;
+    let opened = conn.opened;
     if tx.is_ready() {
-        put(key, tx, requests, limits);
+        put(key, tx, opened, requests, limits);
         return;
     }
     if tx.is_closed() {
@@ -91,12 +100,12 @@ pub fn release(key: Key, conn: Conn, limits: Limits) {
     tokio::task::spawn_local(async move {
         let ready = tokio::time::timeout(Duration::from_secs(1), tx.ready()).await;
         if matches!(ready, Ok(Ok(()))) {
-            put(key, tx, requests, limits);
+            put(key, tx, opened, requests, limits);
         }
     });
 }
 
-fn put(key: Key, tx: SendRequest<UpBody>, requests: u64, limits: Limits) {
+fn put(key: Key, tx: SendRequest<UpBody>, opened: Instant, requests: u64, limits: Limits) {
     let now = Instant::now();
     POOL.with(|p| {
         let mut p = p.borrow_mut();
@@ -107,6 +116,7 @@ fn put(key: Key, tx: SendRequest<UpBody>, requests: u64, limits: Limits) {
         }
         q.push_back(Idle {
             tx,
+            opened,
             deadline: now + limits.timeout,
             requests,
         });
