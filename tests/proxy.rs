@@ -758,3 +758,25 @@ fn lua_filters_and_subrequests_see_proxied_responses() {
     assert_eq!(r.status, 200, "{}", s.error_log());
     assert_eq!(r.text(), "200 1 hello world\n");
 }
+
+#[test]
+fn pass_request_body_and_headers_off() {
+    let o = Origin::echo();
+    let s = server(&format!(
+        "location / {{
+            proxy_pass_request_body off;
+            proxy_pass_request_headers off;
+            proxy_set_header X-Kept yes;
+            proxy_pass http://127.0.0.1:{};
+        }}",
+        o.port()
+    ));
+    let r = s.request("POST /p HTTP/1.1\r\nHost: localhost\r\nX-Client: 1\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello");
+    assert_eq!(r.status, 200, "{}", s.error_log());
+    let q = o.last();
+    assert!(q.body.is_empty());
+    assert!(!q.has("content-length"), "{:?}", q.headers);
+    assert!(!q.has("x-client"));
+    assert_eq!(q.header("x-kept"), Some("yes"));
+    assert!(q.has("host"));
+}

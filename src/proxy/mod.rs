@@ -100,9 +100,15 @@ pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
         let location = st.location.clone();
         let prefix = location.as_deref().and_then(location_prefix);
         let uri = upstream_uri(&st, &target, prefix);
+        // nginx sends a length when the client's request had a body (or a body was made).
+        let declared = client_length(&st);
         let len = match &src {
-            BodySrc::Kept(b) => Some(b.len() as u64),
-            _ => client_length(&st),
+            BodySrc::Kept(b) => (declared.is_some()
+                || !b.is_empty()
+                || st.headers.contains_key(http::header::TRANSFER_ENCODING))
+            .then_some(b.len() as u64),
+            BodySrc::Stream(_) => declared,
+            BodySrc::Empty => declared.filter(|l| *l == 0),
         };
         let head = ReqHead {
             method: st.method.clone(),
