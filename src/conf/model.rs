@@ -59,6 +59,11 @@ pub struct LuaMain {
     pub shared_dicts: Vec<(String, usize)>,
     /// Every chunk of the configuration, by id, so a VM can compile them all up front.
     pub chunks: Vec<Arc<LuaChunk>>,
+    // --- timers (src/lua/api/timer.rs)
+    /// `lua_max_pending_timers` (1024).
+    pub max_pending_timers: usize,
+    /// `lua_max_running_timers` (256).
+    pub max_running_timers: usize,
 }
 
 /// Where a Lua handler's code comes from.
@@ -225,6 +230,9 @@ pub struct LocConf {
     pub resolver_timeout_ms: u64,
     /// `lua_socket_*` and `lua_ssl_*`.
     pub lua_socket: LuaSocketConf,
+    // --- timers, light threads (src/lua/api/timer.rs, thread.rs)
+    /// `lua_check_client_abort`: notice the client closing the connection in Lua handlers.
+    pub check_client_abort: bool,
 }
 
 /// lua-nginx-module's cosocket settings (`lua_socket_*`, `lua_ssl_*`), with its defaults.

@@ -147,6 +147,8 @@ pub struct ReqState {
     pub upstream: Option<Box<crate::proxy::UpstreamInfo>>,
     /// The client side of a protocol upgrade (WebSocket), taken by the proxy on a 101.
     pub on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    /// `ngx.on_abort` callback (with `lua_check_client_abort on`).
+    pub on_abort: Option<crate::lua::api::thread::OnAbort>,
     /// The client address realip found (`$remote_addr`); `None`: the connection's.
     pub realip: Option<SocketAddr>,
     /// Map values computed for this request (and named captures of map regexes).
@@ -270,6 +272,7 @@ impl ReqState {
             map_cache: Default::default(),
             in_flight: None,
             in_flight_checked: false,
+            on_abort: None,
             balancer: None,
         }
     }

@@ -15,6 +15,10 @@ pub struct Current {
     pub req: RefCell<Option<Rc<ReqCtx>>>,
     /// The phase of a call that has no request (init, init_worker, timer).
     pub phase: RefCell<Option<Phase>>,
+    /// The light threads of the running handler (made on the first `ngx.thread.spawn`).
+    pub sched: RefCell<Option<Rc<crate::lua::api::thread::Sched>>>,
+    /// A phase runner is polling (so `ngx.thread.spawn` may make the scheduler).
+    pub runner: std::cell::Cell<bool>,
 }
 
 /// The current request, or OpenResty's error for APIs that need one.
@@ -39,6 +43,22 @@ pub fn phase(lua: &Lua) -> Phase {
         .and_then(|c| *c.phase.borrow())
         .unwrap_or(Phase::Timer)
 }
+
+/// Every phase a handler runs in, init aside: where waiting APIs (timers, light threads,
+/// semaphores) are allowed here, beyond OpenResty's list.
+pub const YIELDING_PHASES: &[Phase] = &[
+    Phase::InitWorker,
+    Phase::Set,
+    Phase::Rewrite,
+    Phase::ServerRewrite,
+    Phase::Access,
+    Phase::Content,
+    Phase::HeaderFilter,
+    Phase::BodyFilter,
+    Phase::Log,
+    Phase::Balancer,
+    Phase::Timer,
+];
 
 /// OpenResty's refusal for an API used in a phase that does not allow it.
 pub fn check_phase(lua: &Lua, allowed: &[Phase]) -> mlua::Result<()> {
