@@ -178,3 +178,30 @@ fn balancer_by_lua_picks_the_peer_and_sees_failures() {
     assert_eq!(r.header("x-failed"), Some("failed"));
     assert_eq!(o.last().target, "/lua");
 }
+
+#[test]
+fn a_pooled_connection_closed_by_the_upstream_is_retried_fresh() {
+    // Every connection answers its first request and drops the second without a word, as an
+    // upstream whose idle timeout fires just as a request arrives.
+    let o = Origin::start_raw(std::sync::Arc::new(|mut s: TcpStream, sh: &Shared| {
+        let mut buf = Vec::new();
+        if let Some(r) = read_request(&mut s, &mut buf) {
+            if let Ok(mut v) = sh.requests.lock() {
+                v.push(r);
+            }
+            respond(&mut s, 200, &[], b"first");
+        }
+        let _ = read_request(&mut s, &mut buf);
+    }));
+    let s = server(
+        &format!(
+            "upstream backend {{ server 127.0.0.1:{}; keepalive 4; }}",
+            o.port()
+        ),
+        "location / { proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_pass http://backend; }",
+    );
+    run(&s, "/", 6);
+    // Not one 502: each dropped request went again on a new connection.
+    assert_eq!(o.reqs().len(), 6);
+    assert!(!s.error_log().contains("[error]"), "{}", s.error_log());
+}

@@ -95,7 +95,7 @@ pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
         Ok(s) => s,
         Err(code) => return Outcome::Status(code),
     };
-    let (mut head, location) = {
+    let (mut head, location, len) = {
         let st = rc.st.borrow();
         let location = st.location.clone();
         let prefix = location.as_deref().and_then(location_prefix);
@@ -116,7 +116,7 @@ pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
             headers: headers::request(rc, &st, &pc, &target.proxy_host, len),
             http11: pc.http11,
         };
-        (head, location)
+        (head, location, len)
     };
     let tls_name = if target.url.https {
         let st = rc.st.borrow();
@@ -171,7 +171,13 @@ pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
         let mut use_pool = true;
         let res = loop {
             // The head is copied only while another try may need it.
-            let keep_head = peers.has_more(budget.tries) || (use_pool && dest.keepalive.is_some());
+            // The head moves into the request unless another try may follow; a fresh retry
+            // after a stale pooled connection rebuilds it.
+            if head.headers.is_empty() {
+                let st = rc.st.borrow();
+                head.headers = headers::request(rc, &st, &pc, &target.proxy_host, len);
+            }
+            let keep_head = peers.has_more(budget.tries);
             let r = forward::attempt(&peer, &dest, &tmo, &mut head, keep_head, &mut src, use_pool)
                 .await;
             match r {
