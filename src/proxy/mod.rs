@@ -249,7 +249,7 @@ pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
                             )),
                             _ => None,
                         };
-                    let upstream = upstream(&head.uri);
+                    let upstream = || upstream(&head.uri);
                     let ctx = Respond {
                         pc: &pc,
                         tmo: &tmo,
@@ -273,7 +273,8 @@ struct Respond<'a> {
     pc: &'a ProxyConf,
     tmo: &'a Timeouts,
     dest: &'a Dest<'a>,
-    upstream: &'a str,
+    /// The `upstream: "..."` text of log lines, made only when one is written.
+    upstream: &'a dyn Fn() -> String,
     default_from: &'a dyn Fn() -> Option<String>,
     prefix: &'a str,
     t0: Instant,
@@ -316,7 +317,7 @@ async fn respond(rc: &Rc<ReqCtx>, c: Respond<'_>, got: Got) -> Outcome {
     if let Some(up) = up_upgrade {
         let client = rc.st.borrow_mut().on_upgrade.take();
         let Some(client) = client else {
-            log_upstream(rc, "upstream sent unexpected 101 without upgrade request while reading response header from upstream", c.upstream);
+            log_upstream(rc, "upstream sent unexpected 101 without upgrade request while reading response header from upstream", &(c.upstream)());
             let mut st = rc.st.borrow_mut();
             st.status = 0;
             st.resp_headers.clear();
@@ -327,11 +328,11 @@ async fn respond(rc: &Rc<ReqCtx>, c: Respond<'_>, got: Got) -> Outcome {
         }
         let idle = c.tmo.read;
         if let Err(e) = websocket::tunnel(client, up, idle).await {
-            log_upstream(rc, &e, c.upstream);
+            log_upstream(rc, &e, &(c.upstream)());
         }
         return Outcome::Done;
     }
-    let log = |msg: &str| log_upstream(rc, msg, c.upstream);
+    let log = |msg: &str| log_upstream(rc, msg, &(c.upstream)());
     let mut len = 0;
     let r = forward::stream_body(rc, c.pc, c.tmo, body, &mut len, &log).await;
     if let Some(u) = rc.st.borrow_mut().upstream.as_mut() {

@@ -55,24 +55,22 @@ thread_local! {
     static SWEEPER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// An idle connection for `key`, if one is alive and younger than the timeout.
+/// An idle connection for `key`, if one is alive and younger than the timeout. One that
+/// hyper has not marked idle yet (its task has not run since the response ended) stays.
 pub fn take(key: &Key) -> Option<Conn> {
     POOL.with(|p| {
         let mut p = p.borrow_mut();
         let q = p.get_mut(key)?;
         let now = Instant::now();
-        while let Some(idle) = q.pop_back() {
-            if now >= idle.deadline || !idle.tx.is_ready() {
-                continue;
-            }
-            return Some(Conn {
-                tx: idle.tx,
-                requests: idle.requests + 1,
-                reused: true,
-                opened: idle.opened,
-            });
-        }
-        None
+        q.retain(|i| now < i.deadline && !i.tx.is_closed());
+        let i = q.iter().rposition(|i| i.tx.is_ready())?;
+        let idle = q.remove(i)?;
+        Some(Conn {
+            tx: idle.tx,
+            requests: idle.requests + 1,
+            reused: true,
+            opened: idle.opened,
+        })
     })
 }
 
@@ -86,23 +84,10 @@ pub fn release(key: Key, conn: Conn, limits: Limits) {
     {
         return;
     }
-    let mut tx = conn.tx;
-    let requests = conn.requests;
-    let opened = conn.opened;
-    if tx.is_ready() {
-        put(key, tx, opened, requests, limits);
+    if conn.tx.is_closed() {
         return;
     }
-    if tx.is_closed() {
-        return;
-    }
-    // hyper marks the connection idle on its own task's next turn.
-    tokio::task::spawn_local(async move {
-        let ready = tokio::time::timeout(Duration::from_secs(1), tx.ready()).await;
-        if matches!(ready, Ok(Ok(()))) {
-            put(key, tx, opened, requests, limits);
-        }
-    });
+    put(key, conn.tx, conn.opened, conn.requests, limits);
 }
 
 fn put(key: Key, tx: SendRequest<UpBody>, opened: Instant, requests: u64, limits: Limits) {
