@@ -520,7 +520,7 @@ async fn phases(rc: &Rc<ReqCtx>, mut forced: Option<Arc<Location>>) -> Outcome {
             continue;
         }
         return match (&conf.content, content_lua) {
-            (Content::Proxy(p), _) => crate::proxy::handle(rc, p).await,
+            (Content::Proxy(p), _) => crate::proxy::content(rc, p).await,
             (_, Some(_)) => Outcome::Done,
             _ => super::static_files::serve(rc).await,
         };

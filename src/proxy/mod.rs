@@ -71,6 +71,17 @@ fn record(
     }
 }
 
+/// The content phase of a `proxy_pass` location, boxed: the proxy's state machine is large
+/// and `phases` nests for subrequests, so it must not sit in the caller's frame (not even
+/// as the temporary a `Box::pin(..)` there would make).
+#[inline(never)]
+pub fn content<'a>(
+    rc: &'a Rc<ReqCtx>,
+    pass: &'a Arc<ProxyPass>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + 'a>> {
+    Box::pin(handle(rc, pass))
+}
+
 /// Serve the request by proxying it (the content phase of a `proxy_pass` location).
 pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
     let pc = rc.st.borrow().conf.proxy.clone();
