@@ -780,3 +780,46 @@ fn pass_request_body_and_headers_off() {
     assert_eq!(q.header("x-kept"), Some("yes"));
     assert!(q.has("host"));
 }
+
+#[test]
+fn proxy_redirect_rules() {
+    let o = Origin::start(|r, s| {
+        let loc = match r.target.as_str() {
+            "/a" => "http://internal.example/app/page",
+            "/b" => "http://other.example/x/y",
+            _ => "http://untouched.example/",
+        };
+        respond(
+            s,
+            301,
+            &[
+                ("Location", loc),
+                ("Refresh", "5; url=http://internal.example/app/r"),
+            ],
+            b"",
+        );
+        keep(r)
+    });
+    let s = server(&format!(
+        "location / {{
+            proxy_redirect http://internal.example/app/ /public/;
+            proxy_redirect ~^http://other\\.example/(\\w+)/(.*)$ /$1-$2;
+            proxy_pass http://127.0.0.1:{};
+        }}
+        location /off/ {{ proxy_redirect off; proxy_pass http://127.0.0.1:{}/; }}",
+        o.port(),
+        o.port()
+    ));
+    let r = s.get("/a");
+    assert_eq!(r.header("location"), Some("/public/page"));
+    assert_eq!(r.header("refresh"), Some("5; url=/public/r"));
+    assert_eq!(s.get("/b").header("location"), Some("/x-y"));
+    assert_eq!(
+        s.get("/c").header("location"),
+        Some("http://untouched.example/")
+    );
+    assert_eq!(
+        s.get("/off/a").header("location"),
+        Some("http://internal.example/app/page")
+    );
+}
