@@ -823,3 +823,43 @@ fn proxy_redirect_rules() {
         Some("http://internal.example/app/page")
     );
 }
+
+#[test]
+fn send_timeout_when_the_upstream_stops_reading() {
+    // Reads nothing at all: the proxy's writes stall once the socket buffers are full.
+    let o = Origin::start_raw(std::sync::Arc::new(|s: TcpStream, _sh: &Shared| {
+        std::thread::sleep(Duration::from_secs(6));
+        drop(s);
+    }));
+    let s = server(&format!(
+        "client_max_body_size 64m;
+         location / {{ proxy_send_timeout 500ms; proxy_read_timeout 3s; proxy_pass http://127.0.0.1:{}; }}",
+        o.port()
+    ));
+    let body = vec![b'x'; 32 * 1024 * 1024];
+    let mut c = connect(&s);
+    c.write_all(
+        format!(
+            "POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    c.write_all(&body).unwrap();
+    let t0 = Instant::now();
+    let r = read_response(&mut c).unwrap();
+    assert_eq!(r.status, 504, "{}", s.error_log());
+    assert!(
+        t0.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert!(
+        s.error_log().contains(
+            "upstream timed out (110: Connection timed out) while sending request to upstream"
+        ),
+        "{}",
+        s.error_log()
+    );
+}

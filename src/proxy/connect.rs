@@ -2,6 +2,7 @@
 //! https, then hyper's HTTP/1 client handshake; the connection task runs on the worker's
 //! LocalSet. Errors come back in nginx's error-log words.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -20,6 +21,61 @@ use super::conf::ProxySsl;
 pub enum Io {
     Tcp(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// `proxy_send_timeout`: a write that makes no progress for this long fails the connection,
+/// as nginx's timer between two successive writes. The limit (ms) is shared with the pool's
+/// `Conn` so each request on a kept-alive connection sets its own.
+pub struct Timed {
+    io: Io,
+    pub limit: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Timed {
+    fn wrote<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if r.is_ready() {
+            self.stall = None;
+            return r;
+        }
+        let limit = Duration::from_millis(self.limit.load(std::sync::atomic::Ordering::Relaxed));
+        let sleep = self
+            .stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "proxy_send_timeout",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl AsyncRead for Timed {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Timed {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+        let me = self.get_mut();
+        let r = Pin::new(&mut me.io).poll_write(cx, b);
+        me.wrote(cx, r)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let me = self.get_mut();
+        let r = Pin::new(&mut me.io).poll_flush(cx);
+        me.wrote(cx, r)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
 }
 
 impl AsyncRead for Io {
@@ -89,7 +145,14 @@ pub async fn open(
     addr: SocketAddr,
     tls: Option<TlsParams<'_>>,
     connect_timeout: Duration,
-) -> Result<SendRequest<UpBody>, ConnectError> {
+    send_timeout: Duration,
+) -> Result<
+    (
+        SendRequest<UpBody>,
+        std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ),
+    ConnectError,
+> {
     let work = async {
         let tcp = TcpStream::connect(addr).await.map_err(|e| ConnectError {
             timeout: e.raw_os_error() == Some(libc::ETIMEDOUT),
@@ -120,6 +183,14 @@ pub async fn open(
                     .to_string(),
             }),
         };
+    let limit = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(
+        send_timeout.as_millis() as u64
+    ));
+    let io = Timed {
+        io,
+        limit: limit.clone(),
+        stall: None,
+    };
     let (tx, conn) = http1::Builder::new()
         .handshake::<_, UpBody>(TokioIo::new(io))
         .await
@@ -132,7 +203,7 @@ pub async fn open(
             tracing::debug!("upstream connection: {}", e);
         }
     });
-    Ok(tx)
+    Ok((tx, limit))
 }
 
 /// TLS handshake with the location's settings through `net::tls` (configs are cached per

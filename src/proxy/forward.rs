@@ -108,6 +108,13 @@ fn classify(e: &hyper::Error) -> (Failure, String) {
         );
     }
     if let Some(io) = io_error(e) {
+        if io.kind() == std::io::ErrorKind::TimedOut {
+            return (
+                Failure::Timeout,
+                "upstream timed out (110: Connection timed out) while sending request to upstream"
+                    .into(),
+            );
+        }
         let what = match io.raw_os_error() {
             Some(libc::EPIPE) => "writev() failed",
             _ => "recv() failed",
@@ -162,7 +169,7 @@ pub async fn attempt(
                 sni: dest.sni,
                 verify_name: dest.tls_name.unwrap_or(""),
             });
-            let tx = connect::open(peer.addr, tls, tmo.connect)
+            let (tx, send_limit) = connect::open(peer.addr, tls, tmo.connect, tmo.send)
                 .await
                 .map_err(|e| Failed {
                     kind: if e.timeout {
@@ -181,9 +188,14 @@ pub async fn attempt(
                 requests: 1,
                 reused: false,
                 opened: t0,
+                send_limit,
             }
         }
     };
+    conn.send_limit.store(
+        tmo.send.as_millis() as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     // Taken only now: a connect failure leaves a streamed body unread for the next try.
     let body = src.take();
     let streamed = matches!(body, UpBody::Stream(_));

@@ -40,11 +40,14 @@ pub struct Conn {
     /// Whether it came from the pool (a failure there earns one fresh retry, as in nginx).
     pub reused: bool,
     pub opened: Instant,
+    /// The connection's proxy_send_timeout, set by each request.
+    pub send_limit: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 struct Idle {
     tx: SendRequest<UpBody>,
     opened: Instant,
+    send_limit: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// When keepalive_timeout closes it.
     deadline: Instant,
     requests: u64,
@@ -70,6 +73,7 @@ pub fn take(key: &Key) -> Option<Conn> {
             requests: idle.requests + 1,
             reused: true,
             opened: idle.opened,
+            send_limit: idle.send_limit,
         })
     })
 }
@@ -87,10 +91,10 @@ pub fn release(key: Key, conn: Conn, limits: Limits) {
     if conn.tx.is_closed() {
         return;
     }
-    put(key, conn.tx, conn.opened, conn.requests, limits);
+    put(key, conn, limits);
 }
 
-fn put(key: Key, tx: SendRequest<UpBody>, opened: Instant, requests: u64, limits: Limits) {
+fn put(key: Key, conn: Conn, limits: Limits) {
     let now = Instant::now();
     POOL.with(|p| {
         let mut p = p.borrow_mut();
@@ -100,10 +104,11 @@ fn put(key: Key, tx: SendRequest<UpBody>, opened: Instant, requests: u64, limits
             q.pop_front();
         }
         q.push_back(Idle {
-            tx,
-            opened,
+            tx: conn.tx,
+            opened: conn.opened,
+            send_limit: conn.send_limit,
             deadline: now + limits.timeout,
-            requests,
+            requests: conn.requests,
         });
     });
     if !SWEEPER.with(|s| s.replace(true)) {
