@@ -863,3 +863,17 @@ fn send_timeout_when_the_upstream_stops_reading() {
         s.error_log()
     );
 }
+
+#[test]
+fn buffer_tuning_directives_load() {
+    let o = Origin::echo();
+    let s = server(&format!(
+        "proxy_buffers 8 16k; proxy_buffer_size 16k; proxy_busy_buffers_size 32k;
+         location / {{ proxy_max_temp_file_size 0; proxy_pass http://127.0.0.1:{}; }}",
+        o.port()
+    ));
+    assert_eq!(s.get("/").status, 200);
+    assert!(s
+        .error_log()
+        .contains("the \"proxy_buffers\" directive is ignored"));
+}
