@@ -20,6 +20,8 @@ pub struct Server {
     pub child: Option<Child>,
     pub port: u16,
     pub prefix: tempfile::TempDir,
+    /// Extra environment for the process (`${NAME}` in confs).
+    pub env: Vec<(String, String)>,
 }
 
 /// Write `files` (path relative to the prefix, contents) into a fresh prefix. `PORT` in any
@@ -58,10 +60,19 @@ impl Server {
         let mut files = vec![("conf/nginx.conf", conf)];
         files.extend_from_slice(extra);
         let prefix = prefix_with(&files, port);
+        Server::start_prefix(prefix, port, &[])
+    }
+
+    /// Start on a prefix made by the caller, listening on `port`, with extra environment.
+    pub fn start_prefix(prefix: tempfile::TempDir, port: u16, env: &[(&str, &str)]) -> Server {
         let mut s = Server {
             child: None,
             port,
             prefix,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         s.spawn();
         s
@@ -77,6 +88,7 @@ impl Server {
             .arg(self.prefix.path())
             .arg("-c")
             .arg("conf/nginx.conf")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
