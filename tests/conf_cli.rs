@@ -73,6 +73,7 @@ fn start_env(
         child: Some(child),
         port,
         prefix,
+        env: Vec::new(),
     };
     wait_ready(&mut s);
     s
@@ -96,6 +97,7 @@ fn start_args(conf: &str, args: &[&str]) -> Server {
         child: Some(child),
         port,
         prefix,
+        env: Vec::new(),
     };
     wait_ready(&mut s);
     s
