@@ -166,14 +166,14 @@ pub fn request_error(rc: &ReqCtx, level: Level, msg: &str) {
                 // nginx names the main request's line, then the subrequest's URI.
                 Some(sub) => format!(
                     ", client: {}, server: {}, request: \"{}\", subrequest: \"{}\"",
-                    rc.conn.remote.ip(),
+                    st.remote(&rc.conn).ip(),
                     st.server.primary_name,
                     sub.request_line,
                     st.uri
                 ),
                 None => format!(
                     ", client: {}, server: {}, request: \"{} {} {}\"",
-                    rc.conn.remote.ip(),
+                    st.remote(&rc.conn).ip(),
                     st.server.primary_name,
                     st.method,
                     st.request_uri,

@@ -17,6 +17,8 @@ use crate::lua::api::re::Regex;
 
 pub use super::model::Config;
 
+mod edge;
+
 /// How to load a configuration: nginx's `-p`, `-c` and `-g`.
 #[derive(Debug, Default, Clone)]
 pub struct LoadOptions {
@@ -343,6 +345,9 @@ impl Builder {
             body_filter_by_lua: None,
             log_by_lua: None,
             server_tokens: true,
+            realip: RealIpConf::default(),
+            access_rules: Arc::new(Vec::new()),
+            max_in_flight: None,
             resolver: None,
             resolver_timeout_ms: crate::net::resolver::DEFAULT_TIMEOUT_MS,
             lua_socket: LuaSocketConf::default(),
@@ -376,6 +381,7 @@ impl Builder {
                     }
                     http.upstreams.push(Arc::new(u));
                 }
+                "map" => self.map(d, &mut http)?,
                 "lua_package_path" => http.lua.package_path = Some(arg(d, 0).to_string()),
                 "lua_package_cpath" => http.lua.package_cpath = Some(arg(d, 0).to_string()),
                 "lua_shared_dict" => {
@@ -411,6 +417,7 @@ impl Builder {
                 http.servers.push(Arc::new(s));
             }
         }
+        http.in_flight = edge::collect_in_flight(&http);
         Ok(http)
     }
 }
@@ -446,6 +453,7 @@ impl Builder {
         if has("error_page") {
             conf.error_pages.clear();
         }
+        edge::level_start(conf, list);
     }
 
     fn setting(&mut self, conf: &mut LocConf, d: &Directive) -> Result<(), ConfError> {
@@ -545,10 +553,12 @@ impl Builder {
                 self.net_setting(conf, d)?
             }
             other => {
-                return Err(ConfError::directive(
-                    d,
-                    format!("\"{}\" directive is not allowed here", other),
-                ))
+                if !self.edge_setting(conf, d)? {
+                    return Err(ConfError::directive(
+                        d,
+                        format!("\"{}\" directive is not allowed here", other),
+                    ));
+                }
             }
         }
         Ok(())

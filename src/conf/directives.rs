@@ -174,6 +174,20 @@ pub const NET: &[C] = &[
     C::new("lua_ssl_verify_depth", HSL, Exactly(1)).unique(),
 ];
 
+/// ngx_http_map_module, ngx_http_realip_module, ngx_http_access_module, and tidegate's
+/// `max_in_flight` (src/http/map.rs, realip.rs, access.rs, limits.rs).
+pub const EDGE: &[C] = &[
+    C::new("map", HTTP, Exactly(2)).block(),
+    C::new("map_hash_max_size", HTTP, Exactly(1)).ignored(),
+    C::new("map_hash_bucket_size", HTTP, Exactly(1)).ignored(),
+    C::new("set_real_ip_from", HSL, Exactly(1)),
+    C::new("real_ip_header", HSL, Exactly(1)).unique(),
+    C::new("real_ip_recursive", HSL, Flag).unique(),
+    C::new("allow", HSL | LIMIT_EXCEPT, Exactly(1)),
+    C::new("deny", HSL | LIMIT_EXCEPT, Exactly(1)),
+    C::new("max_in_flight", HSL, Exactly(1)).unique(),
+];
+
 /// ngx_http_upstream_module and its balancers, lua-nginx-module's balancer_by_lua, and our
 /// own `health_check`, `circuit_breaker` and `ewma` (src/proxy/upstream).
 pub const UPSTREAM_MOD: &[C] = &[
@@ -205,5 +219,6 @@ pub const ALL: &[&[C]] = &[
     LUA,
     IGNORED,
     NET,
+    EDGE,
     UPSTREAM_MOD,
 ];

@@ -36,6 +36,11 @@ pub struct Http {
     /// Every variable declared by `set` (or `set_by_lua`) anywhere: `ngx.var.x = v` needs one.
     pub declared_vars: Vec<String>,
     pub log_formats: HashMap<String, Arc<Template>>,
+    /// `map` blocks, and the variable each defines -> its index in `maps`.
+    pub maps: Vec<MapDef>,
+    pub map_vars: HashMap<String, usize>,
+    /// Every `max_in_flight` scope, for metrics (`current()`, `rejected()`).
+    pub in_flight: Vec<Arc<crate::http::limits::InFlight>>,
     /// The http-level settings, for Lua code that runs without a request (timers).
     pub conf: Option<Arc<LocConf>>,
     /// `upstream name { }` blocks, in file order (src/proxy/upstream builds the runtime side).
@@ -203,6 +208,13 @@ pub struct LocConf {
     pub body_filter_by_lua: Option<Arc<LuaChunk>>,
     pub log_by_lua: Option<Arc<LuaChunk>>,
     pub server_tokens: bool,
+    /// realip module (run at request start with the server's settings, again before access
+    /// with the location's if it did not apply yet).
+    pub realip: RealIpConf,
+    /// `allow` / `deny`, first match wins.
+    pub access_rules: Arc<Vec<AccessRule>>,
+    /// `max_in_flight N`: the scope's shared counter (None: unlimited).
+    pub max_in_flight: Option<Arc<crate::http::limits::InFlight>>,
     // --- net (owner: sock) ---
     /// `resolver` (with this level's `resolver_timeout` applied); None: the system resolver.
     pub resolver: Option<Arc<crate::net::Resolver>>,
@@ -404,4 +416,79 @@ pub struct CircuitBreaker {
     pub window_ms: u64,
     pub open_ms: u64,
     pub half_open: u32,
+}
+
+// ---------------------------------------------------------------- map, realip, access, limits
+// (ngx_http_map_module, ngx_http_realip_module, ngx_http_access_module, `max_in_flight`)
+
+/// An address or network (`192.168.0.0/16`, `2001:db8::/32`, `10.0.0.1`) as nginx's
+/// `ngx_cidr_t`; the address is stored masked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: std::net::IpAddr,
+    pub prefix: u8,
+}
+
+/// What a `set_real_ip_from` / `allow` / `deny` entry names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddrMatch {
+    Net(Cidr),
+    /// `unix:`: connections over UNIX-domain sockets (tidegate listens on TCP only).
+    Unix,
+    /// `all` (allow/deny only).
+    All,
+}
+
+/// Which request header `real_ip_header` names.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum RealIpHeader {
+    #[default]
+    XRealIp,
+    XForwardedFor,
+    /// Any other header, lower-case.
+    Other(String),
+}
+
+/// The realip settings of a level (`set_real_ip_from`, `real_ip_header`, `real_ip_recursive`).
+#[derive(Debug, Clone, Default)]
+pub struct RealIpConf {
+    /// Empty: realip is off at this level.
+    pub from: Arc<Vec<AddrMatch>>,
+    pub header: RealIpHeader,
+    pub recursive: bool,
+}
+
+/// One `allow` / `deny` rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AccessRule {
+    pub allow: bool,
+    pub what: AddrMatch,
+}
+
+/// `map $source $var { ... }`: evaluated lazily per request by `http::map`.
+#[derive(Debug)]
+pub struct MapDef {
+    /// The variable it defines (lower-case, without `$`).
+    pub var: String,
+    pub source: Template,
+    pub default: Option<Template>,
+    pub hostnames: bool,
+    pub volatile: bool,
+    /// Exact keys, lower-case (nginx matches map keys case-insensitively).
+    pub exact: HashMap<Vec<u8>, Template>,
+    /// `hostnames` `*.example.com` (stored `.example.com`, false) and `.example.com` (true:
+    /// also the bare name): the longest match wins.
+    pub wild_head: Vec<(String, bool, Template)>,
+    /// `hostnames` `mail.*` (stored `mail.`): the longest match wins.
+    pub wild_tail: Vec<(String, Template)>,
+    pub regexes: Vec<MapRegex>,
+}
+
+/// A `~regex value` / `~*regex value` line of a map.
+#[derive(Debug)]
+pub struct MapRegex {
+    pub regex: Regex,
+    /// Named groups, to resolve `$name` in the value (and for `$name` elsewhere afterwards).
+    pub names: Vec<(String, usize)>,
+    pub value: Template,
 }

@@ -301,6 +301,8 @@ fn find_server(
 
 /// The whole request after parsing: phases, finalization, log.
 async fn run(rc: Rc<ReqCtx>) {
+    // post-read: realip with the server's settings, before anything reads the address.
+    super::realip::run(&rc);
     let mut outcome = phases(&rc, None).await;
     // error_page: an internal redirect for a status, once.
     if let Outcome::Status(code) = outcome {
@@ -310,6 +312,7 @@ async fn run(rc: Rc<ReqCtx>) {
     }
     finalize(&rc, outcome).await;
     log_phase(&rc).await;
+    super::limits::leave(&rc);
 }
 
 async fn error_page(rc: &Rc<ReqCtx>, code: u16) -> Option<Outcome> {
@@ -493,6 +496,13 @@ async fn phases(rc: &Rc<ReqCtx>, mut forced: Option<Arc<Location>>) -> Outcome {
         ];
         let mut redirect = None;
         for (chunk, phase) in steps {
+            if phase == Phase::Access && !rc.is_subrequest() {
+                // preaccess + access modules: realip, max_in_flight, allow/deny (the main
+                // request already passed them; nginx counts and checks it alone).
+                if let Some(o) = super::access::check(rc) {
+                    return o;
+                }
+            }
             let Some(chunk) = chunk else { continue };
             match lua_step(rc, chunk, phase).await {
                 Step::Next => {}

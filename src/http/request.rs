@@ -145,6 +145,20 @@ pub struct ReqState {
     pub error_page_done: bool,
     /// What `ngx.balancer` set during a balancer_by_lua run (src/proxy/upstream).
     pub balancer: Option<Box<crate::proxy::upstream::BalancerCall>>,
+    /// The client address realip found (`$remote_addr`); `None`: the connection's.
+    pub realip: Option<SocketAddr>,
+    /// Map values computed for this request (and named captures of map regexes).
+    pub map_cache: RefCell<super::map::Cache>,
+    /// The `max_in_flight` slot this request holds, and whether the check already ran.
+    pub in_flight: Option<super::limits::InFlightGuard>,
+    pub in_flight_checked: bool,
+}
+
+impl ReqState {
+    /// The client address as the request sees it (after realip).
+    pub fn remote(&self, conn: &ConnInfo) -> SocketAddr {
+        self.realip.unwrap_or(conn.remote)
+    }
 }
 
 /// The variables a request sets (`set`, `ngx.var.x = v`). Usually the request's own; a
@@ -247,6 +261,10 @@ impl ReqState {
             extra_vars: Default::default(),
             error_page_done: false,
             balancer: None,
+            realip: None,
+            map_cache: Default::default(),
+            in_flight: None,
+            in_flight_checked: false,
         }
     }
 }

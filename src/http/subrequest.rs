@@ -132,6 +132,8 @@ pub async fn create(parent: &Rc<ReqCtx>, spec: Spec) -> Result<Rc<ReqCtx>, Strin
             pst.server.clone(),
         );
         st.vars = vars;
+        // The parent's real client address, not the connection's.
+        st.realip = pst.realip;
         st.internal = true;
         st.ctx_table = spec.ctx;
         st

@@ -16,6 +16,9 @@ pub fn get(rc: &ReqCtx, st: &ReqState, name: &str) -> Option<Vec<u8>> {
     if let Some(v) = st.extra_vars.get(name) {
         return Some(v.as_bytes().to_vec());
     }
+    if let Some(v) = super::map::get(rc, st, name) {
+        return v;
+    }
     if let Some(h) = name.strip_prefix("http_") {
         return header(st, &h.replace('_', "-"));
     }
@@ -51,10 +54,16 @@ pub fn get(rc: &ReqCtx, st: &ReqState, name: &str) -> Option<Vec<u8>> {
         .to_string(),
         "host" => host(st).unwrap_or_else(|| st.server.primary_name.clone()),
         "http_host" => return header(st, "host"),
-        "remote_addr" | "realip_remote_addr" => rc.conn.remote.ip().to_string(),
-        "remote_port" | "realip_remote_port" => rc.conn.remote.port().to_string(),
+        "remote_addr" => st.remote(&rc.conn).ip().to_string(),
+        // realip takes the port from the header when it has one, else there is none.
+        "remote_port" => match st.remote(&rc.conn).port() {
+            0 => String::new(),
+            p => p.to_string(),
+        },
+        "realip_remote_addr" => rc.conn.remote.ip().to_string(),
+        "realip_remote_port" => rc.conn.remote.port().to_string(),
         "binary_remote_addr" => {
-            return Some(match rc.conn.remote.ip() {
+            return Some(match st.remote(&rc.conn).ip() {
                 std::net::IpAddr::V4(v) => v.octets().to_vec(),
                 std::net::IpAddr::V6(v) => v.octets().to_vec(),
             })
@@ -309,7 +318,6 @@ const KNOWN: &[&str] = &[
     "upstream_bytes_received",
     "upstream_bytes_sent",
     "upstream_cache_status",
-    "connection_upgrade",
     "ssl_protocol",
     "ssl_cipher",
     "ssl_server_name",
@@ -333,4 +341,10 @@ pub fn is_known(name: &str) -> bool {
         ]
         .iter()
         .any(|p| name.starts_with(p))
+}
+
+/// Whether `name` is one of the built-ins by exact name (not a `$http_x`-style family):
+/// another module may not define it again (nginx's `the duplicate "x" variable`).
+pub fn is_named_builtin(name: &str) -> bool {
+    KNOWN.contains(&name)
 }

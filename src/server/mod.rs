@@ -147,6 +147,17 @@ pub fn run(opts: LoadOptions) -> i32 {
             Err(_) => return 1,
         }
     }
+    // One health checker per process, outside the workers' request paths.
+    let checker = Checker::start(&upstreams);
+    let code = master_loop(opts, cfg, zones, (upstreams, checker), &handles);
+    for (h, _) in handles {
+        let _ = h.join();
+    }
+    code
+}
+
+/// Write the pid file and say we started.
+fn write_pid(cfg: &Config, workers: usize) {
     if let Some(dir) = cfg.pid.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
@@ -162,13 +173,6 @@ pub fn run(opts: LoadOptions) -> i32 {
         None,
         &format!("tidegate/{} started, {} worker(s)", crate::VERSION, workers),
     );
-    // One health checker per process, outside the workers' request paths.
-    let checker = Checker::start(&upstreams);
-    let code = master_loop(opts, cfg, zones, (upstreams, checker), &handles);
-    for (h, _) in handles {
-        let _ = h.join();
-    }
-    code
 }
 
 /// The signal loop of the main thread.
@@ -203,6 +207,9 @@ fn master_loop(
         ) else {
             return 1;
         };
+        // The pid file appears only once the signal handlers are in place: whoever reads it
+        // may signal at once, and SIGQUIT's default action would kill us.
+        write_pid(&cfg, workers.len());
         loop {
             tokio::select! {
                 _ = hup.recv() => {
