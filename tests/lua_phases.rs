@@ -831,7 +831,6 @@ fn user_coroutines_without_waits() {
 }
 
 #[test]
-#[ignore = "not yet (async Lua issue): ngx.sleep inside coroutine.wrap/resume returns mlua's pending marker instead of waiting"]
 fn user_coroutines_may_wait() {
     // lua-nginx-module replaces the coroutine API so that a user coroutine may call yielding
     // ngx APIs (ngx.sleep, cosockets): the wait happens and the coroutine then continues.

@@ -54,6 +54,7 @@ pub fn load(opts: &LoadOptions) -> Result<Config, ConfError> {
     VAR_USES.with(|v| v.borrow_mut().clear());
     let mut b = Builder {
         prefix: opts.prefix.clone(),
+        conf_dir: conf_path.parent().unwrap_or(Path::new(".")).to_path_buf(),
         chunks: Vec::new(),
         declared: Vec::new(),
         notices: Vec::new(),
@@ -73,6 +74,8 @@ fn command(name: &str) -> Option<&'static table::Command> {
 
 struct Builder {
     prefix: PathBuf,
+    /// The directory of the main conf file: certificate paths are relative to it, as in nginx.
+    conf_dir: PathBuf,
     chunks: Vec<Arc<LuaChunk>>,
     declared: Vec<String>,
     notices: Vec<String>,
@@ -309,6 +312,8 @@ impl Builder {
         let mut http = Http {
             lua: LuaMain {
                 code_cache: true,
+                max_pending_timers: 1024,
+                max_running_timers: 256,
                 ..Default::default()
             },
             ..Default::default()
@@ -351,6 +356,7 @@ impl Builder {
             resolver: None,
             resolver_timeout_ms: crate::net::resolver::DEFAULT_TIMEOUT_MS,
             lua_socket: LuaSocketConf::default(),
+            check_client_abort: false,
         };
         Self::level_start(&mut conf, list);
         // log_format first: access_log may name a format defined later in the block.
@@ -371,6 +377,7 @@ impl Builder {
             }
             match d.name.as_str() {
                 "server" | "log_format" | "lua_code_cache" => {}
+                "map" => self.map(d, &mut http)?,
                 "upstream" => {
                     let u = self.upstream(d)?;
                     if http.upstreams.iter().any(|o| o.name == u.name) {
@@ -381,7 +388,6 @@ impl Builder {
                     }
                     http.upstreams.push(Arc::new(u));
                 }
-                "map" => self.map(d, &mut http)?,
                 "lua_package_path" => http.lua.package_path = Some(arg(d, 0).to_string()),
                 "lua_package_cpath" => http.lua.package_cpath = Some(arg(d, 0).to_string()),
                 "lua_shared_dict" => {
@@ -406,6 +412,9 @@ impl Builder {
                 "init_worker_by_lua_block" | "init_worker_by_lua_file" => {
                     http.lua.init_worker = Some(self.lua_chunk(d, arg(d, 0))?)
                 }
+                // timers (src/lua/api/timer.rs)
+                "lua_max_pending_timers" => http.lua.max_pending_timers = count(d)?,
+                "lua_max_running_timers" => http.lua.max_running_timers = count(d)?,
                 _ => self.setting(&mut conf, d)?,
             }
         }
@@ -490,6 +499,7 @@ impl Builder {
                 size(d, arg(d, 1))?;
             }
             "server_tokens" => conf.server_tokens = arg(d, 0) == "on",
+            "lua_check_client_abort" => conf.check_client_abort = arg(d, 0) == "on",
             "error_log" => {
                 self.error_log(d)?;
             }
@@ -596,7 +606,7 @@ impl Builder {
             }
             "lua_socket_log_errors" => s.log_errors = arg(d, 0) == "on",
             "lua_ssl_trusted_certificate" => {
-                let p = self.path(arg(d, 0));
+                let p = self.conf_dir.join(arg(d, 0));
                 if !p.exists() {
                     return Err(ConfError::directive(
                         d,
@@ -1139,6 +1149,13 @@ fn parse_cond(d: &Directive) -> Result<Cond, ConfError> {
         }
         _ => Err(bad()),
     }
+}
+
+/// A count argument (`lua_max_pending_timers 1024`), as nginx's `ngx_conf_set_num_slot`.
+fn count(d: &Directive) -> Result<usize, ConfError> {
+    arg(d, 0)
+        .parse::<usize>()
+        .map_err(|_| ConfError::directive(d, format!("\"{}\" directive invalid number", d.name)))
 }
 
 // ---- upstream blocks (owner: src/proxy/upstream) ----

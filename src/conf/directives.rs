@@ -113,6 +113,10 @@ pub const LUA: &[C] = &[
     C::new("body_filter_by_lua_file", HSL | LOCATION_IF, Exactly(1)).unique(),
     C::new("log_by_lua_block", HSL | LOCATION_IF, Exactly(1)).unique(),
     C::new("log_by_lua_file", HSL | LOCATION_IF, Exactly(1)).unique(),
+    // timers, light threads (src/lua/api/timer.rs, thread.rs)
+    C::new("lua_max_pending_timers", HTTP, Exactly(1)).unique(),
+    C::new("lua_max_running_timers", HTTP, Exactly(1)).unique(),
+    C::new("lua_check_client_abort", HSL | LOCATION_IF, Flag).unique(),
 ];
 
 /// Directives that fill real nginx configs but mean nothing here: accepted, ignored, noticed.

@@ -59,6 +59,11 @@ pub struct LuaMain {
     pub shared_dicts: Vec<(String, usize)>,
     /// Every chunk of the configuration, by id, so a VM can compile them all up front.
     pub chunks: Vec<Arc<LuaChunk>>,
+    // --- timers (src/lua/api/timer.rs)
+    /// `lua_max_pending_timers` (1024).
+    pub max_pending_timers: usize,
+    /// `lua_max_running_timers` (256).
+    pub max_running_timers: usize,
 }
 
 /// Where a Lua handler's code comes from.
@@ -221,6 +226,9 @@ pub struct LocConf {
     pub resolver_timeout_ms: u64,
     /// `lua_socket_*` and `lua_ssl_*`.
     pub lua_socket: LuaSocketConf,
+    // --- timers, light threads (src/lua/api/timer.rs, thread.rs)
+    /// `lua_check_client_abort`: notice the client closing the connection in Lua handlers.
+    pub check_client_abort: bool,
 }
 
 /// lua-nginx-module's cosocket settings (`lua_socket_*`, `lua_ssl_*`), with its defaults.
@@ -307,6 +315,81 @@ pub enum FileTest {
     Dir(bool),
     Exists(bool),
     Exec(bool),
+}
+
+// ---------------------------------------------------------------- map, realip, access, limits
+// (ngx_http_map_module, ngx_http_realip_module, ngx_http_access_module, `max_in_flight`)
+
+/// An address or network (`192.168.0.0/16`, `2001:db8::/32`, `10.0.0.1`) as nginx's
+/// `ngx_cidr_t`; the address is stored masked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: std::net::IpAddr,
+    pub prefix: u8,
+}
+
+/// What a `set_real_ip_from` / `allow` / `deny` entry names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddrMatch {
+    Net(Cidr),
+    /// `unix:`: connections over UNIX-domain sockets (tidegate listens on TCP only).
+    Unix,
+    /// `all` (allow/deny only).
+    All,
+}
+
+/// Which request header `real_ip_header` names.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum RealIpHeader {
+    #[default]
+    XRealIp,
+    XForwardedFor,
+    /// Any other header, lower-case.
+    Other(String),
+}
+
+/// The realip settings of a level (`set_real_ip_from`, `real_ip_header`, `real_ip_recursive`).
+#[derive(Debug, Clone, Default)]
+pub struct RealIpConf {
+    /// Empty: realip is off at this level.
+    pub from: Arc<Vec<AddrMatch>>,
+    pub header: RealIpHeader,
+    pub recursive: bool,
+}
+
+/// One `allow` / `deny` rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AccessRule {
+    pub allow: bool,
+    pub what: AddrMatch,
+}
+
+/// `map $source $var { ... }`: evaluated lazily per request by `http::map`.
+#[derive(Debug)]
+pub struct MapDef {
+    /// The variable it defines (lower-case, without `$`).
+    pub var: String,
+    pub source: Template,
+    pub default: Option<Template>,
+    pub hostnames: bool,
+    pub volatile: bool,
+    /// Exact keys, lower-case (nginx matches map keys case-insensitively).
+    pub exact: HashMap<Vec<u8>, Template>,
+    /// `hostnames` `*.example.com` (stored `.example.com`, false) and `.example.com` (true:
+    /// also the bare name): the longest match wins.
+    pub wild_head: Vec<(String, bool, Template)>,
+    /// `hostnames` `mail.*` (stored `mail.`): the longest match wins.
+    pub wild_tail: Vec<(String, Template)>,
+    pub regexes: Vec<MapRegex>,
+}
+
+/// A `~regex value` / `~*regex value` line of a map.
+#[derive(Debug)]
+pub struct MapRegex {
+    pub regex: Regex,
+    /// Named groups, to resolve `$name` in the value (and for `$name` elsewhere afterwards).
+    pub names: Vec<(String, usize)>,
+    pub value: Template,
 }
 
 // ---- upstream blocks (owner: src/proxy/upstream) ----
@@ -416,79 +499,4 @@ pub struct CircuitBreaker {
     pub window_ms: u64,
     pub open_ms: u64,
     pub half_open: u32,
-}
-
-// ---------------------------------------------------------------- map, realip, access, limits
-// (ngx_http_map_module, ngx_http_realip_module, ngx_http_access_module, `max_in_flight`)
-
-/// An address or network (`192.168.0.0/16`, `2001:db8::/32`, `10.0.0.1`) as nginx's
-/// `ngx_cidr_t`; the address is stored masked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    pub addr: std::net::IpAddr,
-    pub prefix: u8,
-}
-
-/// What a `set_real_ip_from` / `allow` / `deny` entry names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AddrMatch {
-    Net(Cidr),
-    /// `unix:`: connections over UNIX-domain sockets (tidegate listens on TCP only).
-    Unix,
-    /// `all` (allow/deny only).
-    All,
-}
-
-/// Which request header `real_ip_header` names.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub enum RealIpHeader {
-    #[default]
-    XRealIp,
-    XForwardedFor,
-    /// Any other header, lower-case.
-    Other(String),
-}
-
-/// The realip settings of a level (`set_real_ip_from`, `real_ip_header`, `real_ip_recursive`).
-#[derive(Debug, Clone, Default)]
-pub struct RealIpConf {
-    /// Empty: realip is off at this level.
-    pub from: Arc<Vec<AddrMatch>>,
-    pub header: RealIpHeader,
-    pub recursive: bool,
-}
-
-/// One `allow` / `deny` rule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AccessRule {
-    pub allow: bool,
-    pub what: AddrMatch,
-}
-
-/// `map $source $var { ... }`: evaluated lazily per request by `http::map`.
-#[derive(Debug)]
-pub struct MapDef {
-    /// The variable it defines (lower-case, without `$`).
-    pub var: String,
-    pub source: Template,
-    pub default: Option<Template>,
-    pub hostnames: bool,
-    pub volatile: bool,
-    /// Exact keys, lower-case (nginx matches map keys case-insensitively).
-    pub exact: HashMap<Vec<u8>, Template>,
-    /// `hostnames` `*.example.com` (stored `.example.com`, false) and `.example.com` (true:
-    /// also the bare name): the longest match wins.
-    pub wild_head: Vec<(String, bool, Template)>,
-    /// `hostnames` `mail.*` (stored `mail.`): the longest match wins.
-    pub wild_tail: Vec<(String, Template)>,
-    pub regexes: Vec<MapRegex>,
-}
-
-/// A `~regex value` / `~*regex value` line of a map.
-#[derive(Debug)]
-pub struct MapRegex {
-    pub regex: Regex,
-    /// Named groups, to resolve `$name` in the value (and for `$name` elsewhere afterwards).
-    pub names: Vec<(String, usize)>,
-    pub value: Template,
 }

@@ -143,8 +143,8 @@ pub struct ReqState {
     /// `$upstream_*` and other late variables other rooms fill in.
     pub extra_vars: HashMap<&'static str, String>,
     pub error_page_done: bool,
-    /// What `ngx.balancer` set during a balancer_by_lua run (src/proxy/upstream).
-    pub balancer: Option<Box<crate::proxy::upstream::BalancerCall>>,
+    /// `ngx.on_abort` callback (with `lua_check_client_abort on`).
+    pub on_abort: Option<crate::lua::api::thread::OnAbort>,
     /// The client address realip found (`$remote_addr`); `None`: the connection's.
     pub realip: Option<SocketAddr>,
     /// Map values computed for this request (and named captures of map regexes).
@@ -152,6 +152,8 @@ pub struct ReqState {
     /// The `max_in_flight` slot this request holds, and whether the check already ran.
     pub in_flight: Option<super::limits::InFlightGuard>,
     pub in_flight_checked: bool,
+    /// What `ngx.balancer` set during a balancer_by_lua run (src/proxy/upstream).
+    pub balancer: Option<Box<crate::proxy::upstream::BalancerCall>>,
 }
 
 impl ReqState {
@@ -260,11 +262,12 @@ impl ReqState {
             body_tx: None,
             extra_vars: Default::default(),
             error_page_done: false,
-            balancer: None,
             realip: None,
             map_cache: Default::default(),
             in_flight: None,
             in_flight_checked: false,
+            on_abort: None,
+            balancer: None,
         }
     }
 }

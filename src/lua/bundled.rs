@@ -12,6 +12,7 @@ pub fn install(lua: &Lua) -> mlua::Result<()> {
         preload.set(name, lua.create_function(|lua, ()| lua.create_table())?)?;
     }
     crate::lua::api::re::preload(lua)?;
+    crate::lua::api::semaphore::preload(lua)?;
     crate::lua::api::balancer::preload(lua)?;
     Ok(())
 }

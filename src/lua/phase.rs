@@ -13,6 +13,7 @@ use mlua::{Lua, MultiValue};
 use super::request::Current;
 use crate::conf::model::LuaChunk;
 use crate::http::request::{Exit, Phase, ReqCtx};
+use crate::lua::api::thread::Sched;
 
 /// How a Lua handler ended.
 #[derive(Debug)]
@@ -25,56 +26,191 @@ pub enum Outcome {
     Error(String),
 }
 
-/// Polls `fut` with `rc` installed as the current request; finishes early once the request
-/// records an exit.
-struct WithReq<'a, F> {
-    lua: &'a Lua,
-    rc: Rc<ReqCtx>,
-    fut: Pin<&'a mut F>,
+/// How a [`Runner`] ended.
+enum Ended {
+    /// The entry thread returned (and every light thread ended) or raised an error.
+    Done(mlua::Result<MultiValue>),
+    /// The request recorded an exit (`ngx.exit`, `ngx.exec`, ...; or the client went away).
+    Exit(Exit),
+    /// `ngx.exit` in a request-less handler (timer).
+    Exited,
 }
 
-impl<F: Future> Future for WithReq<'_, F> {
-    type Output = Result<F::Output, Exit>;
+/// Drives one handler: polls its entry thread and its light threads with the request (or the
+/// request-less phase) installed as current around each poll. Finishes when the entry thread
+/// and every light thread have ended, at once when an exit is recorded or the entry thread
+/// fails.
+struct Runner<'a, F> {
+    lua: &'a Lua,
+    req: Option<Rc<ReqCtx>>,
+    /// The phase of a request-less run (timer, init_worker).
+    phase: Option<Phase>,
+    /// Light threads; for requests made by the first `ngx.thread.spawn`.
+    sched: Option<Rc<Sched>>,
+    entry: Pin<&'a mut F>,
+    done: Option<mlua::Result<MultiValue>>,
+    /// `lua_check_client_abort on`: watches the client connection.
+    abort: Option<AbortWatch>,
+}
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let prev = match self.lua.app_data_ref::<Current>() {
-            Some(c) => c.req.replace(Some(self.rc.clone())),
-            None => None,
+impl<F: Future<Output = mlua::Result<MultiValue>>> Future for Runner<'_, F> {
+    type Output = Ended;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Ended> {
+        let this = self.get_mut();
+        let Some(c) = this.lua.app_data_ref::<Current>() else {
+            return Poll::Ready(Ended::Done(Err(no_slot())));
         };
-        let r = self.fut.as_mut().poll(cx);
-        if let Some(c) = self.lua.app_data_ref::<Current>() {
-            *c.req.borrow_mut() = prev;
+        let prev_req = c.req.replace(this.req.clone());
+        let prev_phase = c.phase.replace(this.phase);
+        let prev_sched = c.sched.replace(this.sched.take());
+        let prev_runner = c.runner.replace(true);
+        drop(c);
+
+        let mut abort = false;
+        if let (Some(w), Some(rc)) = (this.abort.as_mut(), this.req.as_ref()) {
+            if w.client_gone(rc, cx) {
+                this.abort = None;
+                abort = !crate::lua::api::thread::fire_on_abort(this.lua, rc, cx);
+                if abort {
+                    crate::log::request_error(
+                        rc,
+                        crate::log::Level::Info,
+                        "client prematurely closed connection",
+                    );
+                }
+            }
         }
-        if let Some(exit) = self.rc.st.borrow_mut().exit.take() {
-            return Poll::Ready(Err(exit));
+        if this.done.is_none() && !abort {
+            if let Poll::Ready(v) = this.entry.as_mut().poll(cx) {
+                this.done = Some(v);
+            }
         }
-        r.map(Ok)
+        let stop = abort
+            || matches!(this.done, Some(Err(_)))
+            || this
+                .req
+                .as_ref()
+                .is_some_and(|rc| rc.st.borrow().exit.is_some());
+        // Light threads run with the same request installed; most handlers have none, and
+        // then one app-data lookup both sees that and restores the previous state.
+        let mut idle = true;
+        let Some(c) = this.lua.app_data_ref::<Current>() else {
+            return Poll::Ready(Ended::Done(Err(no_slot())));
+        };
+        let sched = c.sched.borrow().clone();
+        let c = match &sched {
+            None => c,
+            Some(s) => {
+                drop(c);
+                idle = if stop {
+                    s.idle()
+                } else {
+                    s.poll_threads(this.lua, cx)
+                };
+                let Some(c) = this.lua.app_data_ref::<Current>() else {
+                    return Poll::Ready(Ended::Done(Err(no_slot())));
+                };
+                c
+            }
+        };
+        this.sched = c.sched.replace(prev_sched);
+        *c.req.borrow_mut() = prev_req;
+        *c.phase.borrow_mut() = prev_phase;
+        c.runner.set(prev_runner);
+        drop(c);
+        if let Some(rc) = &this.req {
+            if rc.st.borrow().eof_sent {
+                // Nothing left to protect, and the watch must not hold the body stream open.
+                this.abort = None;
+            }
+            if abort {
+                return Poll::Ready(Ended::Exit(Exit::Status(499)));
+            }
+            if let Some(exit) = rc.st.borrow_mut().exit.take() {
+                return Poll::Ready(Ended::Exit(exit));
+            }
+        } else if sched.as_ref().is_some_and(|s| s.exited.get()) {
+            return Poll::Ready(Ended::Exited);
+        }
+        match &this.done {
+            Some(Err(_)) => Poll::Ready(Ended::Done(
+                this.done.take().unwrap_or(Ok(MultiValue::new())),
+            )),
+            Some(Ok(_)) if idle => Poll::Ready(Ended::Done(
+                this.done.take().unwrap_or(Ok(MultiValue::new())),
+            )),
+            _ => Poll::Pending,
+        }
+    }
+}
+
+fn no_slot() -> mlua::Error {
+    mlua::Error::runtime("Lua state without a request slot")
+}
+
+/// Notices the client closing the connection while a handler runs: before the head is
+/// sent hyper drops the service future (and with it the head channel's receiver) as soon as
+/// it reads EOF; afterwards it drops the body stream.
+struct AbortWatch {
+    body: Option<Pin<Box<dyn Future<Output = ()>>>>,
+}
+
+impl AbortWatch {
+    fn client_gone(&mut self, rc: &ReqCtx, cx: &mut Context<'_>) -> bool {
+        let mut st = rc.st.borrow_mut();
+        if st.eof_sent {
+            return false;
+        }
+        if let Some(tx) = st.head_tx.as_mut() {
+            return tx.poll_closed(cx).is_ready();
+        }
+        if self.body.is_none() {
+            let Some(tx) = st.body_tx.clone() else {
+                return false;
+            };
+            self.body = Some(Box::pin(async move { tx.closed().await }));
+        }
+        drop(st);
+        self.body
+            .as_mut()
+            .is_some_and(|f| f.as_mut().poll(cx).is_ready())
     }
 }
 
 /// Run `chunk` for request `rc` in `phase` with the given `ngx.arg` already set by the caller.
 pub async fn run(rc: &Rc<ReqCtx>, chunk: &LuaChunk, phase: Phase) -> Outcome {
     let vm = rc.env.vm.clone();
-    {
+    let watch = {
         let mut st = rc.st.borrow_mut();
         st.phase = phase;
         st.exit = None;
-    }
+        st.conf.check_client_abort
+            && matches!(
+                phase,
+                Phase::Rewrite | Phase::ServerRewrite | Phase::Access | Phase::Content
+            )
+    };
     let f = match vm.handler(chunk) {
         Ok(f) => f,
         Err(e) => return fail(rc, chunk, &e.to_string()),
     };
     let fut = f.call_async::<MultiValue>(());
     let fut = std::pin::pin!(fut);
-    let res = WithReq {
+    let res = Runner {
         lua: &vm.lua,
-        rc: rc.clone(),
-        fut,
+        req: Some(rc.clone()),
+        phase: None,
+        sched: None,
+        entry: fut,
+        done: None,
+        abort: watch.then_some(AbortWatch { body: None }),
     }
     .await;
     match res {
-        Err(exit) => Outcome::Exit(exit),
-        Ok(Ok(values)) => {
+        Ended::Exit(exit) => Outcome::Exit(exit),
+        Ended::Exited => Outcome::Ok(None),
+        Ended::Done(Ok(values)) => {
             let first = values.into_iter().next().and_then(|v| match v {
                 mlua::Value::String(s) => Some(bytes::Bytes::copy_from_slice(&s.as_bytes())),
                 mlua::Value::Integer(i) => Some(bytes::Bytes::from(i.to_string())),
@@ -85,7 +221,34 @@ pub async fn run(rc: &Rc<ReqCtx>, chunk: &LuaChunk, phase: Phase) -> Outcome {
             });
             Outcome::Ok(first)
         }
-        Ok(Err(e)) => fail(rc, chunk, &error_text(&e)),
+        Ended::Done(Err(e)) => fail(rc, chunk, &error_text(&e)),
+    }
+}
+
+/// Run `f(args)` outside any request (init_by_lua, init_worker_by_lua, a timer callback)
+/// with `phase` installed around each poll, so it may wait and spawn light threads while
+/// requests interleave. `ngx.exit` ends it normally. Errors come back as their text.
+pub async fn run_detached(
+    lua: &Lua,
+    f: &mlua::Function,
+    args: MultiValue,
+    phase: Phase,
+) -> Result<(), String> {
+    let fut = f.call_async::<MultiValue>(args);
+    let fut = std::pin::pin!(fut);
+    let res = Runner {
+        lua,
+        req: None,
+        phase: Some(phase),
+        sched: Some(Rc::new(Sched::default())),
+        entry: fut,
+        done: None,
+        abort: None,
+    }
+    .await;
+    match res {
+        Ended::Done(Ok(_)) | Ended::Exited | Ended::Exit(_) => Ok(()),
+        Ended::Done(Err(e)) => Err(error_text(&e)),
     }
 }
 

@@ -15,6 +15,10 @@ pub struct Current {
     pub req: RefCell<Option<Rc<ReqCtx>>>,
     /// The phase of a call that has no request (init, init_worker, timer).
     pub phase: RefCell<Option<Phase>>,
+    /// The light threads of the running handler (made on the first `ngx.thread.spawn`).
+    pub sched: RefCell<Option<Rc<crate::lua::api::thread::Sched>>>,
+    /// A phase runner is polling (so `ngx.thread.spawn` may make the scheduler).
+    pub runner: std::cell::Cell<bool>,
 }
 
 /// The current request, or OpenResty's error for APIs that need one.

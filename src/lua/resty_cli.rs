@@ -155,8 +155,18 @@ fn run_invocation(prefix: &Path, inv: &Invocation, sink: Sink) -> i32 {
             chunks.push((f, args));
         }
         for (f, args) in chunks {
+            // The request-less runner, as for a timer: light threads and ngx.exit work too.
+            let run =
+                crate::lua::phase::run_detached(&lua, &f, args, crate::http::request::Phase::Timer);
             tokio::select! {
-                r = f.call_async::<()>(args) => r?,
+                r = run => r.map_err(mlua::Error::RuntimeError)?,
+                _ = exit.notify.notified() => return Ok(exit.code.get()),
+            }
+        }
+        // Like OpenResty's resty, stay until the timers the script started have run.
+        while crate::lua::api::timer::busy(&lua) > 0 {
+            tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_millis(5)) => {}
                 _ = exit.notify.notified() => return Ok(exit.code.get()),
             }
         }

@@ -43,6 +43,8 @@ pub fn new_state(opts: &VmOptions) -> mlua::Result<Lua> {
             LuaOptions::default(),
         )
     };
+    // The current-request slot: the phase runners install requests and phases into it.
+    lua.set_app_data(crate::lua::request::Current::default());
     let ngx = lua.create_table()?;
     lua.globals().set("ngx", &ngx)?;
     register_all(&lua, &ngx, opts)?;
@@ -56,6 +58,8 @@ fn register_all(lua: &Lua, ngx: &Table, opts: &VmOptions) -> mlua::Result<()> {
     consts::register(lua, ngx)?;
     log::register(lua, ngx)?;
     sleep::register(lua, ngx)?;
+    socket_tcp::register(lua, ngx)?;
+    socket_udp::register(lua, ngx)?;
     time::register(lua, ngx)?;
     string::register(lua, ngx)?;
     re::register(lua, ngx)?;
@@ -70,6 +74,10 @@ fn register_all(lua: &Lua, ngx: &Table, opts: &VmOptions) -> mlua::Result<()> {
     exit::register(lua, ngx)?;
     location::register(lua, ngx)?;
     ctx::register(lua, ngx)?;
+    // timers, light threads, user coroutines
+    coroutine::register(lua)?;
+    thread::register(lua, ngx)?;
+    timer::register(lua, ngx)?;
     Ok(())
 }
 
@@ -119,7 +127,6 @@ impl LuaVm {
     /// Make a worker's state and install the current-request slot.
     pub fn new(opts: &VmOptions) -> mlua::Result<LuaVm> {
         let lua = new_state(opts)?;
-        lua.set_app_data(crate::lua::request::Current::default());
         Ok(LuaVm {
             lua,
             cache: Default::default(),

@@ -10,3 +10,6 @@ pub mod tls;
 
 pub use resolver::{resolve, Resolver};
 pub use tls::ClientTls;
+pub mod pool;
+pub mod read;
+pub mod stream;

@@ -20,6 +20,8 @@ use tokio::net::UdpSocket;
 const CACHE_MAX: usize = 4096;
 /// nginx's default `resolver_timeout`.
 pub const DEFAULT_TIMEOUT_MS: u64 = 30_000;
+/// How long a "host not found" answer is kept when `valid=` is not set.
+const NEGATIVE_TTL: Duration = Duration::from_secs(5);
 /// How deep a CNAME chain is followed before giving up.
 const MAX_CNAME: usize = 8;
 
@@ -99,6 +101,11 @@ impl Resolver {
 
     /// A cached, still valid answer.
     pub fn cached(&self, host: &str) -> Option<Vec<IpAddr>> {
+        self.entry(host).filter(|a| !a.is_empty())
+    }
+
+    /// A still valid cache entry; empty means "known not to exist" (a cached NXDOMAIN).
+    fn entry(&self, host: &str) -> Option<Vec<IpAddr>> {
         let key = host.to_ascii_lowercase();
         let map = self.cache.map.lock().unwrap_or_else(|e| e.into_inner());
         map.get(&key)
@@ -129,16 +136,28 @@ impl Resolver {
     /// Addresses of `host` (IPv4 first), from the cache or the name servers. Errors are
     /// nginx's: `"<host> could not be resolved (3: Host not found)"`.
     pub async fn lookup(&self, host: &str) -> Result<Vec<IpAddr>, String> {
-        if let Some(a) = self.cached(host) {
-            return Ok(a);
+        let not_found = || format!("{} could not be resolved (3: Host not found)", host);
+        if let Some(a) = self.entry(host) {
+            return if a.is_empty() {
+                Err(not_found())
+            } else {
+                Ok(a)
+            };
         }
         let deadline = Instant::now() + self.timeout;
         let mut name = host.to_string();
         for _ in 0..MAX_CNAME {
-            let ans = self
-                .query_all(&name, deadline)
-                .await
-                .map_err(|code| format!("{} could not be resolved ({})", host, rcode_text(code)))?;
+            let ans = match self.query_all(&name, deadline).await {
+                Ok(a) => a,
+                Err(3) => break,
+                Err(code) => {
+                    return Err(format!(
+                        "{} could not be resolved ({})",
+                        host,
+                        rcode_text(code)
+                    ))
+                }
+            };
             if !ans.addrs.is_empty() {
                 let ttl = self
                     .valid
@@ -151,10 +170,10 @@ impl Resolver {
                 None => break,
             }
         }
-        Err(format!(
-            "{} could not be resolved (3: Host not found)",
-            host
-        ))
+        // Names that do not exist are remembered too (for `valid=`, else a few seconds), so a
+        // typo in a hot path does not send a query per request.
+        self.store(host, &[], self.valid.unwrap_or(NEGATIVE_TTL));
+        Err(not_found())
     }
 
     /// Ask A (and AAAA) for `name`, trying the servers in turn until the deadline.
@@ -550,10 +569,14 @@ mod tests {
 
     #[tokio::test]
     async fn nxdomain_and_timeout_use_nginx_words() {
-        let (addr, _) = responder().await;
+        let (addr, count) = responder().await;
         let r = Arc::new(Resolver::parse(&args(&[&addr.to_string()])).unwrap());
         let e = resolve(Some(&r), "b.test", 80).await.unwrap_err();
         assert_eq!(e, "b.test could not be resolved (3: Host not found)");
+        let asked = count.load(Ordering::SeqCst);
+        let e = resolve(Some(&r), "b.test", 80).await.unwrap_err();
+        assert_eq!(e, "b.test could not be resolved (3: Host not found)");
+        assert_eq!(count.load(Ordering::SeqCst), asked, "NXDOMAIN is cached");
         // A server that never answers.
         let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let r = Resolver::parse(&args(&[&silent.local_addr().unwrap().to_string()])).unwrap();

@@ -51,6 +51,20 @@ impl Default for ClientTls {
 struct Made {
     cfg: Arc<ClientConfig>,
     verifier: Arc<Verifier>,
+    /// Modification times of the files it was made from: a rotated file makes a new config.
+    stamps: Vec<Option<std::time::SystemTime>>,
+}
+
+fn stamps(t: &ClientTls) -> Vec<Option<std::time::SystemTime>> {
+    let mut files: Vec<&PathBuf> = t.trusted.iter().collect();
+    if let Some((c, k)) = &t.cert {
+        files.push(c);
+        files.push(k);
+    }
+    files
+        .into_iter()
+        .map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok())
+        .collect()
 }
 
 fn cache() -> &'static Mutex<HashMap<ClientTls, Made>> {
@@ -67,10 +81,14 @@ fn provider() -> Arc<CryptoProvider> {
 /// The (cached) rustls config for `t`. Errors name the file that could not be loaded.
 pub fn client_config(t: &ClientTls) -> Result<Arc<ClientConfig>, String> {
     let mut c = cache().lock().unwrap_or_else(|e| e.into_inner());
+    let now = stamps(t);
     if let Some(m) = c.get(t) {
-        return Ok(m.cfg.clone());
+        if m.stamps == now {
+            return Ok(m.cfg.clone());
+        }
     }
-    let made = build(t)?;
+    let mut made = build(t)?;
+    made.stamps = now;
     let cfg = made.cfg.clone();
     c.insert(t.clone(), made);
     Ok(cfg)
@@ -153,6 +171,7 @@ fn build(t: &ClientTls) -> Result<Made, String> {
     Ok(Made {
         cfg: Arc::new(cfg),
         verifier,
+        stamps: Vec::new(),
     })
 }
 
@@ -325,6 +344,21 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.contains("/nonexistent/ca.pem"), "{}", e);
+        // A rotated trusted file makes a fresh config.
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, PKI.with(|p| p.0.clone())).unwrap();
+        let t = ClientTls {
+            verify: true,
+            trusted: Some(ca.clone()),
+            ..Default::default()
+        };
+        let a = client_config(&t).unwrap();
+        assert!(Arc::ptr_eq(&a, &client_config(&t).unwrap()));
+        let f = std::fs::File::options().write(true).open(&ca).unwrap();
+        f.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(5))
+            .unwrap();
+        assert!(!Arc::ptr_eq(&a, &client_config(&t).unwrap()));
     }
 
     /// A CA and a leaf for `localhost` signed by it: (ca pem, leaf cert der, leaf key der).

@@ -52,8 +52,18 @@ async fn build_env(
         worker_count: count,
     };
     let vm = LuaVm::new(&opts).map_err(|e| format!("failed to create Lua state: {}", e))?;
+    crate::lua::api::timer::configure(
+        &vm.lua,
+        cfg.http.lua.max_pending_timers,
+        cfg.http.lua.max_running_timers,
+    );
     vm.lua
         .set_app_data(crate::proxy::upstream::LuaUpstreams(upstreams.clone()));
+    // Cosockets used without a request (timers, init_worker) take the http-level settings.
+    if let Some(c) = &cfg.http.conf {
+        vm.lua
+            .set_app_data(crate::lua::api::socket_tcp::HttpConf(c.clone()));
+    }
     if let Some(init) = &cfg.http.lua.init {
         run_chunk(&vm, init, Phase::Init)
             .await
@@ -87,17 +97,7 @@ async fn run_chunk(
     let f = vm
         .handler(chunk)
         .map_err(|e| crate::lua::phase::error_text(&e))?;
-    if let Some(c) = vm.lua.app_data_ref::<crate::lua::request::Current>() {
-        *c.phase.borrow_mut() = Some(phase);
-    }
-    let r = f
-        .call_async::<()>(())
-        .await
-        .map_err(|e| crate::lua::phase::error_text(&e));
-    if let Some(c) = vm.lua.app_data_ref::<crate::lua::request::Current>() {
-        *c.phase.borrow_mut() = None;
-    }
-    r
+    crate::lua::phase::run_detached(&vm.lua, &f, mlua::MultiValue::new(), phase).await
 }
 
 /// The worker thread's entry point.
@@ -159,7 +159,9 @@ pub fn main(
                     match build_env(w.id, w.count, cfg.clone(), zones, upstreams).await {
                         Ok(env) => {
                             // In-flight requests keep their Rc<Env>: they finish on the old state.
-                            *w.env.borrow_mut() = env;
+                            // The old state's pending timers fire now, premature.
+                            let old = std::mem::replace(&mut *w.env.borrow_mut(), env);
+                            crate::lua::api::timer::shutdown(&old.vm.lua);
                         }
                         Err(e) => {
                             elog::log(
@@ -196,8 +198,13 @@ pub fn main(
             h.abort();
         }
         let _ = w.shutdown.send(true);
+        // Pending timers fire now with premature = true; their callbacks may still run.
+        let lua = w.env.borrow().vm.lua.clone();
+        crate::lua::api::timer::shutdown(&lua);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        while w.active.get() > 0 && tokio::time::Instant::now() < deadline {
+        while (w.active.get() > 0 || crate::lua::api::timer::busy(&lua) > 0)
+            && tokio::time::Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     });

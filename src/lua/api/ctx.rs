@@ -18,7 +18,10 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
             };
             match &*k.as_bytes() {
                 b"ctx" => {
-                    let rc = current(lua)?;
+                    let Some(rc) = try_current(lua) else {
+                        // A timer has its own ngx.ctx, as OpenResty's fake request does.
+                        return super::thread::detached_ctx(lua, None);
+                    };
                     // No Lua allocation under a borrow: a __gc finalizer may call ngx APIs.
                     let existing = rc
                         .st
@@ -62,11 +65,13 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
             let is =
                 |name: &str| matches!(&key, Value::String(s) if *s.as_bytes() == *name.as_bytes());
             if is("ctx") {
-                let rc = current(lua)?;
                 let Value::Table(tbl) = value else {
                     return Err(mlua::Error::runtime(
                         "ctx should be a table while getting a ".to_string() + value.type_name(),
                     ));
+                };
+                let Some(rc) = try_current(lua) else {
+                    return super::thread::detached_ctx(lua, Some(tbl)).map(|_| ());
                 };
                 rc.st.borrow_mut().ctx_table = Some(lua.create_registry_value(&tbl)?);
                 return Ok(());

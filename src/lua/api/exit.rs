@@ -31,8 +31,11 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
                 ],
             )?;
             if p == Phase::Timer || p == Phase::InitWorker {
-                // In a timer ngx.exit just ends the current handler.
-                return Err(mlua::Error::runtime("ngx.exit"));
+                // Outside a request ngx.exit just ends the current handler (with its threads).
+                if !crate::lua::api::thread::exit_detached(&lua) {
+                    return Err(mlua::Error::runtime("ngx.exit"));
+                }
+                return never().await;
             }
             let rc = current(&lua)?;
             if p == Phase::HeaderFilter {

@@ -15,6 +15,8 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
         } else {
             tokio::time::sleep(Duration::from_secs_f64(secs)).await;
         }
+        // nginx refreshes its clock on every event loop turn: ngx.now() moves after a sleep.
+        crate::lua::api::time::update_cached_time();
         Ok(())
     })?;
     ngx.set("sleep", sleep)

@@ -21,7 +21,9 @@ pub fn register(lua: &Lua, ngx: &Table, opts: &VmOptions) -> mlua::Result<()> {
     )?;
     worker.set(
         "exiting",
-        lua.create_function(|_, ()| Ok(crate::server::exiting()))?,
+        lua.create_function(|lua, ()| {
+            Ok(crate::server::exiting() || crate::lua::api::timer::exiting(lua))
+        })?,
     )?;
     ngx.set("worker", worker)?;
 
