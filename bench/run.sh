@@ -23,11 +23,29 @@ need=()
 command -v wrk >/dev/null || need+=(wrk)
 [ -x "$NGINX" ] || need+=(nginx)
 [ -f /usr/lib/nginx/modules/ngx_http_lua_module.so ] || need+=(libnginx-mod-http-lua lua-resty-core)
+if grep -q @REDIS_PORT@ $(for s in $SCENARIOS; do echo "conf/$s.conf"; done); then
+    command -v redis-server >/dev/null || need+=(redis-server)
+    [ -f /usr/share/lua/5.1/nginx/redis.lua ] || need+=(lua-nginx-redis)
+fi
 if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 [ -x "$TIDEGATE" ] || (cd "$ROOT" && cargo build --release)
 mkdir -p "$(dirname "$OUT")" "$RUN_DIR"
+
+# Redis for the scenarios that use it: pinned with wrk on CPU 0, seeded, stopped on exit.
+REDIS_PORT=${REDIS_PORT:-18379}
+REDIS_PID=
+if grep -q @REDIS_PORT@ $(for s in $SCENARIOS; do echo "conf/$s.conf"; done); then
+    taskset -c 0 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
+        --dir "$RUN_DIR" > "$RUN_DIR/redis.log" 2>&1 &
+    REDIS_PID=$!
+    # Wait for it to exit: a run started right after this one reuses the port.
+    trap '[ -n "$REDIS_PID" ] && kill "$REDIS_PID" 2>/dev/null && wait "$REDIS_PID" 2>/dev/null' EXIT
+    for _ in $(seq 100); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+    redis-cli -p "$REDIS_PORT" set license:bench.test origin_1k >/dev/null
+    kill -0 "$REDIS_PID" 2>/dev/null || { echo "redis-server did not start (port $REDIS_PORT busy?)" >&2; exit 1; }
+fi
 
 ticks() { # utime+stime of a pid and its children (threads are included in the process)
     local t=0 p v
@@ -41,7 +59,14 @@ ticks() { # utime+stime of a pid and its children (threads are included in the p
 run_one() { # server scenario -> "rps p99_ms cpu_us_per_req"
     local server=$1 sc=$2 prefix=$RUN_DIR/$1
     rm -rf "$prefix"; mkdir -p "$prefix/logs" "$prefix/tmp"
-    sed -e "s|@PROXY_PORT@|$PORT|g" -e "s|@PROXY_WORKERS@|1|g" "$BENCH/conf/$sc.conf" > "$prefix/nginx.conf"
+    # nginx gets bench/lua first on its path (resty.redis -> Debian's nginx.redis on cosockets);
+    # tidegate gets its bundled resty.redis, or the same shim with TIDEGATE_REDIS=cosocket.
+    local lua_path="$BENCH/lua/?.lua"
+    if [ "$server" != nginx ] && [ "${TIDEGATE_REDIS:-bundled}" = bundled ]; then
+        lua_path="$BENCH/lua-none/?.lua"
+    fi
+    sed -e "s|@PROXY_PORT@|$PORT|g" -e "s|@PROXY_WORKERS@|1|g" -e "s|@REDIS_PORT@|$REDIS_PORT|g" \
+        -e "s|@LUA_PATH@|$lua_path|g" "$BENCH/conf/$sc.conf" > "$prefix/nginx.conf"
     if [ "$server" = nginx ]; then
         taskset -c 1 "$NGINX" -p "$prefix" -c "$prefix/nginx.conf" > "$prefix/out.log" 2>&1 &
     else

@@ -44,6 +44,22 @@ pub fn phase(lua: &Lua) -> Phase {
         .unwrap_or(Phase::Timer)
 }
 
+/// Every phase a handler runs in, init aside: where waiting APIs (timers, light threads,
+/// semaphores) are allowed here, beyond OpenResty's list.
+pub const YIELDING_PHASES: &[Phase] = &[
+    Phase::InitWorker,
+    Phase::Set,
+    Phase::Rewrite,
+    Phase::ServerRewrite,
+    Phase::Access,
+    Phase::Content,
+    Phase::HeaderFilter,
+    Phase::BodyFilter,
+    Phase::Log,
+    Phase::Balancer,
+    Phase::Timer,
+];
+
 /// OpenResty's refusal for an API used in a phase that does not allow it.
 pub fn check_phase(lua: &Lua, allowed: &[Phase]) -> mlua::Result<()> {
     let p = phase(lua);

@@ -14,6 +14,8 @@ pub mod misc;
 pub mod output;
 pub mod re;
 pub mod req;
+pub mod resty_http;
+pub mod resty_redis;
 pub mod semaphore;
 pub mod shdict;
 pub mod sleep;

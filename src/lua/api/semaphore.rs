@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use mlua::{Lua, MultiValue, UserData, UserDataMethods, Value};
 
-use crate::http::request::Phase;
 use crate::lua::request::check_phase;
 
 #[derive(Default)]
@@ -117,22 +116,7 @@ impl UserData for Semaphore {
         m.add_async_method("wait", |lua, this, secs: Value| {
             let sem = this.0.clone();
             let setup = (|| {
-                check_phase(
-                    &lua,
-                    &[
-                        Phase::InitWorker,
-                        Phase::Set,
-                        Phase::Rewrite,
-                        Phase::ServerRewrite,
-                        Phase::Access,
-                        Phase::Content,
-                        Phase::HeaderFilter,
-                        Phase::BodyFilter,
-                        Phase::Log,
-                        Phase::Balancer,
-                        Phase::Timer,
-                    ],
-                )?;
+                check_phase(&lua, crate::lua::request::YIELDING_PHASES)?;
                 let secs = number(&secs).ok_or_else(|| {
                     mlua::Error::runtime(format!(
                         "attempt to perform arithmetic on a {} value",

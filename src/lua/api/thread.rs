@@ -269,19 +269,7 @@ pub fn light_status(lua: &Lua, co: &mlua::Thread) -> Option<&'static str> {
     })
 }
 
-const SPAWN_PHASES: &[Phase] = &[
-    Phase::Set,
-    Phase::Rewrite,
-    Phase::ServerRewrite,
-    Phase::Access,
-    Phase::Content,
-    Phase::HeaderFilter,
-    Phase::BodyFilter,
-    Phase::Log,
-    Phase::Balancer,
-    Phase::Timer,
-    Phase::InitWorker,
-];
+const SPAWN_PHASES: &[Phase] = crate::lua::request::YIELDING_PHASES;
 
 /// Poll a future once from inside an async API call (to run a new thread to its first wait).
 async fn with_cx<R>(f: impl FnOnce(&mut Context<'_>) -> R) -> R {

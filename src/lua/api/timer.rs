@@ -69,19 +69,7 @@ pub fn busy(lua: &Lua) -> usize {
     timers(lua).map_or(0, |t| t.pending.get() + t.running.get())
 }
 
-const TIMER_PHASES: &[Phase] = &[
-    Phase::InitWorker,
-    Phase::Set,
-    Phase::Rewrite,
-    Phase::ServerRewrite,
-    Phase::Access,
-    Phase::Content,
-    Phase::HeaderFilter,
-    Phase::BodyFilter,
-    Phase::Log,
-    Phase::Balancer,
-    Phase::Timer,
-];
+const TIMER_PHASES: &[Phase] = crate::lua::request::YIELDING_PHASES;
 
 pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     lua.set_app_data(Rc::new(Timers::default()));
