@@ -4,6 +4,9 @@
 # Reports req/s, p99 and server CPU per request, and tidegate/nginx ratios.
 #   bench/run.sh                       # scenarios d_lua_content g_access_shdict, 3 rounds
 #   SCENARIOS=d_lua_content ROUNDS=5 DURATION=10s bench/run.sh
+#   SCENARIOS="b_plain b_plain:/big.html" bench/run.sh   # scenario[:path]; default path /
+# A scenario whose conf uses @ORIGIN_PORT@/@ORIGIN_BIG_PORT@ gets an origin nginx (conf/origin.conf,
+# no Lua) started once for the run, pinned with wrk on CPU 0.
 set -euo pipefail
 cd "$(dirname "$0")"
 BENCH=$(pwd)
@@ -14,6 +17,8 @@ DURATION=${DURATION:-8s}
 WARMUP=${WARMUP:-2s}
 CONNS=${CONNS:-50}
 PORT=${PORT:-18080}
+ORIGIN_PORT=${ORIGIN_PORT:-18081}
+ORIGIN_BIG_PORT=${ORIGIN_BIG_PORT:-18082}
 RUN_DIR=${RUN_DIR:-/tmp/tidegate-bench}
 TIDEGATE=${TIDEGATE:-$ROOT/target/release/tidegate}
 NGINX=${NGINX:-/usr/sbin/nginx}
@@ -23,7 +28,7 @@ need=()
 command -v wrk >/dev/null || need+=(wrk)
 [ -x "$NGINX" ] || need+=(nginx)
 [ -f /usr/lib/nginx/modules/ngx_http_lua_module.so ] || need+=(libnginx-mod-http-lua lua-resty-core)
-if grep -q @REDIS_PORT@ $(for s in $SCENARIOS; do echo "conf/$s.conf"; done); then
+if grep -q @REDIS_PORT@ $(for s in $SCENARIOS; do echo "conf/${s%%:*}.conf"; done); then
     command -v redis-server >/dev/null || need+=(redis-server)
     [ -f /usr/share/lua/5.1/nginx/redis.lua ] || need+=(lua-nginx-redis)
 fi
@@ -36,7 +41,7 @@ mkdir -p "$(dirname "$OUT")" "$RUN_DIR"
 # Redis for the scenarios that use it: pinned with wrk on CPU 0, seeded, stopped on exit.
 REDIS_PORT=${REDIS_PORT:-18379}
 REDIS_PID=
-if grep -q @REDIS_PORT@ $(for s in $SCENARIOS; do echo "conf/$s.conf"; done); then
+if grep -q @REDIS_PORT@ $(for s in $SCENARIOS; do echo "conf/${s%%:*}.conf"; done); then
     taskset -c 0 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
         --dir "$RUN_DIR" > "$RUN_DIR/redis.log" 2>&1 &
     REDIS_PID=$!
@@ -56,8 +61,44 @@ ticks() { # utime+stime of a pid and its children (threads are included in the p
     echo $t
 }
 
-run_one() { # server scenario -> "rps p99_ms cpu_us_per_req"
-    local server=$1 sc=$2 prefix=$RUN_DIR/$1
+render() { # template -> stdout
+    sed -e "s|@PROXY_PORT@|$PORT|g" -e "s|@PROXY_WORKERS@|1|g" -e "s|@ORIGIN_WORKERS@|1|g" \
+        -e "s|@ORIGIN_PORT@|$ORIGIN_PORT|g" -e "s|@ORIGIN_BIG_PORT@|$ORIGIN_BIG_PORT|g" \
+        -e "s|@RUN_DIR@|$RUN_DIR|g" "$1"
+}
+
+gen_big_html() {  # deterministic 102400-byte HTML with "origin-server" in every line (as the shared harness)
+    awk 'BEGIN {
+        s = "<!DOCTYPE html>\n<html><head><title>origin-server big page</title></head><body>\n"; n = length(s)
+        printf "%s", s
+        for (i = 1; ; i++) {
+            l = sprintf("<p>line %05d served by origin-server, lorem ipsum dolor sit amet consectetur</p>\n", i)
+            if (n + length(l) + 15 > 102400) break
+            printf "%s", l; n += length(l)
+        }
+        pad = 102400 - n - 15
+        for (j = 0; j < pad; j++) printf "x"
+        printf "\n</body></html>"
+    }' > "$1"
+}
+
+ORIGIN_PID=
+start_origin() {
+    local prefix=$RUN_DIR/origin
+    rm -rf "$prefix"; mkdir -p "$prefix/logs" "$prefix/tmp" "$prefix/html"
+    gen_big_html "$prefix/html/big.html"
+    render "$BENCH/conf/origin.conf" > "$prefix/nginx.conf"
+    taskset -c 0 "$NGINX" -p "$prefix" -c "$prefix/nginx.conf" > "$prefix/out.log" 2>&1 &
+    ORIGIN_PID=$!
+    for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$ORIGIN_BIG_PORT") 2>/dev/null && break; sleep 0.1; done
+}
+stop_origin() { [ -n "$ORIGIN_PID" ] && { kill -TERM "$ORIGIN_PID" 2>/dev/null; wait "$ORIGIN_PID" 2>/dev/null || true; }; }
+stop_redis() { [ -n "$REDIS_PID" ] && kill "$REDIS_PID" 2>/dev/null && wait "$REDIS_PID" 2>/dev/null; }
+trap 'stop_origin; stop_redis' EXIT
+
+run_one() { # server scenario[:path] -> "rps p99_ms cpu_us_per_req"
+    local server=$1 sc=${2%%:*} path=/ prefix=$RUN_DIR/$1
+    [[ $2 == *:* ]] && path=${2#*:}
     rm -rf "$prefix"; mkdir -p "$prefix/logs" "$prefix/tmp"
     # nginx gets bench/lua first on its path (resty.redis -> Debian's nginx.redis on cosockets);
     # tidegate gets its bundled resty.redis, or the same shim with TIDEGATE_REDIS=cosocket.
@@ -65,8 +106,8 @@ run_one() { # server scenario -> "rps p99_ms cpu_us_per_req"
     if [ "$server" != nginx ] && [ "${TIDEGATE_REDIS:-bundled}" = bundled ]; then
         lua_path="$BENCH/lua-none/?.lua"
     fi
-    sed -e "s|@PROXY_PORT@|$PORT|g" -e "s|@PROXY_WORKERS@|1|g" -e "s|@REDIS_PORT@|$REDIS_PORT|g" \
-        -e "s|@LUA_PATH@|$lua_path|g" "$BENCH/conf/$sc.conf" > "$prefix/nginx.conf"
+    render "$BENCH/conf/$sc.conf" | sed -e "s|@REDIS_PORT@|$REDIS_PORT|g" -e "s|@LUA_PATH@|$lua_path|g" \
+        > "$prefix/nginx.conf"
     if [ "$server" = nginx ]; then
         taskset -c 1 "$NGINX" -p "$prefix" -c "$prefix/nginx.conf" > "$prefix/out.log" 2>&1 &
     else
@@ -74,10 +115,10 @@ run_one() { # server scenario -> "rps p99_ms cpu_us_per_req"
     fi
     local pid=$!
     for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.1; done
-    curl -sf -H 'Host: bench.test' "http://127.0.0.1:$PORT/" > /dev/null || { echo "sanity failed for $server $sc" >&2; cat "$prefix/out.log" >&2; }
-    taskset -c 0 wrk -t2 -c"$CONNS" -d"$WARMUP" -H 'Host: bench.test' "http://127.0.0.1:$PORT/" > /dev/null
+    curl -sf -H 'Host: bench.test' "http://127.0.0.1:$PORT$path" > /dev/null || { echo "sanity failed for $server $sc" >&2; cat "$prefix/out.log" >&2; }
+    taskset -c 0 wrk -t2 -c"$CONNS" -d"$WARMUP" -H 'Host: bench.test' "http://127.0.0.1:$PORT$path" > /dev/null
     local t0; t0=$(ticks $pid)
-    local out; out=$(taskset -c 0 wrk -t2 -c"$CONNS" -d"$DURATION" --latency -H 'Host: bench.test' "http://127.0.0.1:$PORT/")
+    local out; out=$(taskset -c 0 wrk -t2 -c"$CONNS" -d"$DURATION" --latency -H 'Host: bench.test' "http://127.0.0.1:$PORT$path")
     local t1; t1=$(ticks $pid)
     kill -TERM $pid 2>/dev/null; wait $pid 2>/dev/null || true
     local rps reqs p99
@@ -98,6 +139,7 @@ echo "| scenario | round | nginx req/s | tidegate req/s | ratio req/s | nginx p9
 echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 } | tee "$OUT"
 for sc in $SCENARIOS; do
+    if [ -z "$ORIGIN_PID" ] && grep -q '@ORIGIN_' "$BENCH/conf/${sc%%:*}.conf"; then start_origin; fi
     for r in $(seq "$ROUNDS"); do
         read -r n_rps n_p99 n_cpu < <(run_one nginx "$sc")
         read -r t_rps t_p99 t_cpu < <(run_one tidegate "$sc")

@@ -31,13 +31,17 @@ step() { # name, command...
 step "cargo fmt --check" cargo fmt --check
 step "cargo clippy" cargo clippy --all-targets -- -D warnings
 
+# Private logs: two runs at once (worktrees, CI) must not read each other's counts.
+logdir=$(mktemp -d)
+trap 'rm -rf "$logdir"' EXIT
+
 echo "== cargo test"
-cargo test 2>&1 | tee /tmp/tidegate-cargo-test.log
+cargo test 2>&1 | tee "$logdir/cargo-test.log"
 cargo_rc=${PIPESTATUS[0]}
 while read -r p f; do
     passed=$((passed + p)); failed=$((failed + f))
-done < <(sed -n 's/^test result: [a-zA-Z]*\. \([0-9]*\) passed; \([0-9]*\) failed.*/\1 \2/p' /tmp/tidegate-cargo-test.log)
-if [ "$cargo_rc" -ne 0 ] && ! grep -q '^test result: FAILED' /tmp/tidegate-cargo-test.log; then
+done < <(sed -n 's/^test result: [a-zA-Z]*\. \([0-9]*\) passed; \([0-9]*\) failed.*/\1 \2/p' "$logdir/cargo-test.log")
+if [ "$cargo_rc" -ne 0 ] && ! grep -q '^test result: FAILED' "$logdir/cargo-test.log"; then
     echo "FAILED: cargo test did not run to completion (exit $cargo_rc)"
     failed=$((failed + 1))
 fi
@@ -45,9 +49,9 @@ fi
 echo "== tidegate spec"
 bin=${CARGO_TARGET_DIR:-target}/debug/tidegate
 [ -x "$bin" ] || cargo build -q
-"$bin" spec spec 2>&1 | tee /tmp/tidegate-spec.log
+"$bin" spec spec 2>&1 | tee "$logdir/spec.log"
 spec_rc=${PIPESTATUS[0]}
-line=$(grep -E '^[0-9]+ passed, [0-9]+ failed' /tmp/tidegate-spec.log | tail -1)
+line=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$logdir/spec.log" | tail -1)
 if [ -n "$line" ]; then
     p=${line%% passed*}; f=${line#*, }; f=${f%% failed*}
     passed=$((passed + p)); failed=$((failed + f))

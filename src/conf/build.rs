@@ -60,6 +60,7 @@ pub fn load(opts: &LoadOptions) -> Result<Config, ConfError> {
         notices: Vec::new(),
         code_cache: true,
         formats: HashMap::new(),
+        upstream_names: Vec::new(),
     };
     b.build(opts, conf_path, parsed)
 }
@@ -81,6 +82,8 @@ struct Builder {
     notices: Vec<String>,
     code_cache: bool,
     formats: HashMap<String, Arc<Template>>,
+    /// Names of the http block's `upstream {}` blocks: `proxy_pass http://name` uses them.
+    upstream_names: Vec<String>,
 }
 
 fn arg(d: &Directive, i: usize) -> &str {
@@ -93,7 +96,7 @@ thread_local! {
     static VAR_USES: std::cell::RefCell<Vec<(String, String, usize)>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-fn template(d: &Directive, s: &str) -> Result<Template, ConfError> {
+pub(crate) fn template(d: &Directive, s: &str) -> Result<Template, ConfError> {
     let t = Template::parse(s).map_err(|e| ConfError::directive(d, e))?;
     VAR_USES.with(|v| {
         let mut v = v.borrow_mut();
@@ -350,6 +353,7 @@ impl Builder {
             body_filter_by_lua: None,
             log_by_lua: None,
             server_tokens: true,
+            proxy: Default::default(),
             realip: RealIpConf::default(),
             access_rules: Arc::new(Vec::new()),
             max_in_flight: None,
@@ -359,6 +363,11 @@ impl Builder {
             check_client_abort: false,
         };
         Self::level_start(&mut conf, list);
+        self.upstream_names = list
+            .iter()
+            .filter(|d| d.name == "upstream")
+            .map(|d| arg(d, 0).to_string())
+            .collect();
         // log_format first: access_log may name a format defined later in the block.
         for d in list {
             if d.name == "log_format" {
@@ -462,6 +471,9 @@ impl Builder {
         if has("error_page") {
             conf.error_pages.clear();
         }
+        if list.iter().any(|d| d.name.starts_with("proxy_")) {
+            crate::proxy::conf::level_start(Arc::make_mut(&mut conf.proxy), list);
+        }
         edge::level_start(conf, list);
     }
 
@@ -555,6 +567,19 @@ impl Builder {
             }
             "log_by_lua_block" | "log_by_lua_file" => {
                 conf.log_by_lua = Some(self.lua_chunk(d, arg(d, 0))?)
+            }
+            "proxy_pass" => {
+                let p = crate::proxy::conf::proxy_pass(d, &self.upstream_names, &template)?;
+                conf.content = Content::Proxy(Arc::new(p));
+            }
+            n if n.starts_with("proxy_") || n == "client_body_buffer_size" => {
+                // nginx resolves certificate paths against the conf directory.
+                crate::proxy::conf::setting(
+                    Arc::make_mut(&mut conf.proxy),
+                    d,
+                    &self.prefix.join("conf"),
+                    &template,
+                )?
             }
             n if n.starts_with("resolver")
                 || n.starts_with("lua_socket_")
@@ -822,6 +847,9 @@ impl Builder {
                 _ => self.setting(&mut conf, c)?,
             }
         }
+        if let Content::Proxy(p) = &conf.content {
+            crate::proxy::conf::check_uri_part(Some(&matcher), p)?;
+        }
         let conf = Arc::new(conf);
         let rewrites = self.rewrite_ops(&conf, list)?;
         let mut children = Vec::new();
@@ -953,6 +981,11 @@ impl Builder {
                             continue;
                         }
                         self.setting(&mut ic, c)?;
+                    }
+                    if let Content::Proxy(p) = &ic.content {
+                        if !matches!(&conf.content, Content::Proxy(q) if Arc::ptr_eq(p, q)) {
+                            crate::proxy::conf::check_uri_part(None, p)?;
+                        }
                     }
                     let ic = Arc::new(ic);
                     let inner = self.rewrite_ops(&ic, body)?;

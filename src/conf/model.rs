@@ -150,6 +150,8 @@ pub enum Content {
     #[default]
     Static,
     Lua(Arc<LuaChunk>),
+    /// `proxy_pass` (src/proxy).
+    Proxy(Arc<crate::proxy::conf::ProxyPass>),
 }
 
 /// `add_header name value [always]`.
@@ -213,6 +215,8 @@ pub struct LocConf {
     pub body_filter_by_lua: Option<Arc<LuaChunk>>,
     pub log_by_lua: Option<Arc<LuaChunk>>,
     pub server_tokens: bool,
+    /// `proxy_*` settings (src/proxy/conf.rs).
+    pub proxy: Arc<crate::proxy::conf::ProxyConf>,
     /// realip module (run at request start with the server's settings, again before access
     /// with the location's if it did not apply yet).
     pub realip: RealIpConf,

@@ -30,7 +30,9 @@ impl Body {
 
 impl http_body::Body for Body {
     type Data = Bytes;
-    type Error = std::convert::Infallible;
+    /// Only a streamed body fails: an empty chunk is the abort signal (see `filter::abort`),
+    /// so the client sees a cut-off response instead of a clean end.
+    type Error = std::io::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
@@ -38,7 +40,15 @@ impl http_body::Body for Body {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.get_mut() {
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Body::Stream(rx) => rx.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b)))),
+            Body::Stream(rx) => rx.poll_recv(cx).map(|o| {
+                o.map(|b| {
+                    if b.is_empty() {
+                        Err(std::io::Error::other("response aborted"))
+                    } else {
+                        Ok(Frame::data(b))
+                    }
+                })
+            }),
         }
     }
 

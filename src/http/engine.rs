@@ -69,7 +69,7 @@ fn new_request(
     req: Request<Incoming>,
     head_tx: oneshot::Sender<Response<Body>>,
 ) -> Result<Rc<ReqCtx>, u16> {
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let request_uri = parts
         .uri
         .path_and_query()
@@ -110,6 +110,7 @@ fn new_request(
         server,
     );
     st.head_tx = Some(head_tx);
+    st.on_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
     conn.requests.set(conn.requests.get() + 1);
     Ok(Rc::new(ReqCtx::new(conn, env, st, None)))
 }
@@ -484,7 +485,7 @@ async fn phases(rc: &Rc<ReqCtx>, mut forced: Option<Arc<Location>>) -> Outcome {
         let conf = rc.st.borrow().conf.clone();
         let content_lua = match &conf.content {
             Content::Lua(chunk) => Some(chunk),
-            Content::Static => None,
+            Content::Static | Content::Proxy(_) => None,
         };
         // nginx skips the whole access phase for subrequests (ngx_http_core_access_phase), so
         // an access_by_lua that captures its own location does not recurse.
@@ -518,9 +519,10 @@ async fn phases(rc: &Rc<ReqCtx>, mut forced: Option<Arc<Location>>) -> Outcome {
             server_rewrite = forced.is_none();
             continue;
         }
-        return match content_lua {
-            Some(_) => Outcome::Done,
-            None => super::static_files::serve(rc).await,
+        return match (&conf.content, content_lua) {
+            (Content::Proxy(p), _) => crate::proxy::content(rc, p).await,
+            (_, Some(_)) => Outcome::Done,
+            _ => super::static_files::serve(rc).await,
         };
     }
 }

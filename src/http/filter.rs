@@ -84,6 +84,20 @@ pub async fn send(rc: &Rc<ReqCtx>, eof: bool) -> Result<(), String> {
     Ok(())
 }
 
+/// Cut a streamed response off (its source failed mid-body): the client connection is closed
+/// instead of the body ending as if complete.
+pub async fn abort(rc: &Rc<ReqCtx>) {
+    let tx = {
+        let mut st = rc.st.borrow_mut();
+        st.eof_sent = true;
+        st.out.clear();
+        st.body_tx.take()
+    };
+    if let Some(tx) = tx {
+        let _ = tx.send(Bytes::new()).await;
+    }
+}
+
 fn build_response(st: &mut super::request::ReqState, body: Body, eof: bool) -> Response<Body> {
     let mut resp = Response::new(body);
     *resp.status_mut() = StatusCode::from_u16(st.status).unwrap_or(StatusCode::OK);

@@ -143,6 +143,10 @@ pub struct ReqState {
     /// `$upstream_*` and other late variables other rooms fill in.
     pub extra_vars: HashMap<&'static str, String>,
     pub error_page_done: bool,
+    /// What the proxy learnt (`$proxy_host`, `$upstream_*`), read on demand by variables.
+    pub upstream: Option<Box<crate::proxy::UpstreamInfo>>,
+    /// The client side of a protocol upgrade (WebSocket), taken by the proxy on a 101.
+    pub on_upgrade: Option<hyper::upgrade::OnUpgrade>,
     /// `ngx.on_abort` callback (with `lua_check_client_abort on`).
     pub on_abort: Option<crate::lua::api::thread::OnAbort>,
     /// The client address realip found (`$remote_addr`); `None`: the connection's.
@@ -262,6 +266,8 @@ impl ReqState {
             body_tx: None,
             extra_vars: Default::default(),
             error_page_done: false,
+            upstream: None,
+            on_upgrade: None,
             realip: None,
             map_cache: Default::default(),
             in_flight: None,

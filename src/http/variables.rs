@@ -36,6 +36,13 @@ pub fn get(rc: &ReqCtx, st: &ReqState, name: &str) -> Option<Vec<u8>> {
             Some(vals.join(&b", "[..]))
         };
     }
+    if name.starts_with("upstream_") || name.starts_with("proxy_") {
+        if let Some(u) = &st.upstream {
+            if let Some(v) = u.variable(name) {
+                return Some(v);
+            }
+        }
+    }
     if let Some(a) = name.strip_prefix("arg_") {
         return arg(st.args.as_deref().unwrap_or(""), a).map(|v| v.into_owned());
     }
@@ -112,6 +119,14 @@ pub fn get(rc: &ReqCtx, st: &ReqState, name: &str) -> Option<Vec<u8>> {
             .display()
             .to_string(),
         "remote_user" => return None,
+        "proxy_add_x_forwarded_for" => match header(st, "x-forwarded-for") {
+            Some(xff) => format!(
+                "{}, {}",
+                String::from_utf8_lossy(&xff),
+                st.remote(&rc.conn).ip()
+            ),
+            None => st.remote(&rc.conn).ip().to_string(),
+        },
         "request_length" => "0".to_string(),
         "request_body" => {
             return match &st.body {

@@ -280,7 +280,10 @@ async fn serve_conn(w: &Rc<Worker>, conn: Rc<ConnInfo>, stream: tokio::net::TcpS
         .keep_alive(keepalive)
         .header_read_timeout(header_timeout)
         .max_buf_size(32 * 1024);
-    let c = builder.serve_connection(TokioIo::new(stream), svc);
+    // with_upgrades: the proxy tunnels WebSocket connections after a 101.
+    let c = builder
+        .serve_connection(TokioIo::new(stream), svc)
+        .with_upgrades();
     tokio::pin!(c);
     let mut shutdown = w.shutdown.subscribe();
     tokio::select! {

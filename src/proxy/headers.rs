@@ -1,0 +1,189 @@
+//! Header rules of the proxy: what goes upstream (proxy_set_header over the client's headers,
+//! hop-by-hop headers stripped) and what comes back (hop-by-hop stripped, proxy_hide_header /
+//! proxy_pass_header, proxy_redirect).
+
+use http::header::{HeaderName, HeaderValue};
+use http::HeaderMap;
+
+use super::conf::{ProxyConf, RedirectRule};
+use crate::http::request::{ReqCtx, ReqState};
+use crate::http::variables;
+
+/// Hop-by-hop headers (RFC 9110 7.6.1) plus those nginx rebuilds itself: never copied from one
+/// side to the other as they came.
+fn hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-connection"
+    ) || name.starts_with("proxy-")
+}
+
+/// Header names the `Connection` header lists (they are hop-by-hop too).
+fn connection_tokens(h: &HeaderMap) -> Vec<String> {
+    h.get_all("connection")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+/// The request headers for upstream. `content_length` is the body length when known.
+pub fn request(
+    rc: &ReqCtx,
+    st: &ReqState,
+    pc: &ProxyConf,
+    proxy_host: &str,
+    content_length: Option<u64>,
+) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(st.headers.len() + 4);
+    // nginx's defaults (`Host $proxy_host`, `Connection close`) unless the configuration
+    // names them.
+    let named = |n: &HeaderName| pc.set_headers.iter().any(|(m, _)| m == n);
+    if !named(&http::header::HOST) {
+        if let Ok(v) = HeaderValue::from_str(proxy_host) {
+            out.insert(http::header::HOST, v);
+        }
+    }
+    if !named(&http::header::CONNECTION) {
+        out.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    for (n, t) in &pc.set_headers {
+        let v = variables::eval(rc, st, t);
+        if v.is_empty() {
+            continue;
+        }
+        if let Ok(v) = HeaderValue::from_bytes(&v) {
+            out.append(n.clone(), v);
+        }
+    }
+    if pc.pass_request_headers {
+        let named = connection_tokens(&st.headers);
+        for (n, v) in &st.headers {
+            let s = n.as_str();
+            if hop_by_hop(s)
+                || s == "expect"
+                || s == "content-length"
+                || named.iter().any(|t| t == s)
+                || pc.set_headers.iter().any(|(m, _)| m == n)
+                || s == "host"
+            {
+                continue;
+            }
+            out.append(n.clone(), v.clone());
+        }
+    }
+    if let Some(len) = content_length {
+        out.insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    out
+}
+
+/// nginx hides these upstream headers unless proxy_pass_header names them.
+const HIDDEN: &[&str] = &[
+    "date",
+    "server",
+    "x-pad",
+    "x-accel-expires",
+    "x-accel-redirect",
+    "x-accel-limit-rate",
+    "x-accel-buffering",
+    "x-accel-charset",
+];
+
+/// The upstream response headers the client will see.
+pub fn response(pc: &ProxyConf, upstream: &HeaderMap, upgrade: bool) -> HeaderMap {
+    let named = connection_tokens(upstream);
+    let mut out = HeaderMap::with_capacity(upstream.len());
+    for (n, v) in upstream {
+        let s = n.as_str();
+        if upgrade && s == "upgrade" {
+            out.append(n.clone(), v.clone());
+            continue;
+        }
+        if hop_by_hop(s) || named.iter().any(|t| t == s) {
+            continue;
+        }
+        let hidden = HIDDEN.contains(&s) || pc.hide_headers.iter().any(|h| h == s);
+        if hidden && !pc.pass_headers.iter().any(|h| h == s) {
+            continue;
+        }
+        out.append(n.clone(), v.clone());
+    }
+    if upgrade {
+        out.insert(
+            http::header::CONNECTION,
+            HeaderValue::from_static("upgrade"),
+        );
+    }
+    out
+}
+
+/// proxy_redirect: rewrite `Location` and `Refresh`. `default_from` is the proxy_pass URL
+/// (with its URI part or the location prefix) and `prefix` the location's, for `default`.
+pub fn redirect(
+    rc: &ReqCtx,
+    st: &mut ReqState,
+    pc: &ProxyConf,
+    default_from: &dyn Fn() -> Option<String>,
+    prefix: &str,
+) {
+    if pc.redirects.is_empty() {
+        return;
+    }
+    for name in ["location", "refresh"] {
+        let Some(v) = st.resp_headers.get(name).and_then(|v| v.to_str().ok()) else {
+            continue;
+        };
+        let v = v.to_string();
+        // Refresh carries the URL after `url=`.
+        let (head, url) = match name {
+            "refresh" => match v.to_ascii_lowercase().find("url=") {
+                Some(i) => (v[..i + 4].to_string(), v[i + 4..].to_string()),
+                None => continue,
+            },
+            _ => (String::new(), v.clone()),
+        };
+        let mut new = None;
+        for rule in &pc.redirects {
+            match rule {
+                RedirectRule::Default => {
+                    if let Some(from) = default_from() {
+                        if let Some(rest) = url.strip_prefix(from.as_str()) {
+                            new = Some(format!("{}{}", prefix, rest));
+                        }
+                    }
+                }
+                RedirectRule::Replace { from, regex, to } => match regex {
+                    Some(re) => {
+                        if let Some(caps) = re.captures(url.as_bytes()) {
+                            variables::set_captures(st, url.as_bytes(), &caps);
+                            new = Some(variables::eval_string(rc, st, to));
+                        }
+                    }
+                    None => {
+                        let from = variables::eval_string(rc, st, from);
+                        if let Some(rest) = url.strip_prefix(from.as_str()) {
+                            new = Some(format!("{}{}", variables::eval_string(rc, st, to), rest));
+                        }
+                    }
+                },
+            }
+            if new.is_some() {
+                break;
+            }
+        }
+        if let Some(n) = new {
+            if let Ok(hv) = HeaderValue::from_str(&format!("{}{}", head, n)) {
+                st.resp_headers.insert(name, hv);
+            }
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! `$proxy_host`, `$proxy_port` and the `$upstream_*` variables. The proxy records facts as
+//! it goes; the text is only made when a variable is read (most requests read none).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderMap;
+
+/// One try.
+struct Try {
+    addr: Arc<str>,
+    status: u16,
+    connect: Option<Duration>,
+    header: Option<Duration>,
+    response: Duration,
+}
+
+/// What the proxy learnt about one request, kept in `ReqState::upstream`.
+#[derive(Default)]
+pub struct UpstreamInfo {
+    pub proxy_host: String,
+    pub proxy_port: u16,
+    tries: Vec<Try>,
+    pub response_length: u64,
+    /// The accepted response's headers as the upstream sent them (`$upstream_http_*`).
+    pub headers: Option<HeaderMap>,
+}
+
+fn secs(d: Option<Duration>) -> String {
+    match d {
+        Some(d) => format!("{:.3}", d.as_secs_f64()),
+        None => "-".to_string(),
+    }
+}
+
+impl UpstreamInfo {
+    pub fn new(proxy_host: String, proxy_port: u16) -> UpstreamInfo {
+        UpstreamInfo {
+            proxy_host,
+            proxy_port,
+            ..Default::default()
+        }
+    }
+
+    /// Record one try. `status` is the upstream's, or the 502/504 nginx records for a failure.
+    pub fn push(
+        &mut self,
+        addr: &Arc<str>,
+        status: u16,
+        connect: Option<Duration>,
+        header: Option<Duration>,
+        response: Duration,
+    ) {
+        self.tries.push(Try {
+            addr: addr.clone(),
+            status,
+            connect,
+            header,
+            response,
+        });
+    }
+
+    /// The last try's full time, once its body has been read.
+    pub fn set_last_response_time(&mut self, d: Duration) {
+        if let Some(t) = self.tries.last_mut() {
+            t.response = d;
+        }
+    }
+
+    fn join(&self, f: impl Fn(&Try) -> String) -> Vec<u8> {
+        self.tries
+            .iter()
+            .map(f)
+            .collect::<Vec<_>>()
+            .join(", ")
+            .into_bytes()
+    }
+
+    /// A variable's value, `None` when it is not one of ours (or not known yet).
+    pub fn variable(&self, name: &str) -> Option<Vec<u8>> {
+        if let Some(h) = name.strip_prefix("upstream_http_") {
+            return upstream_http(self.headers.as_ref()?, h);
+        }
+        let has_tries = !self.tries.is_empty();
+        Some(match name {
+            "proxy_host" => self.proxy_host.clone().into_bytes(),
+            "proxy_port" => self.proxy_port.to_string().into_bytes(),
+            "upstream_addr" if has_tries => self.join(|t| t.addr.to_string()),
+            "upstream_status" if has_tries => self.join(|t| t.status.to_string()),
+            "upstream_connect_time" if has_tries => self.join(|t| secs(t.connect)),
+            "upstream_header_time" if has_tries => self.join(|t| secs(t.header)),
+            "upstream_response_time" if has_tries => self.join(|t| secs(Some(t.response))),
+            "upstream_response_length" if has_tries => {
+                self.response_length.to_string().into_bytes()
+            }
+            _ => return None,
+        })
+    }
+}
+
+/// `$upstream_http_NAME` (name with `_` for `-`, lower-case).
+fn upstream_http(h: &HeaderMap, name: &str) -> Option<Vec<u8>> {
+    let name = name.replace('_', "-");
+    let vals: Vec<&[u8]> = h
+        .get_all(name.as_str())
+        .iter()
+        .map(|v| v.as_bytes())
+        .collect();
+    if vals.is_empty() {
+        None
+    } else {
+        Some(vals.join(&b", "[..]))
+    }
+}

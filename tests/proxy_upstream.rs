@@ -1,0 +1,207 @@
+//! proxy_pass to `upstream {}` blocks: the keep-alive pool (reuse ratio, keepalive_requests,
+//! keepalive_timeout, no keepalive -> a connection per request), retries across servers, and
+//! a variable target naming an upstream block.
+
+mod common;
+#[path = "support/origin.rs"]
+mod origin;
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+use origin::*;
+
+fn server(upstreams: &str, locations: &str) -> Server {
+    Server::start(&http_conf(&format!(
+        "{upstreams}
+        server {{
+            listen 127.0.0.1:PORT;
+            server_name localhost;
+            keepalive_requests 100000;
+            {locations}
+        }}"
+    )))
+}
+
+/// `n` keep-alive GETs on one client connection; every status must be 200.
+fn run(s: &Server, path: &str, n: usize) {
+    let mut c = TcpStream::connect(s.addr()).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    for i in 0..n {
+        c.write_all(format!("GET {} HTTP/1.1\r\nHost: localhost\r\n\r\n", path).as_bytes())
+            .unwrap();
+        let r = read_response(&mut c).unwrap();
+        assert_eq!(r.status, 200, "request {}: {}", i, s.error_log());
+    }
+}
+
+#[test]
+fn keepalive_pool_reuses_upstream_connections() {
+    let o = Origin::echo();
+    let s = server(
+        &format!(
+            "upstream backend {{ server 127.0.0.1:{}; keepalive 16; keepalive_requests 100000; }}",
+            o.port()
+        ),
+        "location / { proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_pass http://backend; }",
+    );
+    let n = 3000;
+    run(&s, "/", n);
+    let conns = o.conns.load(Ordering::SeqCst);
+    let reuse = 1.0 - conns as f64 / n as f64;
+    assert!(reuse >= 0.999, "{} connections for {} requests", conns, n);
+    assert_eq!(o.reqs().len(), n);
+    assert!(o.last().header("connection").is_none());
+}
+
+#[test]
+fn without_keepalive_every_request_has_its_own_connection() {
+    let o = Origin::echo();
+    let s = server(
+        &format!("upstream backend {{ server 127.0.0.1:{}; }}", o.port()),
+        "location / { proxy_http_version 1.1; proxy_pass http://backend; }",
+    );
+    run(&s, "/", 20);
+    assert_eq!(o.conns.load(Ordering::SeqCst), 20);
+    assert_eq!(o.last().header("connection"), Some("close"));
+}
+
+#[test]
+fn keepalive_requests_and_timeout_bound_a_connection() {
+    let o = Origin::echo();
+    let s = server(
+        &format!(
+            "upstream backend {{ server 127.0.0.1:{}; keepalive 4; keepalive_requests 10; keepalive_timeout 1s; }}",
+            o.port()
+        ),
+        "location / { proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_pass http://backend; }",
+    );
+    run(&s, "/", 100);
+    let conns = o.conns.load(Ordering::SeqCst);
+    assert!((10..=12).contains(&conns), "{} connections", conns);
+    // Idle past keepalive_timeout: the next request needs a new connection.
+    std::thread::sleep(Duration::from_millis(1600));
+    run(&s, "/", 1);
+    assert_eq!(o.conns.load(Ordering::SeqCst), conns + 1);
+}
+
+#[test]
+fn retries_across_servers_and_variable_upstream_names() {
+    let o = Origin::echo();
+    let dead = free_port();
+    let s = server(
+        &format!(
+            "upstream backend {{ server 127.0.0.1:{dead}; server 127.0.0.1:{}; }}",
+            o.port()
+        ),
+        "location / {
+            add_header X-Up \"$upstream_addr $upstream_status\" always;
+            proxy_pass http://backend;
+        }
+        location /dyn {
+            set $t backend;
+            proxy_pass http://$t;
+        }",
+    );
+    let mut two = 0;
+    for _ in 0..4 {
+        let r = s.get("/");
+        assert_eq!(r.status, 200, "{}", s.error_log());
+        let up = r.header("x-up").unwrap_or("");
+        if up.contains(", ") {
+            two += 1;
+            assert_eq!(
+                up,
+                format!("127.0.0.1:{dead}, 127.0.0.1:{} 502, 200", o.port())
+            );
+        }
+    }
+    // The first failure marks the dead server down for fail_timeout (max_fails=1): at most
+    // one request pays for it.
+    assert!(two <= 1, "{}", two);
+    assert_eq!(s.get("/dyn/x").status, 200);
+    assert_eq!(o.last().target, "/dyn/x");
+    assert_eq!(o.last().header("host"), Some("backend"));
+}
+
+#[test]
+fn no_live_upstreams_is_502() {
+    let s = server(
+        &format!(
+            "upstream backend {{ server 127.0.0.1:{}; server 127.0.0.1:{} down; }}",
+            free_port(),
+            free_port()
+        ),
+        "location / { proxy_pass http://backend; }",
+    );
+    assert_eq!(s.get("/").status, 502);
+    assert_eq!(s.get("/").status, 502);
+    assert!(
+        s.error_log().contains("no live upstreams"),
+        "{}",
+        s.error_log()
+    );
+}
+
+#[test]
+fn balancer_by_lua_picks_the_peer_and_sees_failures() {
+    let o = Origin::echo();
+    let dead = free_port();
+    let s = server(
+        &format!(
+            "upstream dyn {{
+                server 0.0.0.1;
+                balancer_by_lua_block {{
+                    local b = require 'ngx.balancer'
+                    local state = b.get_last_failure()
+                    if not state then
+                        b.set_more_tries(1)
+                        assert(b.set_current_peer('127.0.0.1', {dead}))
+                    else
+                        ngx.ctx.failed = state
+                        assert(b.set_current_peer('127.0.0.1', {}))
+                    end
+                }}
+            }}",
+            o.port()
+        ),
+        "location / {
+            header_filter_by_lua_block { ngx.header['X-Failed'] = ngx.ctx.failed }
+            proxy_pass http://dyn;
+        }",
+    );
+    let r = s.get("/lua");
+    assert_eq!(r.status, 200, "{}", s.error_log());
+    assert_eq!(r.header("x-failed"), Some("failed"));
+    assert_eq!(o.last().target, "/lua");
+}
+
+#[test]
+fn a_pooled_connection_closed_by_the_upstream_is_retried_fresh() {
+    // Every connection answers its first request and drops the second without a word, as an
+    // upstream whose idle timeout fires just as a request arrives.
+    let o = Origin::start_raw(std::sync::Arc::new(|mut s: TcpStream, sh: &Shared| {
+        let mut buf = Vec::new();
+        if let Some(r) = read_request(&mut s, &mut buf) {
+            if let Ok(mut v) = sh.requests.lock() {
+                v.push(r);
+            }
+            respond(&mut s, 200, &[], b"first");
+        }
+        let _ = read_request(&mut s, &mut buf);
+    }));
+    let s = server(
+        &format!(
+            "upstream backend {{ server 127.0.0.1:{}; keepalive 4; }}",
+            o.port()
+        ),
+        "location / { proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_pass http://backend; }",
+    );
+    run(&s, "/", 6);
+    // Not one 502: each dropped request went again on a new connection.
+    assert_eq!(o.reqs().len(), 6);
+    assert!(!s.error_log().contains("[error]"), "{}", s.error_log());
+}
