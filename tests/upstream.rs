@@ -1,12 +1,14 @@
 //! `upstream {}` blocks over the real binary: configuration errors as `nginx -t` words them,
 //! the shared peer state seen from Lua (`ngx.upstream`), active health checks against real
-//! HTTP servers, state kept across a reload, and `ngx.balancer` outside its phase.
+//! HTTP servers, state kept across a reload, `ngx.balancer` outside its phase, and end to end
+//! through `proxy_pass`: weights, a failed peer out and back, a breaker opening, health checks,
+//! consistent hashing, EWMA, and balancer_by_lua choosing from `ngx.var` / `ngx.ctx`.
 
 mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,6 +19,8 @@ use common::*;
 pub struct Backend {
     pub addr: SocketAddr,
     pub status: Arc<AtomicU16>,
+    /// Milliseconds to wait before answering.
+    pub delay_ms: Arc<AtomicU64>,
     pub hits: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
 }
@@ -34,13 +38,15 @@ impl Backend {
         let status = Arc::new(AtomicU16::new(status));
         let hits = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
+        let delay_ms = Arc::new(AtomicU64::new(0));
         let (st, h, sp, name) = (status.clone(), hits.clone(), stop.clone(), name.to_string());
+        let dl = delay_ms.clone();
         std::thread::spawn(move || {
             while !sp.load(Ordering::Relaxed) {
                 match l.accept() {
                     Ok((s, _)) => {
-                        let (st, h, name) = (st.clone(), h.clone(), name.clone());
-                        std::thread::spawn(move || serve(s, &st, &h, &name));
+                        let (st, h, name, dl) = (st.clone(), h.clone(), name.clone(), dl.clone());
+                        std::thread::spawn(move || serve(s, &st, &h, &dl, &name));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
@@ -49,6 +55,7 @@ impl Backend {
         Backend {
             addr,
             status,
+            delay_ms,
             hits,
             stop,
         }
@@ -61,7 +68,7 @@ impl Drop for Backend {
     }
 }
 
-fn serve(mut s: TcpStream, status: &AtomicU16, hits: &AtomicUsize, name: &str) {
+fn serve(mut s: TcpStream, status: &AtomicU16, hits: &AtomicUsize, delay: &AtomicU64, name: &str) {
     let _ = s.set_nonblocking(false);
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
     // Keep-alive: answer requests until the peer closes (bounded).
@@ -78,6 +85,10 @@ fn serve(mut s: TcpStream, status: &AtomicU16, hits: &AtomicUsize, name: &str) {
             }
         }
         hits.fetch_add(1, Ordering::Relaxed);
+        let d = delay.load(Ordering::Relaxed);
+        if d > 0 {
+            std::thread::sleep(Duration::from_millis(d));
+        }
         let code = status.load(Ordering::Relaxed);
         let body = format!("{}\n", name);
         let resp = format!(
@@ -316,4 +327,225 @@ fn peer_state_survives_reload_of_unchanged_upstream() {
         "{}",
         text
     );
+}
+
+// ---- end to end through proxy_pass ----
+
+/// GET `path` through the proxy; (status, body).
+fn fetch(s: &Server, path: &str) -> (u16, String) {
+    let r = s.get(path);
+    (r.status, r.text().trim().to_string())
+}
+
+fn tally(s: &Server, path: &str, n: usize) -> std::collections::HashMap<String, usize> {
+    let mut m = std::collections::HashMap::new();
+    for _ in 0..n {
+        let (code, body) = fetch(s, path);
+        assert_eq!(code, 200, "{}\n{}", body, s.error_log());
+        *m.entry(body).or_default() += 1;
+    }
+    m
+}
+
+#[test]
+fn proxy_distributes_by_weight() {
+    let a = Backend::start(200, "a");
+    let b = Backend::start(200, "b");
+    let c = Backend::start(200, "c");
+    let conf = http_conf(&format!(
+        "upstream backend {{ server {} weight=3; server {} weight=2; server {}; }}\nserver {{ listen PORT; location / {{ proxy_pass http://backend; }} }}",
+        a.addr, b.addr, c.addr
+    ));
+    let s = Server::start(&conf);
+    let m = tally(&s, "/", 60);
+    // Smooth weighted round robin is exact over each cycle of 6.
+    assert_eq!((m["a"], m["b"], m["c"]), (30, 20, 10), "{:?}", m);
+}
+
+#[test]
+fn proxy_takes_a_failed_peer_out_and_back() {
+    let a = Backend::start(200, "a");
+    let port_b = free_port();
+    let conf = http_conf(&format!(
+        "upstream backend {{ server {}; server 127.0.0.1:{} fail_timeout=3s; }}\nserver {{ listen PORT; location / {{ proxy_pass http://backend; }} }}",
+        a.addr, port_b
+    ));
+    let s = Server::start(&conf);
+    // b refuses: the first request to it fails over to a, then b sits out fail_timeout.
+    let m = tally(&s, "/", 10);
+    assert_eq!(m.get("a"), Some(&10), "{:?}", m);
+    let log = s.error_log();
+    assert_eq!(
+        log.matches("upstream server temporarily disabled").count(),
+        1,
+        "{}",
+        log
+    );
+    // b comes back; after fail_timeout it gets its share again.
+    let b = Backend::start_on(port_b, 200, "b");
+    std::thread::sleep(Duration::from_millis(3200));
+    let m = tally(&s, "/", 10);
+    assert!(m.get("b").copied().unwrap_or(0) >= 4, "{:?}", m);
+    assert!(b.hits.load(Ordering::Relaxed) >= 4);
+}
+
+#[test]
+fn proxy_opens_the_breaker_of_a_failing_peer() {
+    let a = Backend::start(200, "a");
+    let b = Backend::start(500, "b");
+    let conf = http_conf(&format!(
+        "upstream backend {{ server {}; server {} max_fails=0; circuit_breaker failures=3 window=10s open=30s; }}\nserver {{ listen PORT; location / {{ proxy_pass http://backend; proxy_next_upstream error timeout http_500; }} }}",
+        a.addr, b.addr
+    ));
+    let s = Server::start(&conf);
+    let m = tally(&s, "/", 20);
+    assert_eq!(m.get("a"), Some(&20), "{:?}", m);
+    assert_eq!(b.hits.load(Ordering::Relaxed), 3, "open after 3 failures");
+    assert!(
+        s.error_log().contains(&format!(
+            "upstream \"backend\" peer {} circuit breaker closed -> open",
+            b.addr
+        )),
+        "{}",
+        s.error_log()
+    );
+}
+
+#[test]
+fn proxy_skips_peers_failing_health_checks() {
+    let a = Backend::start(200, "a");
+    let b = Backend::start(503, "b");
+    let conf = http_conf(&format!(
+        "upstream backend {{ server {}; server {}; health_check interval=100ms fails=1 uri=/h; }}\nserver {{ listen PORT; location / {{ proxy_pass http://backend; proxy_next_upstream off; }} }}",
+        a.addr, b.addr
+    ));
+    let s = Server::start(&conf);
+    wait_for("b down", Duration::from_secs(10), || {
+        s.error_log().contains(&format!(
+            "peer {} is down (health check: status 503)",
+            b.addr
+        ))
+    });
+    let m = tally(&s, "/", 10);
+    assert_eq!(m.get("a"), Some(&10), "{:?}", m);
+}
+
+#[test]
+fn balancer_by_lua_picks_from_var_and_ctx() {
+    let a = Backend::start(200, "a");
+    let b = Backend::start(200, "b");
+    let dead = free_port();
+    let conf = http_conf(&format!(
+        r#"upstream dyn {{
+    server 0.0.0.1;
+    balancer_by_lua_block {{
+        local bal = require "ngx.balancer"
+        local state, code = bal.get_last_failure()
+        if state then
+            ngx.log(ngx.WARN, "last failure: ", state, " ", code, " phase ", ngx.get_phase())
+            assert(bal.set_current_peer("127.0.0.1", ngx.ctx.fallback))
+            return
+        end
+        assert(bal.set_more_tries(1))
+        assert(bal.set_current_peer("127.0.0.1", tonumber(ngx.var.arg_port)))
+    }}
+}}
+server {{ listen PORT;
+    location / {{
+        access_by_lua_block {{ ngx.ctx.fallback = {} }}
+        proxy_pass http://dyn;
+    }}
+}}"#,
+        b.addr.port()
+    ));
+    let s = Server::start(&conf);
+    assert_eq!(
+        fetch(&s, &format!("/?port={}", a.addr.port())),
+        (200, "a".to_string())
+    );
+    assert_eq!(
+        fetch(&s, &format!("/?port={}", b.addr.port())),
+        (200, "b".to_string())
+    );
+    // A refused first try: the retry sees the failure and goes to ngx.ctx's fallback.
+    assert_eq!(
+        fetch(&s, &format!("/?port={}", dead)),
+        (200, "b".to_string())
+    );
+    assert!(
+        s.error_log()
+            .contains("last failure: failed 502 phase balancer"),
+        "{}",
+        s.error_log()
+    );
+}
+
+#[test]
+fn balancer_by_lua_error_is_500_and_exit_is_its_status() {
+    let conf = http_conf(
+        r#"upstream boom { server 0.0.0.1; balancer_by_lua_block { error("kaboom") } }
+upstream gone { server 0.0.0.1; balancer_by_lua_block { return ngx.exit(503) } }
+upstream named { server 0.0.0.1; balancer_by_lua_block {
+    local ok, err = require("ngx.balancer").set_current_peer("localhost", 80)
+    ngx.log(ngx.WARN, "named: ", err)
+    return ngx.exit(502)
+} }
+server { listen PORT;
+    location /boom { proxy_pass http://boom; }
+    location /gone { proxy_pass http://gone; }
+    location /named { proxy_pass http://named; }
+}"#,
+    );
+    let s = Server::start(&conf);
+    assert_eq!(s.get("/boom").status, 500);
+    assert!(
+        s.error_log().contains("failed to run balancer_by_lua*:")
+            && s.error_log().contains("kaboom"),
+        "{}",
+        s.error_log()
+    );
+    assert_eq!(s.get("/gone").status, 503);
+    assert_eq!(s.get("/named").status, 502);
+    assert!(
+        s.error_log().contains("named: no host allowed"),
+        "{}",
+        s.error_log()
+    );
+}
+
+#[test]
+fn proxy_consistent_hash_sticks_per_key() {
+    let bs: Vec<Backend> = ["a", "b", "c"]
+        .iter()
+        .map(|n| Backend::start(200, n))
+        .collect();
+    let conf = http_conf(&format!(
+        "upstream backend {{ hash $arg_user consistent; server {}; server {}; server {}; }}\nserver {{ listen PORT; location / {{ proxy_pass http://backend; }} }}",
+        bs[0].addr, bs[1].addr, bs[2].addr
+    ));
+    let s = Server::start(&conf);
+    let mut used = std::collections::HashSet::new();
+    for user in 0..12 {
+        let path = format!("/?user=u{}", user);
+        let first = fetch(&s, &path).1;
+        for _ in 0..2 {
+            assert_eq!(fetch(&s, &path).1, first, "user {} moved", user);
+        }
+        used.insert(first);
+    }
+    assert!(used.len() >= 2, "{:?}", used);
+}
+
+#[test]
+fn proxy_ewma_prefers_the_fast_peer() {
+    let slow = Backend::start(200, "slow");
+    slow.delay_ms.store(80, Ordering::Relaxed);
+    let fast = Backend::start(200, "fast");
+    let conf = http_conf(&format!(
+        "upstream backend {{ ewma; server {}; server {}; }}\nserver {{ listen PORT; location / {{ proxy_pass http://backend; }} }}",
+        slow.addr, fast.addr
+    ));
+    let s = Server::start(&conf);
+    let m = tally(&s, "/", 30);
+    assert!(m.get("fast").copied().unwrap_or(0) >= 26, "{:?}", m);
 }
