@@ -32,19 +32,21 @@ struct Waiter {
 
 impl Inner {
     fn post(&self, n: i64) {
-        for _ in 0..n {
-            let w = self.waiters.borrow_mut().pop_front();
-            match w {
-                Some(w) => {
-                    w.granted.set(true);
-                    let waker = w.waker.borrow_mut().take();
-                    if let Some(waker) = waker {
-                        waker.wake();
-                    }
-                }
-                None => self.resources.set(self.resources.get() + 1),
+        // Bounded by the waiters, not by `n`: `post(1e12)` must not spin the worker.
+        let mut left = n;
+        while left > 0 {
+            let Some(w) = self.waiters.borrow_mut().pop_front() else {
+                break;
+            };
+            left -= 1;
+            w.granted.set(true);
+            let waker = w.waker.borrow_mut().take();
+            if let Some(waker) = waker {
+                waker.wake();
             }
         }
+        self.resources
+            .set(self.resources.get().saturating_add(left));
     }
 }
 

@@ -1,0 +1,89 @@
+//! Regression tests from the review of the day's work: hostile or extreme arguments to the
+//! waiting APIs must neither spin nor kill a worker; the worker answers the next request.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{http_conf, Server};
+
+fn start(locations: &str) -> Server {
+    Server::start(&http_conf(&format!(
+        "    server {{\n        listen 127.0.0.1:PORT;\n        server_name localhost;\n{locations}\n    }}\n"
+    )))
+}
+
+const PING: &str = r#"
+        location /ping { content_by_lua_block { ngx.say("pong") } }
+"#;
+
+#[test]
+fn semaphore_post_of_a_huge_count_neither_spins_nor_overflows() {
+    let s = start(&format!(
+        r#"{PING}
+        location /post {{
+            content_by_lua_block {{
+                local sema = require("ngx.semaphore").new(0)
+                sema:post(1e12)
+                ngx.say(sema:count())
+                local full = require("ngx.semaphore").new(1e300)
+                full:post(1e300)
+                ngx.say(full:count() > 0)
+            }}
+        }}
+"#
+    ));
+    let t0 = Instant::now();
+    let r = s.get("/post");
+    assert_eq!(r.text(), "1000000000000\ntrue\n", "{}", s.error_log());
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    assert_eq!(s.get("/ping").text(), "pong\n");
+}
+
+#[test]
+fn huge_durations_are_errors_or_waits_never_panics() {
+    let s = start(&format!(
+        r#"{PING}
+        location /timer {{
+            content_by_lua_block {{
+                ngx.say(tostring(ngx.timer.at(1e300, function() end)))
+            }}
+        }}
+        location /sock {{
+            content_by_lua_block {{
+                local sock = ngx.socket.tcp()
+                sock:settimeout(1e300)
+                local ok, err = sock:connect("127.0.0.1", 1)
+                ngx.say(tostring(ok), " ", tostring(err))
+            }}
+        }}
+"#
+    ));
+    for path in ["/timer", "/sock"] {
+        let r = s.get(path);
+        assert_eq!(r.status, 200, "{path}: {}\n{}", r.text(), s.error_log());
+        assert_eq!(s.get("/ping").text(), "pong\n", "after {path}");
+    }
+    assert!(!s.stderr().contains("panicked"), "{}", s.stderr());
+}
+
+/// Reported to the lead, not fixed here (src/lua/api/sleep.rs is outside this review's rooms):
+/// `Duration::from_secs_f64(1e300)` panics inside the worker (mlua turns it into a Lua error,
+/// but it is still a Rust panic on a request path). OpenResty sleeps (effectively forever).
+#[test]
+#[ignore = "ngx.sleep(1e300) panics in Duration::from_secs_f64 (src/lua/api/sleep.rs)"]
+fn sleep_of_a_huge_duration_does_not_panic() {
+    let s = start(&format!(
+        r#"{PING}
+        location /sleep {{
+            content_by_lua_block {{
+                local t = ngx.thread.spawn(function() ngx.sleep(1e300) end)
+                ngx.say(tostring(ngx.thread.kill(t)))
+            }}
+        }}
+"#
+    ));
+    assert_eq!(s.get("/sleep").text(), "1\n", "{}", s.error_log());
+    assert_eq!(s.get("/ping").text(), "pong\n");
+    assert!(!s.stderr().contains("panicked"), "{}", s.stderr());
+}
