@@ -87,3 +87,66 @@ fn sleep_of_a_huge_duration_does_not_panic() {
     assert_eq!(s.get("/ping").text(), "pong\n");
     assert!(!s.stderr().contains("panicked"), "{}", s.stderr());
 }
+
+/// A peer that accepts connections and neither reads nor writes, for `within`.
+fn silent_peer(within: Duration) -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    l.set_nonblocking(true).expect("nonblocking");
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + within;
+        let mut held = Vec::new();
+        while Instant::now() < deadline {
+            if let Ok((c, _)) = l.accept() {
+                held.push(c);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+    port
+}
+
+#[test]
+fn killed_reader_or_writer_thread_leaves_the_cosocket_usable() {
+    let port = silent_peer(Duration::from_secs(20));
+    let s = start(&format!(
+        r#"{PING}
+        location /read {{
+            content_by_lua_block {{
+                local sock = ngx.socket.tcp()
+                assert(sock:connect("127.0.0.1", {port}))
+                local t = ngx.thread.spawn(function() return sock:receive() end)
+                ngx.sleep(0.05)
+                ngx.say(tostring(ngx.thread.kill(t)))
+                sock:settimeout(50)
+                ngx.say(tostring(select(2, sock:receive())))
+                local u = ngx.thread.spawn(function() return sock:receiveuntil("--")() end)
+                ngx.sleep(0.05)
+                ngx.thread.kill(u)
+                ngx.say(tostring(select(2, sock:receive(3))))
+                sock:close()
+            }}
+        }}
+        location /write {{
+            content_by_lua_block {{
+                local sock = ngx.socket.tcp()
+                assert(sock:connect("127.0.0.1", {port}))
+                local big = string.rep("x", 32 * 1024 * 1024)
+                local t = ngx.thread.spawn(function() return sock:send(big) end)
+                ngx.sleep(0.05)
+                ngx.say(tostring(ngx.thread.kill(t)))
+                sock:settimeout(50)
+                ngx.say(tostring(select(2, sock:send(big))))
+                sock:close()
+            }}
+        }}
+"#
+    ));
+    assert_eq!(
+        s.get("/read").text(),
+        "1\ntimeout\ntimeout\n",
+        "{}",
+        s.error_log()
+    );
+    assert_eq!(s.get("/write").text(), "1\ntimeout\n", "{}", s.error_log());
+}

@@ -473,6 +473,54 @@ fn give_back_reader(s: &Shared, rd: ReadHalf<Stream>, buf: BytesMut, gen: u64, f
     st.rbuf = buf;
 }
 
+/// A read half out of its socket for one read. If the read is abandoned (its light thread was
+/// killed, or its request ended), the half and what was buffered so far go back to the
+/// socket, as nginx's cleanup of a pending read leaves the connection usable.
+struct Reading {
+    s: Shared,
+    gen: u64,
+    rd: Option<ReadHalf<Stream>>,
+    buf: BytesMut,
+}
+
+impl Reading {
+    fn take(s: &Shared) -> Result<(Reading, Duration, usize), &'static str> {
+        let (rd, buf, gen, timeout, chunk) = take_reader(s)?;
+        let r = Reading {
+            s: s.clone(),
+            gen,
+            rd: Some(rd),
+            buf,
+        };
+        Ok((r, timeout, chunk))
+    }
+
+    /// The half and buffer for the read itself.
+    fn parts(&mut self) -> Option<(&mut ReadHalf<Stream>, &mut BytesMut)> {
+        Some((self.rd.as_mut()?, &mut self.buf))
+    }
+
+    /// Finished normally: the caller puts the half back itself.
+    fn done(mut self) -> Option<(ReadHalf<Stream>, BytesMut)> {
+        let rd = self.rd.take()?;
+        Some((rd, std::mem::take(&mut self.buf)))
+    }
+}
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        let Some(rd) = self.rd.take() else {
+            return;
+        };
+        if let Ok(mut st) = self.s.try_borrow_mut() {
+            if st.gen == self.gen && st.rd.is_none() {
+                st.rd = Some(rd);
+                st.rbuf = std::mem::take(&mut self.buf);
+            }
+        }
+    }
+}
+
 /// Lines and delimited reads stop at this many buffers (1 MB with the default 4k).
 const MAX_LINE_BUFFERS: usize = 256;
 
@@ -482,12 +530,15 @@ async fn receive(
     want: Want,
     prefix: Option<Bytes>,
 ) -> mlua::Result<MultiValue> {
-    let (mut rd, mut buf, gen, timeout, chunk) = match take_reader(&s) {
+    let (mut reading, timeout, chunk) = match Reading::take(&s) {
         Ok(x) => x,
         Err(e) => return nil_err(&lua, e),
     };
+    let gen = reading.gen;
     let max = chunk.saturating_mul(MAX_LINE_BUFFERS);
-    let (rdr, b) = (&mut rd, &mut buf);
+    let Some((rdr, b)) = reading.parts() else {
+        return nil_err(&lua, "closed");
+    };
     let r = unless_closed(&s, async move {
         match want {
             Want::Line => read::line(rdr, b, chunk, max, timeout).await,
@@ -497,6 +548,9 @@ async fn receive(
         }
     })
     .await;
+    let Some((rd, buf)) = reading.done() else {
+        return nil_err(&lua, "closed");
+    };
     finish_read(&lua, &s, rd, buf, gen, r.map(Some), prefix)
 }
 
@@ -591,7 +645,7 @@ async fn send(lua: Lua, s: Shared, data: Value) -> mlua::Result<MultiValue> {
     let mut out = Vec::new();
     crate::lua::api::output::render(&mut out, &data, 0)
         .map_err(|e| mlua::Error::runtime(e.to_string().replace("'say'", "'send'")))?;
-    let (mut wr, gen, timeout) = {
+    let (wr, gen, timeout) = {
         let mut st = s.borrow_mut();
         if !st.connected {
             return nil_err(&lua, "closed");
@@ -605,6 +659,14 @@ async fn send(lua: Lua, s: Shared, data: Value) -> mlua::Result<MultiValue> {
         s.borrow_mut().wr = Some(wr);
         return Ok(one(Value::Integer(0)));
     }
+    let mut writing = Writing {
+        s: s.clone(),
+        gen,
+        wr: Some(wr),
+    };
+    let Some(wr) = writing.wr.as_mut() else {
+        return nil_err(&lua, "closed");
+    };
     let cancel = s.borrow().cancel.clone();
     let closed = cancel.notified();
     // The send timeout is re-armed whenever the peer takes some bytes, as nginx's write timer.
@@ -627,11 +689,12 @@ async fn send(lua: Lua, s: Shared, data: Value) -> mlua::Result<MultiValue> {
         r = write => r.err(),
         _ = closed => Some(ReadErr::Closed),
     };
+    let wr = writing.wr.take();
     let conf = {
         let mut st = s.borrow_mut();
         if st.gen == gen {
             if matches!(err, None | Some(ReadErr::Timeout)) {
-                st.wr = Some(wr);
+                st.wr = wr;
             } else {
                 st.close();
             }
@@ -651,6 +714,27 @@ async fn send(lua: Lua, s: Shared, data: Value) -> mlua::Result<MultiValue> {
                 _ => {}
             }
             nil_err(&lua, &e.text())
+        }
+    }
+}
+
+/// A write half out of its socket for one send; put back if the send is abandoned (its light
+/// thread killed), as nginx's cleanup of a pending write leaves the connection usable.
+struct Writing {
+    s: Shared,
+    gen: u64,
+    wr: Option<WriteHalf<Stream>>,
+}
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        let Some(wr) = self.wr.take() else {
+            return;
+        };
+        if let Ok(mut st) = self.s.try_borrow_mut() {
+            if st.gen == self.gen && st.wr.is_none() {
+                st.wr = Some(wr);
+            }
         }
     }
 }
@@ -907,20 +991,25 @@ fn receiveuntil(lua: &Lua, s: &Shared, args: MultiValue) -> mlua::Result<MultiVa
                 }
                 None => None,
             };
-            let (mut rd, mut buf, gen, timeout, chunk) = match take_reader(&s) {
+            let (mut reading, timeout, chunk) = match Reading::take(&s) {
                 Ok(x) => x,
                 Err(e) => return nil_err(&lua, e),
             };
+            let gen = reading.gen;
             let max = chunk.saturating_mul(MAX_LINE_BUFFERS);
+            let Some((rd, buf)) = reading.parts() else {
+                return nil_err(&lua, "closed");
+            };
             let mut u = std::mem::take(&mut *state.borrow_mut());
             let r = unless_closed(
                 &s,
-                read::until(
-                    &mut rd, &mut buf, &mut u, &pat, inclusive, size, chunk, max, timeout,
-                ),
+                read::until(rd, buf, &mut u, &pat, inclusive, size, chunk, max, timeout),
             )
             .await;
             *state.borrow_mut() = u;
+            let Some((rd, buf)) = reading.done() else {
+                return nil_err(&lua, "closed");
+            };
             after_wait(finish_read(&lua, &s, rd, buf, gen, r, None))
         }
     })?;
