@@ -4,15 +4,9 @@
 
 mod common;
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{http_conf, Server};
-
-fn server_conf(http_extra: &str, locations: &str) -> String {
-    http_conf(&format!(
-        "{http_extra}\n    server {{\n        listen 127.0.0.1:PORT;\n        server_name localhost;\n{locations}\n    }}\n"
-    ))
-}
+use common::{server_conf, wait_log, Server};
 
 fn start(locations: &str) -> Server {
     Server::start(&server_conf("", locations))
@@ -23,17 +17,6 @@ fn conf_with(level: &str, workers: usize, http_body: &str) -> String {
     format!(
         "worker_processes {workers};\nerror_log logs/error.log {level};\npid logs/nginx.pid;\nevents {{ worker_connections 1024; }}\nhttp {{\n{http_body}\n    server {{\n        listen 127.0.0.1:PORT;\n        server_name localhost;\n"
     )
-}
-
-fn wait_log(s: &Server, needle: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let log = s.error_log();
-        if log.contains(needle) || Instant::now() > deadline {
-            return log;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn req(s: &Server, head: &str) -> common::Response {

@@ -9,29 +9,10 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{http_conf, Server};
-
-/// One server block on PORT with `locations` inside, in the harness's http block.
-fn server_conf(http_extra: &str, locations: &str) -> String {
-    http_conf(&format!(
-        "{http_extra}\n    server {{\n        listen 127.0.0.1:PORT;\n        server_name localhost;\n{locations}\n    }}\n"
-    ))
-}
+use common::{server_conf, wait_log, Server};
 
 fn start(http_extra: &str, locations: &str) -> Server {
     Server::start(&server_conf(http_extra, locations))
-}
-
-/// Wait (bounded) until the error log contains `needle`; returns the log either way.
-fn wait_log(s: &Server, needle: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let log = s.error_log();
-        if log.contains(needle) || Instant::now() > deadline {
-            return log;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]

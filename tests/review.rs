@@ -5,12 +5,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{http_conf, Server};
+use common::{server_conf, Server};
 
 fn start(locations: &str) -> Server {
-    Server::start(&http_conf(&format!(
-        "    server {{\n        listen 127.0.0.1:PORT;\n        server_name localhost;\n{locations}\n    }}\n"
-    )))
+    Server::start(&server_conf("", locations))
 }
 
 const PING: &str = r#"

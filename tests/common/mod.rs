@@ -359,3 +359,22 @@ pub fn run_cli(prefix: &Path, args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// An `http {}` conf with `http_extra` and one server on `127.0.0.1:PORT` holding `locations`.
+pub fn server_conf(http_extra: &str, locations: &str) -> String {
+    http_conf(&format!(
+        "{http_extra}\n    server {{\n        listen 127.0.0.1:PORT;\n        server_name localhost;\n{locations}\n    }}\n"
+    ))
+}
+
+/// Wait (bounded) until the error log contains `needle`; returns the log either way.
+pub fn wait_log(s: &Server, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = s.error_log();
+        if log.contains(needle) || Instant::now() > deadline {
+            return log;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
