@@ -13,7 +13,9 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
         if secs == 0.0 {
             tokio::task::yield_now().await;
         } else {
-            tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+            // Beyond Duration's range it is a sleep forever (tokio caps far deadlines), never a panic.
+            let d = Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX);
+            tokio::time::sleep(d).await;
         }
         // nginx refreshes its clock on every event loop turn: ngx.now() moves after a sleep.
         crate::lua::api::time::update_cached_time();
