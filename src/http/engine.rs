@@ -48,7 +48,9 @@ pub async fn serve(env: Rc<Env>, conn: Rc<ConnInfo>, req: Request<Incoming>) -> 
     // The walk runs as its own task: measured under load (bench/run.sh, 50 connections) this
     // costs less CPU per request than polling it inline in hyper's connection task, and it
     // lets the body and the log phase finish when the client goes away, as in nginx.
-    tokio::task::spawn_local(run(rc));
+    // Boxed: the walk's future is large (phases, error_page, finalize and log are all in it)
+    // and tokio moves a task's future by value several times while spawning and finishing it.
+    tokio::task::spawn_local(Box::pin(run(rc)));
     match head_rx.await {
         Ok(resp) => resp,
         Err(_) => plain_error(500),
