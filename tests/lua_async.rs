@@ -725,3 +725,34 @@ fn resty_waits_for_the_timers_it_started() {
         "{err}"
     );
 }
+
+#[test]
+fn light_threads_stay_apart_when_handler_coroutines_are_reused() {
+    // Handler coroutines are pooled per VM (src/lua/vm.rs): a later handler, in this request or
+    // the next, runs on a coroutine an earlier one returned from. Light threads and their
+    // "already waited" bookkeeping must not mix them up.
+    let s = start(
+        "",
+        r#"
+        location /t {
+            rewrite_by_lua_block {
+                local t = ngx.thread.spawn(function() return "r" end)
+                local ok, v = ngx.thread.wait(t)
+                ngx.ctx.r = v
+            }
+            content_by_lua_block {
+                local out = { ngx.ctx.r }
+                for i = 1, 3 do
+                    local t = ngx.thread.spawn(function() ngx.sleep(0) return i end)
+                    local ok, v = ngx.thread.wait(t)
+                    out[#out + 1] = tostring(ok) .. ":" .. tostring(v)
+                end
+                ngx.say(table.concat(out, ","))
+            }
+        }
+        "#,
+    );
+    for _ in 0..20 {
+        assert_eq!(s.get("/t").text(), "r,true:1,true:2,true:3\n");
+    }
+}

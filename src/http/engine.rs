@@ -48,7 +48,9 @@ pub async fn serve(env: Rc<Env>, conn: Rc<ConnInfo>, req: Request<Incoming>) -> 
     // The walk runs as its own task: measured under load (bench/run.sh, 50 connections) this
     // costs less CPU per request than polling it inline in hyper's connection task, and it
     // lets the body and the log phase finish when the client goes away, as in nginx.
-    tokio::task::spawn_local(run(rc));
+    // Boxed: the walk's future is large (phases, error_page, finalize and log are all in it)
+    // and tokio moves a task's future by value several times while spawning and finishing it.
+    tokio::task::spawn_local(Box::pin(run(rc)));
     match head_rx.await {
         Ok(resp) => resp,
         Err(_) => plain_error(500),
@@ -75,16 +77,17 @@ fn new_request(
         .path_and_query()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "/".to_string());
+    // The path is only read by normalize_uri (which copies it): borrow, do not copy it twice.
     let (raw_path, args) = match request_uri.split_once('?') {
-        Some((p, a)) => (p.to_string(), Some(a.to_string())),
-        None => (request_uri.clone(), None),
+        Some((p, a)) => (p, Some(a.to_string())),
+        None => (request_uri.as_str(), None),
     };
-    let uri = normalize_uri(&raw_path).ok_or(400u16)?;
-    if parts.version == http::Version::HTTP_11 && !parts.headers.contains_key("host") {
+    let uri = normalize_uri(raw_path).ok_or(400u16)?;
+    if parts.version == http::Version::HTTP_11 && !parts.headers.contains_key(http::header::HOST) {
         // nginx: "client sent HTTP/1.1 request without "Host" header".
         return Err(400);
     }
-    let mut hosts = parts.headers.get_all("host").iter();
+    let mut hosts = parts.headers.get_all(http::header::HOST).iter();
     if hosts.next().is_some_and(|h| !valid_host(h.as_bytes())) || hosts.next().is_some() {
         // nginx: "client sent invalid host header" / "client sent duplicate host header".
         return Err(400);
@@ -236,7 +239,7 @@ fn find_server(
         on_addr
     };
     let host = headers
-        .get("host")
+        .get(http::header::HOST)
         .and_then(|h| h.to_str().ok())
         .map(|h| {
             h.rsplit_once(':')
