@@ -96,10 +96,16 @@ stop_origin() { [ -n "$ORIGIN_PID" ] && { kill -TERM "$ORIGIN_PID" 2>/dev/null; 
 stop_redis() { [ -n "$REDIS_PID" ] && kill "$REDIS_PID" 2>/dev/null && wait "$REDIS_PID" 2>/dev/null; }
 trap 'stop_origin; stop_redis' EXIT
 
-run_one() { # server scenario[:path] -> "rps p99_ms cpu_us_per_req"
+origin_accepts() { # connections the origin accepted so far (0 without an origin)
+    if [ -z "$ORIGIN_PID" ]; then echo 0; return; fi
+    curl -s "http://127.0.0.1:$ORIGIN_PORT/__origin_status" | awk 'NR == 3 {print $1}'
+}
+
+run_one() { # server scenario[:path] -> "rps p99_ms cpu_us_per_req upstream_conns"
     local server=$1 sc=${2%%:*} path=/ prefix=$RUN_DIR/$1
     [[ $2 == *:* ]] && path=${2#*:}
     rm -rf "$prefix"; mkdir -p "$prefix/logs" "$prefix/tmp"
+    local a0; a0=$(origin_accepts)
     # nginx gets bench/lua first on its path (resty.redis -> Debian's nginx.redis on cosockets);
     # tidegate gets its bundled resty.redis, or the same shim with TIDEGATE_REDIS=cosocket.
     local lua_path="$BENCH/lua/?.lua"
@@ -121,12 +127,15 @@ run_one() { # server scenario[:path] -> "rps p99_ms cpu_us_per_req"
     local out; out=$(taskset -c 0 wrk -t2 -c"$CONNS" -d"$DURATION" --latency -H 'Host: bench.test' "http://127.0.0.1:$PORT$path")
     local t1; t1=$(ticks $pid)
     kill -TERM $pid 2>/dev/null; wait $pid 2>/dev/null || true
+    # Upstream connections opened over sanity check, warm-up and run (less our status request).
+    local a1; a1=$(origin_accepts)
+    local conns=0; [ -n "$ORIGIN_PID" ] && conns=$((a1 - a0 - 1))
     local rps reqs p99
     rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
     reqs=$(echo "$out" | awk '/requests in/ {print $1}')
     p99=$(echo "$out" | awk '$1=="99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v=v*1000}; print v}')
     local cpu_us; cpu_us=$(awk -v t=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" -v n="$reqs" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
-    echo "$rps $p99 $cpu_us"
+    echo "$rps $p99 $cpu_us $conns"
 }
 
 {
@@ -135,16 +144,19 @@ echo
 echo "wrk -t2 -c$CONNS -d$DURATION on CPU 0, one server worker on CPU 1, $ROUNDS alternated rounds."
 echo "nginx $("$NGINX" -v 2>&1 | sed 's|.*nginx/||'), tidegate $("$TIDEGATE" -v 2>&1 | sed 's|.*tidegate/||')"
 echo
-echo "| scenario | round | nginx req/s | tidegate req/s | ratio req/s | nginx p99 ms | tidegate p99 ms | nginx CPU us/req | tidegate CPU us/req | ratio CPU/req |"
-echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+echo "| scenario | round | nginx req/s | tidegate req/s | ratio req/s | nginx p99 ms | tidegate p99 ms | nginx CPU us/req | tidegate CPU us/req | ratio CPU/req | nginx upstream conns | tidegate upstream conns |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 } | tee "$OUT"
 for sc in $SCENARIOS; do
     if [ -z "$ORIGIN_PID" ] && grep -q '@ORIGIN_' "$BENCH/conf/${sc%%:*}.conf"; then start_origin; fi
     for r in $(seq "$ROUNDS"); do
-        read -r n_rps n_p99 n_cpu < <(run_one nginx "$sc")
-        read -r t_rps t_p99 t_cpu < <(run_one tidegate "$sc")
+        read -r n_rps n_p99 n_cpu n_up < <(run_one nginx "$sc")
+        read -r t_rps t_p99 t_cpu t_up < <(run_one tidegate "$sc")
+        # Upstream connection counts only mean something for proxy scenarios ("-" otherwise).
         awk -v sc="$sc" -v r="$r" -v nr="$n_rps" -v tr="$t_rps" -v np="$n_p99" -v tp="$t_p99" -v nc="$n_cpu" -v tc="$t_cpu" \
-            'BEGIN { printf "| %s | %d | %.0f | %.0f | %.2f | %.2f | %.2f | %.1f | %.1f | %.2f |\n", sc, r, nr, tr, tr/nr, np, tp, nc, tc, tc/nc }' | tee -a "$OUT"
+            -v nu="$n_up" -v tu="$t_up" -v origin="$ORIGIN_PID" \
+            'BEGIN { if (origin == "") { nu = "-"; tu = "-" }
+                     printf "| %s | %d | %.0f | %.0f | %.2f | %.2f | %.2f | %.1f | %.1f | %.2f | %s | %s |\n", sc, r, nr, tr, tr/nr, np, tp, nc, tc, tc/nc, nu, tu }' | tee -a "$OUT"
     done
 done
 echo "results: $OUT"

@@ -19,13 +19,33 @@ const ADD_HEADER_STATUSES: &[u16] = &[200, 201, 204, 206, 301, 302, 303, 304, 30
 
 /// Send buffered output (and the head, the first time). `eof` ends the response.
 pub async fn send(rc: &Rc<ReqCtx>, eof: bool) -> Result<(), String> {
+    send_with(rc, None, eof).await
+}
+
+/// [`send`] with `chunk` after the buffered output; when nothing is buffered the chunk goes
+/// on as it is, without the copy into the output buffer (the proxy's upstream body).
+pub async fn send_chunk(rc: &Rc<ReqCtx>, chunk: Bytes, eof: bool) -> Result<(), String> {
+    send_with(rc, Some(chunk), eof).await
+}
+
+async fn send_with(rc: &Rc<ReqCtx>, extra: Option<Bytes>, eof: bool) -> Result<(), String> {
     if rc.st.borrow().eof_sent {
         return Ok(());
     }
     if !rc.st.borrow().headers_sent {
         header_filter(rc).await;
     }
-    let chunk = rc.st.borrow_mut().out.split().freeze();
+    let chunk = {
+        let mut st = rc.st.borrow_mut();
+        match extra {
+            Some(b) if st.out.is_empty() => b,
+            Some(b) => {
+                st.out.extend_from_slice(&b);
+                st.out.split().freeze()
+            }
+            None => st.out.split().freeze(),
+        }
+    };
     let (chunk, eof) = body_filter(rc, chunk, eof).await;
     if let Some(sub) = &rc.sub {
         // A subrequest's response is captured for its parent (ngx.location.capture), never sent.

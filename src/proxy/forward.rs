@@ -285,6 +285,9 @@ pub async fn stream_body(
             Err(_) => Streamed::ClientGone,
         };
     }
+    // A chunk read but not yet sent: kept as it came while it is alone, so that a response
+    // read in one piece goes to the client without a copy.
+    let mut pending: Option<Bytes> = None;
     loop {
         let frame = match body.frame().now_or_never() {
             Some(f) => Ok(f),
@@ -303,7 +306,7 @@ pub async fn stream_body(
             }
             Ok(Some(Ok(f))) => {
                 if let Ok(d) = f.into_data() {
-                    push(rc, d, bytes);
+                    push(rc, &mut pending, d, bytes);
                 }
                 None
             }
@@ -318,11 +321,15 @@ pub async fn stream_body(
         }
         // proxy_buffering on: take what is already there before waking the client side.
         if pc.buffering {
-            while rc.st.borrow().out.len() < READ_AHEAD && !body.is_end_stream() {
+            loop {
+                let held = rc.st.borrow().out.len() + pending.as_ref().map_or(0, |p| p.len());
+                if held >= READ_AHEAD || body.is_end_stream() {
+                    break;
+                }
                 match body.frame().now_or_never() {
                     Some(Some(Ok(f))) => {
                         if let Ok(d) = f.into_data() {
-                            push(rc, d, bytes);
+                            push(rc, &mut pending, d, bytes);
                         }
                     }
                     _ => break,
@@ -330,7 +337,11 @@ pub async fn stream_body(
             }
         }
         let eof = body.is_end_stream();
-        if filter::send(rc, eof).await.is_err() {
+        let sent = match pending.take() {
+            Some(d) => filter::send_chunk(rc, d, eof).await,
+            None => filter::send(rc, eof).await,
+        };
+        if sent.is_err() {
             return Streamed::ClientGone;
         }
         if eof {
@@ -339,9 +350,20 @@ pub async fn stream_body(
     }
 }
 
-fn push(rc: &ReqCtx, d: Bytes, bytes: &mut u64) {
+fn push(rc: &ReqCtx, pending: &mut Option<Bytes>, d: Bytes, bytes: &mut u64) {
     *bytes += d.len() as u64;
-    rc.st.borrow_mut().out.extend_from_slice(&d);
+    if d.is_empty() {
+        return;
+    }
+    let mut st = rc.st.borrow_mut();
+    if pending.is_none() && st.out.is_empty() {
+        *pending = Some(d);
+        return;
+    }
+    if let Some(p) = pending.take() {
+        st.out.extend_from_slice(&p);
+    }
+    st.out.extend_from_slice(&d);
 }
 
 /// Hand the connection back to the pool when keep-alive is configured for it.

@@ -24,15 +24,25 @@ fn hop_by_hop(name: &str) -> bool {
     ) || name.starts_with("proxy-")
 }
 
-/// Header names the `Connection` header lists (they are hop-by-hop too).
+/// Header names the `Connection` header lists (they are hop-by-hop too). The usual
+/// `keep-alive` / `close` / `upgrade` name nothing else, so they cost no allocation.
 fn connection_tokens(h: &HeaderMap) -> Vec<String> {
-    h.get_all("connection")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .filter(|t| !t.is_empty())
-        .collect()
+    let mut out = Vec::new();
+    for v in h.get_all(http::header::CONNECTION) {
+        let Ok(v) = v.to_str() else { continue };
+        for t in v.split(',') {
+            let t = t.trim();
+            if t.is_empty()
+                || t.eq_ignore_ascii_case("keep-alive")
+                || t.eq_ignore_ascii_case("close")
+                || t.eq_ignore_ascii_case("upgrade")
+            {
+                continue;
+            }
+            out.push(t.to_ascii_lowercase());
+        }
+    }
+    out
 }
 
 /// The request headers for upstream. `content_length` is the body length when known.
@@ -138,18 +148,18 @@ pub fn redirect(
     if pc.redirects.is_empty() {
         return;
     }
-    for name in ["location", "refresh"] {
-        let Some(v) = st.resp_headers.get(name).and_then(|v| v.to_str().ok()) else {
+    for name in [http::header::LOCATION, http::header::REFRESH] {
+        let Some(v) = st.resp_headers.get(&name).and_then(|v| v.to_str().ok()) else {
             continue;
         };
         let v = v.to_string();
         // Refresh carries the URL after `url=`.
-        let (head, url) = match name {
-            "refresh" => match v.to_ascii_lowercase().find("url=") {
+        let (head, url) = match name == http::header::REFRESH {
+            true => match v.to_ascii_lowercase().find("url=") {
                 Some(i) => (v[..i + 4].to_string(), v[i + 4..].to_string()),
                 None => continue,
             },
-            _ => (String::new(), v.clone()),
+            false => (String::new(), v.clone()),
         };
         let mut new = None;
         for rule in &pc.redirects {

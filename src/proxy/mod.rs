@@ -200,21 +200,10 @@ pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
         };
         match res {
             Err(f) => {
-                record(
-                    rc,
-                    &peer.name,
-                    f.status(),
-                    f.connect_time,
-                    None,
-                    t0.elapsed(),
-                );
+                let elapsed = t0.elapsed();
+                record(rc, &peer.name, f.status(), f.connect_time, None, elapsed);
                 log_upstream(rc, &f.msg, &upstream(&head.uri));
-                peers.report(
-                    &peer,
-                    TryResult::Fail {
-                        elapsed: t0.elapsed(),
-                    },
-                );
+                peers.report(&peer, TryResult::Fail { elapsed });
                 let again = peers.has_more(budget.tries)
                     && budget.may_retry(&pc, f.kind, f.sent, src.replayable());
                 if !again {
@@ -223,19 +212,20 @@ pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
             }
             Ok(got) => {
                 let status = got.resp.status().as_u16();
+                // One clock read serves the record and the balancer's report.
+                let elapsed = t0.elapsed();
                 record(
                     rc,
                     &peer.name,
                     status,
                     got.connect_time,
                     Some(got.header_time),
-                    t0.elapsed(),
+                    elapsed,
                 );
                 let listed = pc.next_upstream & conf::next::for_status(status) != 0;
                 let again = listed
                     && peers.has_more(budget.tries)
                     && budget.may_retry(&pc, Failure::Status(status), true, src.replayable());
-                let elapsed = t0.elapsed();
                 peers.report(
                     &peer,
                     if listed {
