@@ -91,28 +91,16 @@ function _M.connect(self, options, port, opts2)
     return ok
 end
 
-function _M.set_keepalive(self, max_idle_timeout, pool_size)
-    local c = core(self)
-    if not c then
-        return nil, "not initialized"
+-- Methods that only check the object and hand it to the native side.
+for _, name in ipairs({ "set_keepalive", "get_reused_times", "close" }) do
+    local f = native[name]
+    _M[name] = function(self, ...)
+        local c = core(self)
+        if not c then
+            return nil, "not initialized"
+        end
+        return f(c, ...)
     end
-    return native.set_keepalive(c, max_idle_timeout, pool_size)
-end
-
-function _M.get_reused_times(self)
-    local c = core(self)
-    if not c then
-        return nil, "not initialized"
-    end
-    return native.get_reused_times(c)
-end
-
-function _M.close(self)
-    local c = core(self)
-    if not c then
-        return nil, "not initialized"
-    end
-    return native.close(c)
 end
 
 -- Header tables whose lookups ignore case, like lua-resty-http's resty.http_headers.

@@ -34,12 +34,16 @@ function _M.set_timeout(self, timeout)
     return native.set_timeouts(c, timeout, timeout, timeout)
 end
 
-function _M.set_timeouts(self, connect_timeout, send_timeout, read_timeout)
-    local c = core(self)
-    if not c then
-        return nil, "not initialized"
+-- Methods that only check the object and hand it to the native side.
+for _, name in ipairs({ "set_timeouts", "set_keepalive", "get_reused_times", "close", "read_reply", "commit_pipeline" }) do
+    local f = native[name]
+    _M[name] = function(self, ...)
+        local c = core(self)
+        if not c then
+            return nil, "not initialized"
+        end
+        return f(c, ...)
     end
-    return native.set_timeouts(c, connect_timeout, send_timeout, read_timeout)
 end
 
 function _M.connect(self, host, port, opts)
@@ -51,38 +55,6 @@ function _M.connect(self, host, port, opts)
         return 1
     end
     return native.connect(c, host, port, opts)
-end
-
-function _M.set_keepalive(self, max_idle_timeout, pool_size)
-    local c = core(self)
-    if not c then
-        return nil, "not initialized"
-    end
-    return native.set_keepalive(c, max_idle_timeout, pool_size)
-end
-
-function _M.get_reused_times(self)
-    local c = core(self)
-    if not c then
-        return nil, "not initialized"
-    end
-    return native.get_reused_times(c)
-end
-
-function _M.close(self)
-    local c = core(self)
-    if not c then
-        return nil, "not initialized"
-    end
-    return native.close(c)
-end
-
-function _M.read_reply(self)
-    local c = core(self)
-    if not c then
-        return nil, "not initialized"
-    end
-    return native.read_reply(c)
 end
 
 function _M.init_pipeline(self, n)
@@ -99,14 +71,6 @@ function _M.cancel_pipeline(self)
         return nil, "not initialized"
     end
     native.cancel_pipeline(c)
-end
-
-function _M.commit_pipeline(self)
-    local c = core(self)
-    if not c then
-        return nil, "not initialized"
-    end
-    return native.commit_pipeline(c)
 end
 
 local function do_cmd(self, cmd, ...)
