@@ -255,9 +255,6 @@ pub async fn run(rc: &Rc<ReqCtx>, chunk: &LuaChunk, phase: Phase) -> Outcome {
                 Phase::Rewrite | Phase::ServerRewrite | Phase::Access | Phase::Content
             )
     };
-    let Some(cur) = Current::of(&vm.lua) else {
-        return fail(rc, chunk, &no_slot().to_string());
-    };
     let thread = match vm.thread(chunk) {
         Ok(t) => t,
         Err(e) => return fail(rc, chunk, &e.to_string()),
@@ -269,7 +266,7 @@ pub async fn run(rc: &Rc<ReqCtx>, chunk: &LuaChunk, phase: Phase) -> Outcome {
     let entry = std::pin::pin!(entry);
     let res = Runner {
         lua: &vm.lua,
-        cur,
+        cur: vm.current.clone(),
         req: Some(rc.clone()),
         phase: None,
         sched: None,

@@ -171,6 +171,8 @@ pub struct LuaVm {
     /// when it could not be learnt (an mlua change: `learns_the_terminate_signal` fails), and
     /// then such waits are dropped by the garbage collector.
     terminate: Option<mlua::LightUserData>,
+    /// The state's current-request slot (also in its app data), without a lookup per run.
+    pub current: std::rc::Rc<crate::lua::request::Current>,
 }
 
 impl LuaVm {
@@ -178,11 +180,14 @@ impl LuaVm {
     pub fn new(opts: &VmOptions) -> mlua::Result<LuaVm> {
         let lua = new_state(opts)?;
         let terminate = terminate_signal(&lua);
+        let current = crate::lua::request::Current::of(&lua)
+            .ok_or_else(|| mlua::Error::runtime("Lua state without a request slot"))?;
         Ok(LuaVm {
             lua,
             cache: Default::default(),
             threads: Default::default(),
             terminate,
+            current,
         })
     }
 
