@@ -156,7 +156,7 @@ pub async fn attempt(
     };
     let mut connect_time = None;
     let pooled = if use_pool && dest.keepalive.is_some() {
-        pool::take(&key)
+        pool::take_ready(&key).await
     } else {
         None
     };
@@ -261,10 +261,12 @@ const READ_AHEAD: usize = 64 * 1024;
 
 /// How streaming the body ended.
 pub enum Streamed {
-    /// All of it went out; the connection may be reused.
+    /// The upstream body was read to its end (whether or not the client took all of it): the
+    /// connection may be reused.
     Complete,
-    /// The client went away; the upstream connection is dropped.
-    ClientGone,
+    /// The client went away before the upstream body ended; what is left of it comes back for
+    /// [`drain`].
+    ClientGone(Incoming),
     /// The upstream failed mid-body (logged); the client response was cut off.
     UpstreamFailed,
 }
@@ -280,10 +282,8 @@ pub async fn stream_body(
 ) -> Streamed {
     let read_timeout = tmo.read;
     if body.is_end_stream() {
-        return match filter::send(rc, true).await {
-            Ok(()) => Streamed::Complete,
-            Err(_) => Streamed::ClientGone,
-        };
+        let _ = filter::send(rc, true).await;
+        return Streamed::Complete;
     }
     // A chunk read but not yet sent: kept as it came while it is alone, so that a response
     // read in one piece goes to the client without a copy.
@@ -299,10 +299,8 @@ pub async fn stream_body(
                 Some("upstream prematurely closed connection while reading upstream")
             }
             Ok(None) => {
-                return match filter::send(rc, true).await {
-                    Ok(()) => Streamed::Complete,
-                    Err(_) => Streamed::ClientGone,
-                };
+                let _ = filter::send(rc, true).await;
+                return Streamed::Complete;
             }
             Ok(Some(Ok(f))) => {
                 if let Ok(d) = f.into_data() {
@@ -341,11 +339,11 @@ pub async fn stream_body(
             Some(d) => filter::send_chunk(rc, d, eof).await,
             None => filter::send(rc, eof).await,
         };
-        if sent.is_err() {
-            return Streamed::ClientGone;
-        }
         if eof {
             return Streamed::Complete;
+        }
+        if sent.is_err() {
+            return Streamed::ClientGone(body);
         }
     }
 }
@@ -364,6 +362,38 @@ fn push(rc: &ReqCtx, pending: &mut Option<Bytes>, d: Bytes, bytes: &mut u64) {
         st.out.extend_from_slice(&p);
     }
     st.out.extend_from_slice(&d);
+}
+
+/// The most of an upstream body read on after the client went away, so that the connection
+/// survives for the next request. nginx (proxy_buffering on) has usually read a response of
+/// this size into its buffers before a client aborts, and keeps the connection then.
+const DRAIN_LIMIT: u64 = 1024 * 1024;
+
+/// After the client went away mid-response: read the rest of a not too large upstream body in
+/// the background (each read within proxy_read_timeout) and pool the connection when it ends;
+/// anything else closes it.
+pub fn drain(mut body: Incoming, conn: Conn, key: Key, limits: Option<Limits>, read: Duration) {
+    let Some(limits) = limits else { return };
+    if body.size_hint().upper().is_none_or(|n| n > DRAIN_LIMIT) {
+        return;
+    }
+    tokio::task::spawn_local(async move {
+        let mut left = DRAIN_LIMIT;
+        while !body.is_end_stream() {
+            match tokio::time::timeout(read, body.frame()).await {
+                Ok(Some(Ok(f))) => {
+                    let n = f.data_ref().map_or(0, |d| d.len() as u64);
+                    if n > left {
+                        return;
+                    }
+                    left -= n;
+                }
+                Ok(None) => break,
+                _ => return,
+            }
+        }
+        pool::release(key, conn, limits);
+    });
 }
 
 /// Hand the connection back to the pool when keep-alive is configured for it.

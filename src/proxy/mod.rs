@@ -340,8 +340,10 @@ async fn respond(rc: &Rc<ReqCtx>, c: Respond<'_>, got: Got) -> Outcome {
         u.response_length = len;
         u.set_last_response_time(c.t0.elapsed());
     }
-    if let Streamed::Complete = r {
-        forward::finish(conn, key, c.dest);
+    match r {
+        Streamed::Complete => forward::finish(conn, key, c.dest),
+        Streamed::ClientGone(rest) => forward::drain(rest, conn, key, c.dest.keepalive, c.tmo.read),
+        Streamed::UpstreamFailed => {}
     }
     Outcome::Done
 }

@@ -58,16 +58,17 @@ thread_local! {
     static SWEEPER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// An idle connection for `key`, if one is alive and younger than the timeout. One that
-/// hyper has not marked idle yet (its task has not run since the response ended) stays.
+/// The most recently used idle connection for `key` that is alive and younger than the
+/// timeout. Its response was read to the end, but hyper's connection task may not have run
+/// since then to mark it idle: the caller waits for [`ready`] (a wakeup away) rather than
+/// opening another connection meanwhile.
 pub fn take(key: &Key) -> Option<Conn> {
     POOL.with(|p| {
         let mut p = p.borrow_mut();
         let q = p.get_mut(key)?;
         let now = Instant::now();
         q.retain(|i| now < i.deadline && !i.tx.is_closed());
-        let i = q.iter().rposition(|i| i.tx.is_ready())?;
-        let idle = q.remove(i)?;
+        let idle = q.pop_back()?;
         Some(Conn {
             tx: idle.tx,
             requests: idle.requests + 1,
@@ -76,6 +77,17 @@ pub fn take(key: &Key) -> Option<Conn> {
             send_limit: idle.send_limit,
         })
     })
+}
+
+/// A pooled connection ready for its next request, or none (the caller opens one): each
+/// candidate whose task turns out closed is dropped and the next one tried.
+pub async fn take_ready(key: &Key) -> Option<Conn> {
+    while let Some(mut c) = take(key) {
+        if c.tx.is_ready() || c.tx.ready().await.is_ok() {
+            return Some(c);
+        }
+    }
+    None
 }
 
 /// Give a connection back after a complete response; it is closed instead when the pool is
