@@ -10,8 +10,11 @@
 //! A subrequest (`ngx.location.capture`, see `subrequest.rs`) walks the same phases through
 //! [`run_subrequest`]; its filtered output lands in a capture sink instead of the client.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
@@ -46,12 +49,38 @@ pub fn serve(env: Rc<Env>, conn: Rc<ConnInfo>, req: Request<Incoming>) -> Respon
         Ok(rc) => rc,
         Err(code) => return ResponseFuture::Error(code),
     };
-    // The walk runs as its own task: measured under load (bench/run.sh, 50 connections) this
-    // costs less CPU per request than polling it inline in hyper's connection task, and it
-    // lets the body and the log phase finish when the client goes away, as in nginx.
+    let conn = rc.conn.clone();
     // Boxed: the walk's future is large (phases, error_page, finalize and log are all in it)
     // and tokio moves a task's future by value several times while spawning and finishing it.
-    tokio::task::spawn_local(Box::pin(run(rc)));
+    let mut walk = Box::pin(run(rc));
+    // Most walks never wait (a Lua or static handler that answers at once): run it here, so
+    // the head is ready when hyper polls for it, in the same turn of the connection task.
+    // One that waits becomes its own task: it goes on when the client leaves, as in nginx,
+    // and polling it inline in hyper's task for its whole life measured worse under load
+    // (bench/README.md). The task polls it again with its own waker (the no-op one given
+    // here is then replaced), which costs a second pass down to the same wait: so once a walk
+    // on this connection waited (a proxy location, say), the next ones start as tasks, until
+    // one of them turns out to finish on its first poll.
+    if !conn.walk_waits.get() {
+        if walk
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()))
+            .is_ready()
+        {
+            return ResponseFuture::Wait(head_rx);
+        }
+        conn.walk_waits.set(true);
+        tokio::task::spawn_local(walk);
+    } else {
+        let mut first = true;
+        tokio::task::spawn_local(std::future::poll_fn(move |cx| {
+            let r = walk.as_mut().poll(cx);
+            if std::mem::take(&mut first) && r.is_ready() {
+                conn.walk_waits.set(false);
+            }
+            r
+        }));
+    }
     ResponseFuture::Wait(head_rx)
 }
 
@@ -62,18 +91,15 @@ pub enum ResponseFuture {
     Error(u16),
 }
 
-impl std::future::Future for ResponseFuture {
+impl Future for ResponseFuture {
     type Output = Response<Body>;
 
-    fn poll(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Response<Body>> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response<Body>> {
         match self.get_mut() {
-            ResponseFuture::Wait(rx) => std::pin::Pin::new(rx)
+            ResponseFuture::Wait(rx) => Pin::new(rx)
                 .poll(cx)
                 .map(|r| r.unwrap_or_else(|_| plain_error(500))),
-            ResponseFuture::Error(code) => std::task::Poll::Ready(plain_error(*code)),
+            ResponseFuture::Error(code) => Poll::Ready(plain_error(*code)),
         }
     }
 }
