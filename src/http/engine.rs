@@ -107,8 +107,10 @@ impl Future for ResponseFuture {
 fn plain_error(code: u16) -> Response<Body> {
     let mut r = Response::new(Body::full(special::page(code, true)));
     *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    r.headers_mut()
-        .insert("content-type", HeaderValue::from_static("text/html"));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html"),
+    );
     r
 }
 
@@ -400,7 +402,7 @@ async fn error_page(rc: &Rc<ReqCtx>, code: u16) -> Option<Outcome> {
                 302
             };
             if let Ok(v) = HeaderValue::from_str(&target) {
-                st.resp_headers.insert("location", v);
+                st.resp_headers.insert(http::header::LOCATION, v);
             }
             return Some(Outcome::Status(st.status));
         }
@@ -498,7 +500,7 @@ async fn phases(rc: &Rc<ReqCtx>, mut forced: Option<Arc<Location>>) -> Outcome {
             if limit > 0 {
                 let len = st
                     .headers
-                    .get("content-length")
+                    .get(http::header::CONTENT_LENGTH)
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.parse::<u64>().ok());
                 if len.is_some_and(|l| l > limit) {
@@ -663,12 +665,14 @@ async fn finalize(rc: &Rc<ReqCtx>, outcome: Outcome) {
             st.status = code;
             if code == 444 {
                 st.resp_headers
-                    .insert("connection", HeaderValue::from_static("close"));
+                    .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
             } else if special::has_page(code) {
                 let tokens = st.conf.server_tokens;
-                st.resp_headers.remove("content-length");
-                st.resp_headers
-                    .insert("content-type", HeaderValue::from_static("text/html"));
+                st.resp_headers.remove(http::header::CONTENT_LENGTH);
+                st.resp_headers.insert(
+                    http::header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/html"),
+                );
                 st.out
                     .extend_from_slice(special::page(code, tokens).as_bytes());
             }
@@ -697,9 +701,9 @@ pub async fn run_subrequest(rc: &Rc<ReqCtx>) {
         // A bare status: headers only, an empty body (no special page), as OpenResty captures it.
         let mut st = rc.st.borrow_mut();
         st.status = code;
-        st.resp_headers.remove("content-type");
-        st.resp_headers.remove("content-length");
-        st.resp_headers.remove("last-modified");
+        st.resp_headers.remove(http::header::CONTENT_TYPE);
+        st.resp_headers.remove(http::header::CONTENT_LENGTH);
+        st.resp_headers.remove(http::header::LAST_MODIFIED);
     }
     if let Err(e) = filter::send(rc, true).await {
         tracing::debug!(conn = rc.conn.id, "subrequest output: {}", e);
