@@ -293,6 +293,8 @@ fn response_framing_decides_reuse() {
             "/chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\nX-T: 1\r\n\r\n",
             "/close" => b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
             "/eof" => b"HTTP/1.0 200 OK\r\n\r\nuntil-close",
+            // Keep-alive by its framing, then closed while idle in the pool.
+            "/dropped" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
             _ => {
                 let big = "x".repeat(70 * 1024);
                 let _ = s.write_all(format!("HTTP/1.1 200 OK\r\nX-Big: {}\r\nContent-Length: 0\r\n\r\n", big).as_bytes());
@@ -332,6 +334,15 @@ fn response_framing_decides_reuse() {
     assert_eq!((r.status, r.text().as_str()), (200, "until-close"));
     assert_eq!(s.get("/chunked").status, 200);
     assert_eq!(conns(), 4);
+    assert_eq!(s.get("/dropped").status, 200);
+    std::thread::sleep(Duration::from_millis(200));
+    let r = s.get("/chunked");
+    assert_eq!((r.status, r.text().as_str()), (200, "hello world"));
+    assert_eq!(
+        conns(),
+        5,
+        "the pooled connection the upstream closed is not used"
+    );
     assert_eq!(s.get("/huge").status, 502);
     let log = wait_log(&s, "upstream sent too big header");
     assert!(

@@ -30,6 +30,14 @@ pub struct Timed {
 }
 
 impl Timed {
+    /// The TCP connection under it (for readiness checks that need no system call).
+    pub fn tcp(&self) -> &TcpStream {
+        match &self.io {
+            Io::Tcp(s) => s,
+            Io::Tls(s) => s.get_ref().0,
+        }
+    }
+
     fn wrote<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
         if r.is_ready() {
             self.stall = None;

@@ -130,14 +130,6 @@ fn put_headers(buf: &mut Vec<u8>, headers: &HeaderMap, skip: Option<&HeaderName>
     }
 }
 
-/// Whether `headers`' Connection lists `token`.
-fn connection_has(headers: &HeaderMap, token: &str) -> bool {
-    headers.get_all(header::CONNECTION).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-    })
-}
-
 /// Write the request: head, then the body as its framing says. Returns whether the request
 /// lets the connection live on (it did not ask the upstream to close).
 async fn write_request(
@@ -154,9 +146,20 @@ async fn write_request(
             write: false,
         });
     }
-    let keep = !connection_has(headers, "close");
-    let has_len = headers.contains_key(header::CONTENT_LENGTH);
-    let has_te = headers.contains_key(header::TRANSFER_ENCODING);
+    // One pass over the headers rather than a hash lookup per question.
+    let (mut keep, mut has_len, mut has_te) = (true, false, false);
+    for (n, v) in headers {
+        if n == header::CONNECTION {
+            keep &= !v
+                .as_bytes()
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+        } else if n == header::CONTENT_LENGTH {
+            has_len = true;
+        } else if n == header::TRANSFER_ENCODING {
+            has_te = true;
+        }
+    }
     // hyper's rules, which the tests and users saw so far: an empty body sends nothing; a
     // known length is declared when the headers do not; HTTP/1.0 never chunks; a body of
     // unknown length is chunked unless the method hardly ever has one.
@@ -285,7 +288,7 @@ pub async fn exchange(
     let mut buf = BytesMut::with_capacity(READ_SIZE);
     loop {
         let parsed = parse_head(&mut buf, head.method == Method::HEAD, keep)?;
-        let Some((status, headers, framing, reusable)) = parsed else {
+        let Some(h) = parsed else {
             if buf.len() >= HEAD_LIMIT {
                 return Err(ExchangeError {
                     kind: Failure::InvalidHeader,
@@ -304,11 +307,26 @@ pub async fn exchange(
             }
             continue;
         };
-        if (100..200).contains(&status) && status != 101 {
+        if (100..200).contains(&h.status) && h.status != 101 {
+            buf = BytesMut::from(h.rest);
             continue;
         }
+        let Head {
+            status,
+            headers,
+            framing,
+            reusable,
+            rest,
+        } = h;
+        // A known length takes its bytes from what came with the head as they are; the other
+        // decoders scan a buffer of their own.
+        let (first, buf) = match framing {
+            Framing::Length(_) => (rest, buf),
+            _ => (Bytes::new(), BytesMut::from(rest)),
+        };
         let mut body = Body {
             conn: Some(conn),
+            first,
             buf,
             framing,
             reusable,
@@ -327,94 +345,111 @@ pub async fn exchange(
     }
 }
 
-/// Parse a response head at the start of `buf`: `None` when more bytes are needed; else the
-/// status, headers, body framing and whether keep-alive holds, with the head taken off `buf`.
-#[allow(clippy::type_complexity)]
+/// A parsed response head.
+struct Head {
+    status: u16,
+    headers: HeaderMap,
+    framing: Framing,
+    /// Keep-alive holds on both sides.
+    reusable: bool,
+    /// What was read past the head.
+    rest: Bytes,
+}
+
+/// Header lines tried on the stack first; a head with more is parsed again with the limit.
+const FEW_HEADERS: usize = 24;
+
+/// Parse a response head at the start of `buf`: `None` (with `buf` as it was) when more bytes
+/// are needed. Header values share the bytes read (no copy per header).
 fn parse_head(
     buf: &mut BytesMut,
     head_req: bool,
     keep: bool,
-) -> Result<Option<(u16, HeaderMap, Framing, bool)>, ExchangeError> {
+) -> Result<Option<Head>, ExchangeError> {
     if buf.is_empty() {
         return Ok(None);
     }
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut r = httparse::Response::new(&mut slots);
-    let len = match r.parse(buf) {
+    let whole = std::mem::take(buf).freeze();
+    let mut few = [httparse::EMPTY_HEADER; FEW_HEADERS];
+    let mut many;
+    let mut r = httparse::Response::new(&mut few);
+    let mut parsed = r.parse(&whole);
+    if let Err(httparse::Error::TooManyHeaders) = parsed {
+        many = vec![httparse::EMPTY_HEADER; MAX_HEADERS];
+        r = httparse::Response::new(&mut many);
+        parsed = r.parse(&whole);
+    }
+    let len = match parsed {
         Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Ok(None),
+        Ok(httparse::Status::Partial) => {
+            *buf = BytesMut::from(whole);
+            return Ok(None);
+        }
         Err(_) => return Err(ExchangeError::invalid()),
     };
     let status = r.code.unwrap_or(0);
     let http11 = r.version == Some(1);
-    // Header positions in the head, so that values can share its bytes once it is frozen.
-    let base = buf.as_ptr() as usize;
-    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
-    let count = r.headers.len();
-    for (i, h) in r.headers.iter().enumerate() {
-        let n = h.name.as_ptr() as usize - base;
-        let v = h.value.as_ptr() as usize - base;
-        spans[i] = (n, h.name.len(), v, h.value.len());
-    }
-    let raw = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(count);
-    for &(n, nl, v, vl) in &spans[..count] {
-        let name = HeaderName::from_bytes(&raw[n..n + nl]).map_err(|_| ExchangeError::invalid())?;
-        let value = HeaderValue::from_maybe_shared(raw.slice(v..v + vl))
+    let mut headers = HeaderMap::with_capacity(r.headers.len());
+    // What framing and keep-alive depend on, noted on the way.
+    let (mut close, mut keep_alive) = (false, false);
+    let mut te_chunked = None;
+    let mut length: Option<u64> = None;
+    for h in r.headers.iter() {
+        let name =
+            HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| ExchangeError::invalid())?;
+        let value = HeaderValue::from_maybe_shared(whole.slice_ref(h.value))
             .map_err(|_| ExchangeError::invalid())?;
+        if name == header::CONNECTION {
+            for t in h.value.split(|&b| b == b',') {
+                let t = t.trim_ascii();
+                close |= t.eq_ignore_ascii_case(b"close");
+                keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
+            }
+        } else if name == header::TRANSFER_ENCODING {
+            let last = h.value.rsplit(|&b| b == b',').next().unwrap_or(b"");
+            te_chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name == header::CONTENT_LENGTH {
+            for part in h.value.split(|&b| b == b',') {
+                let part = part.trim_ascii();
+                if part.is_empty() || part.len() > 19 || !part.iter().all(|b| b.is_ascii_digit()) {
+                    return Err(ExchangeError::invalid());
+                }
+                let n = part.iter().fold(0u64, |n, &b| n * 10 + (b - b'0') as u64);
+                if length.is_some_and(|l| l != n) {
+                    return Err(ExchangeError::invalid());
+                }
+                length = Some(n);
+            }
+        }
         headers.append(name, value);
     }
-    let mut reusable = keep
-        && if http11 {
-            !connection_has(&headers, "close")
-        } else {
-            connection_has(&headers, "keep-alive")
-        };
+    let mut reusable = keep && if http11 { !close } else { keep_alive };
     let framing = if head_req || status == 204 || status == 304 || (100..200).contains(&status) {
         Framing::Done
-    } else if let Some(te) = headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .next_back()
-    {
-        let chunked = http11
-            && te
-                .to_str()
-                .ok()
-                .and_then(|v| v.rsplit(',').next())
-                .is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked"));
-        if chunked {
+    } else if let Some(chunked) = te_chunked {
+        if chunked && http11 {
             Framing::Chunked(Chunk::Size)
         } else {
             reusable = false;
             Framing::Close
         }
-    } else if headers.contains_key(header::CONTENT_LENGTH) {
-        let mut len = None;
-        for v in headers.get_all(header::CONTENT_LENGTH) {
-            let s = v.to_str().map_err(|_| ExchangeError::invalid())?;
-            for part in s.split(',') {
-                let part = part.trim();
-                if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
-                    return Err(ExchangeError::invalid());
-                }
-                let n: u64 = part.parse().map_err(|_| ExchangeError::invalid())?;
-                if len.is_some_and(|l| l != n) {
-                    return Err(ExchangeError::invalid());
-                }
-                len = Some(n);
-            }
-        }
-        match len {
+    } else {
+        match length {
             Some(0) => Framing::Done,
             Some(n) => Framing::Length(n),
-            None => return Err(ExchangeError::invalid()),
+            None => {
+                reusable = false;
+                Framing::Close
+            }
         }
-    } else {
-        reusable = false;
-        Framing::Close
     };
-    Ok(Some((status, headers, framing, reusable)))
+    Ok(Some(Head {
+        status,
+        headers,
+        framing,
+        reusable,
+        rest: whole.slice(len..),
+    }))
 }
 
 /// Where the chunked decoder is.
@@ -445,6 +480,8 @@ enum Framing {
 /// A response body being read; it owns the connection until the body ends.
 pub struct Body {
     conn: Option<Conn>,
+    /// Body bytes that came with the head (Content-Length bodies), handed out before `buf`.
+    first: Bytes,
     /// Bytes read past what was handed out.
     buf: BytesMut,
     framing: Framing,
@@ -486,7 +523,7 @@ impl Body {
         self.framing = Framing::Done;
         let Some(conn) = self.conn.take() else { return };
         // Bytes beyond the response mean the two sides disagree on framing: not reusable.
-        if !self.reusable || !self.buf.is_empty() {
+        if !self.reusable || !self.buf.is_empty() || !self.first.is_empty() {
             return;
         }
         if let Some((key, limits)) = self.pool.take() {
@@ -506,11 +543,16 @@ impl Body {
                     return Ok(Some(self.buf.split().freeze()));
                 }
                 Framing::Length(n) => {
-                    if self.buf.is_empty() {
+                    let d = if !self.first.is_empty() {
+                        let take = (self.first.len() as u64).min(n) as usize;
+                        self.first.split_to(take)
+                    } else if !self.buf.is_empty() {
+                        let take = (self.buf.len() as u64).min(n) as usize;
+                        self.buf.split_to(take).freeze()
+                    } else {
                         return Ok(None);
-                    }
-                    let take = (self.buf.len() as u64).min(n) as usize;
-                    let d = self.buf.split_to(take).freeze();
+                    };
+                    let take = d.len();
                     if take as u64 == n {
                         self.release();
                     } else {
@@ -649,6 +691,7 @@ mod tests {
     fn body(framing: Framing, bytes: &[u8]) -> Body {
         Body {
             conn: None,
+            first: Bytes::new(),
             buf: BytesMut::from(bytes),
             framing,
             reusable: true,
@@ -683,7 +726,8 @@ mod tests {
     fn heads_frame_bodies_as_hyper_did() {
         let parse = |raw: &[u8], head: bool| {
             let mut buf = BytesMut::from(raw);
-            parse_head(&mut buf, head, true).map(|r| r.map(|(s, _, f, k)| (s, f, k, buf.len())))
+            parse_head(&mut buf, head, true)
+                .map(|r| r.map(|h| (h.status, h.framing, h.reusable, h.rest.len())))
         };
         let r = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc", false);
         assert_eq!(r.ok().flatten(), Some((200, Framing::Length(3), true, 3)));
@@ -703,5 +747,12 @@ mod tests {
         assert!(parse(b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", false).is_err());
         assert!(parse(b"HTTX/1.1 200 OK\r\n\r\n", false).is_err());
         assert!(matches!(parse(b"HTTP/1.1 200 OK\r\nA: b", false), Ok(None)));
+        let mut many = String::from("HTTP/1.1 200 OK\r\n");
+        for i in 0..60 {
+            many.push_str(&format!("X-{}: {}\r\n", i, i));
+        }
+        many.push_str("Content-Length: 1\r\n\r\nx");
+        let r = parse(many.as_bytes(), false);
+        assert_eq!(r.ok().flatten(), Some((200, Framing::Length(1), true, 1)));
     }
 }

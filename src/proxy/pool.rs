@@ -62,6 +62,11 @@ thread_local! {
 /// anything unasked (either makes it useless for the next request).
 fn alive(io: &mut Timed) -> bool {
     let mut cx = Context::from_waker(std::task::Waker::noop());
+    // Nothing arrived since its last read returned short: alive, without a system call (the
+    // reactor has seen the upstream's FIN or data otherwise, as nginx's idle read handler).
+    if io.tcp().poll_read_ready(&mut cx).is_pending() {
+        return true;
+    }
     let mut byte = [0u8; 1];
     let mut buf = ReadBuf::new(&mut byte);
     matches!(Pin::new(io).poll_read(&mut cx, &mut buf), Poll::Pending)
