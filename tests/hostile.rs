@@ -657,3 +657,37 @@ fn exchange(s: &Server, raw: &[u8], timeout: Duration) -> Vec<u8> {
     }
     out
 }
+
+#[test]
+fn keepalive_timeout_runs_only_while_idle() {
+    // The keepalive (header) timer starts when a response is finished and stops while a
+    // request is served: a handler slower than the timeout keeps its connection, and the
+    // connection is closed one timeout after its last response, not before.
+    let s = hostile_server(
+        "keepalive_timeout 1s;\n        location = /slow { content_by_lua_block { ngx.sleep(1.6) ngx.say(\"slow\") } }",
+    );
+    let mut c = TcpStream::connect(s.addr()).expect("connect");
+    c.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    c.write_all(b"GET /slow HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .expect("write");
+    let r = read_response(&mut c).expect("slow response");
+    assert_eq!(r.text(), "slow\n");
+    // Idle for less than the timeout, then a second request on the same connection.
+    std::thread::sleep(Duration::from_millis(600));
+    c.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .expect("write");
+    let r = read_response(&mut c).expect("second response on the kept connection");
+    assert_eq!(r.text(), "hello\n");
+    let t0 = Instant::now();
+    let mut b = [0u8; 64];
+    let n = c.read(&mut b).unwrap_or(0);
+    let waited = t0.elapsed();
+    assert_eq!(n, 0, "the idle connection was not closed");
+    assert!(
+        waited >= Duration::from_millis(800) && waited < Duration::from_secs(4),
+        "closed after {:?}, expected about 1s",
+        waited
+    );
+    assert_alive(&s);
+}

@@ -36,14 +36,15 @@ pub enum Outcome {
     Status(u16),
 }
 
-/// Serve one request on a worker: runs the phases in a local task so that a handler that
-/// flushes early can stream while hyper already writes the head.
-pub async fn serve(env: Rc<Env>, conn: Rc<ConnInfo>, req: Request<Incoming>) -> Response<Body> {
+/// Serve one request on a worker: builds the request and starts the phase walk in a local
+/// task, so that a handler that flushes early can stream while hyper already writes the head.
+/// The returned future only waits for the head: it stays small, and hyper moves it around.
+pub fn serve(env: Rc<Env>, conn: Rc<ConnInfo>, req: Request<Incoming>) -> ResponseFuture {
     crate::lua::api::time::update_cached_time();
     let (head_tx, head_rx) = oneshot::channel();
     let rc = match new_request(env, conn, req, head_tx) {
         Ok(rc) => rc,
-        Err(code) => return plain_error(code),
+        Err(code) => return ResponseFuture::Error(code),
     };
     // The walk runs as its own task: measured under load (bench/run.sh, 50 connections) this
     // costs less CPU per request than polling it inline in hyper's connection task, and it
@@ -51,9 +52,29 @@ pub async fn serve(env: Rc<Env>, conn: Rc<ConnInfo>, req: Request<Incoming>) -> 
     // Boxed: the walk's future is large (phases, error_page, finalize and log are all in it)
     // and tokio moves a task's future by value several times while spawning and finishing it.
     tokio::task::spawn_local(Box::pin(run(rc)));
-    match head_rx.await {
-        Ok(resp) => resp,
-        Err(_) => plain_error(500),
+    ResponseFuture::Wait(head_rx)
+}
+
+/// The response head of a request being served (see [`serve`]).
+pub enum ResponseFuture {
+    Wait(oneshot::Receiver<Response<Body>>),
+    /// Refused before the phases ran (a bad request line or Host).
+    Error(u16),
+}
+
+impl std::future::Future for ResponseFuture {
+    type Output = Response<Body>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Response<Body>> {
+        match self.get_mut() {
+            ResponseFuture::Wait(rx) => std::pin::Pin::new(rx)
+                .poll(cx)
+                .map(|r| r.unwrap_or_else(|_| plain_error(500))),
+            ResponseFuture::Error(code) => std::task::Poll::Ready(plain_error(*code)),
+        }
     }
 }
 
@@ -83,14 +104,13 @@ fn new_request(
         None => (request_uri.as_str(), None),
     };
     let uri = normalize_uri(raw_path).ok_or(400u16)?;
-    if parts.version == http::Version::HTTP_11 && !parts.headers.contains_key(http::header::HOST) {
-        // nginx: "client sent HTTP/1.1 request without "Host" header".
-        return Err(400);
-    }
     let mut hosts = parts.headers.get_all(http::header::HOST).iter();
-    if hosts.next().is_some_and(|h| !valid_host(h.as_bytes())) || hosts.next().is_some() {
+    match hosts.next() {
+        // nginx: "client sent HTTP/1.1 request without "Host" header".
+        None if parts.version == http::Version::HTTP_11 => return Err(400),
         // nginx: "client sent invalid host header" / "client sent duplicate host header".
-        return Err(400);
+        Some(h) if !valid_host(h.as_bytes()) || hosts.next().is_some() => return Err(400),
+        _ => {}
     }
     if !parts
         .method
@@ -102,20 +122,25 @@ fn new_request(
         return Err(400);
     }
     let server = find_server(&env.cfg.http.servers, conn.local, &parts.headers).ok_or(400u16)?;
-    let mut st = ReqState::new(
-        parts.method,
-        uri,
-        args,
-        request_uri,
-        parts.version,
-        parts.headers,
-        ReqBody::Unread(body),
-        server,
-    );
-    st.head_tx = Some(head_tx);
-    st.on_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+    let on_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
     conn.requests.set(conn.requests.get() + 1);
-    Ok(Rc::new(ReqCtx::new(conn, env, st, None)))
+    // Built inside the Rc's allocation: the state is close to a kilobyte, and building it on
+    // the stack first costs a copy per move (state -> context -> Rc).
+    Ok(ReqCtx::new_rc(conn, env, None, move || {
+        let mut st = ReqState::new(
+            parts.method,
+            uri,
+            args,
+            request_uri,
+            parts.version,
+            parts.headers,
+            ReqBody::Unread(body),
+            server,
+        );
+        st.head_tx = Some(head_tx);
+        st.on_upgrade = on_upgrade;
+        st
+    }))
 }
 
 /// Decode `%XX`, merge slashes and resolve `.`/`..` as nginx does; `None` when the path

@@ -25,6 +25,9 @@ pub struct Env {
     pub declared: std::collections::HashSet<String>,
     /// The `upstream {}` groups, shared by all workers.
     pub upstreams: Arc<crate::proxy::upstream::UpstreamSet>,
+    /// Some location has `lua_check_client_abort on`: hyper must notice a client's EOF while a
+    /// request runs (decided once per configuration, see `server::conn`).
+    pub watch_client_abort: bool,
 }
 
 /// The nginx phase a request (or a Lua call) is in, as `ngx.get_phase()` names it.
@@ -227,6 +230,7 @@ pub struct ReqCtx {
 impl ReqState {
     /// A request at its start, before the server rewrite phase.
     #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
     pub fn new(
         method: Method,
         uri: String,
@@ -279,6 +283,7 @@ impl ReqState {
 }
 
 impl ReqCtx {
+    #[inline(always)]
     pub fn new(conn: Rc<ConnInfo>, env: Rc<Env>, st: ReqState, sub: Option<Box<Sub>>) -> ReqCtx {
         ReqCtx {
             conn,
@@ -290,6 +295,18 @@ impl ReqCtx {
             st: RefCell::new(st),
             sub,
         }
+    }
+
+    /// [`ReqCtx::new`] in an `Rc`, with the state made by `st` after the allocation, so that
+    /// the compiler can build it in place instead of copying it in.
+    #[inline(always)]
+    pub fn new_rc(
+        conn: Rc<ConnInfo>,
+        env: Rc<Env>,
+        sub: Option<Box<Sub>>,
+        st: impl FnOnce() -> ReqState,
+    ) -> Rc<ReqCtx> {
+        Rc::new_cyclic(move |_| ReqCtx::new(conn, env, st(), sub))
     }
 
     /// Whether this is a subrequest (`ngx.is_subrequest`).

@@ -3,6 +3,7 @@
 //! state and `SO_REUSEPORT` sockets) and turns signals into reload and shutdown, as nginx's
 //! master does.
 
+pub mod conn;
 pub mod listen;
 pub mod worker;
 

@@ -25,9 +25,13 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
-use mlua::{AnyUserData, Lua, MultiValue, Table, UserData, Value};
+use mlua::{AnyUserData, Lua, MultiValue, Table, UserData, UserDataRef, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
+
+/// `SELECT 0`, sent ahead of the next user's first command on a connection left on another
+/// database.
+const SELECT_0: &[u8] = b"*2\r\n$6\r\nSELECT\r\n$1\r\n0\r\n";
 
 /// What a timeout of 0 means for I/O (nginx's `lua_socket_*_timeout` default).
 const DEFAULT_TIMEOUT_MS: u64 = 60_000;
@@ -111,6 +115,89 @@ pub fn encode(out: &mut Vec<u8>, args: &[Vec<u8>]) {
     }
 }
 
+/// Append `n` in decimal.
+fn push_dec(out: &mut Vec<u8>, mut n: usize) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&buf[i..]);
+}
+
+fn push_bulk(out: &mut Vec<u8>, a: &[u8]) {
+    out.push(b'$');
+    push_dec(out, a.len());
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(a);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Append one command given as Lua values (what `red:cmd(...)` passed) as a RESP array, and
+/// say what it does to the connection's state. No copy of the arguments in between.
+fn encode_values(out: &mut Vec<u8>, args: &VecDeque<Value>) -> mlua::Result<Effect> {
+    out.push(b'*');
+    push_dec(out, args.len());
+    out.extend_from_slice(b"\r\n");
+    let start = out.len();
+    let mut after_name = start;
+    for (i, v) in args.iter().enumerate() {
+        match v {
+            Value::String(s) => push_bulk(out, &s.as_bytes()),
+            Value::Integer(n) => push_bulk(out, n.to_string().as_bytes()),
+            Value::Number(n) => {
+                push_bulk(out, crate::lua::api::output::format_number(*n).as_bytes())
+            }
+            Value::Boolean(b) => push_bulk(out, if *b { b"true" } else { b"false" }),
+            Value::Nil => push_bulk(out, b"nil"),
+            other => {
+                return Err(mlua::Error::runtime(format!(
+                    "bad argument: {} not allowed in a redis command",
+                    other.type_name()
+                )))
+            }
+        }
+        if i == 0 {
+            after_name = out.len();
+        }
+    }
+    Ok(effect_of(&out[start..], after_name - start, args))
+}
+
+/// The effect of an encoded command: `enc` is its arguments (bulk strings), the first
+/// `name_len` bytes of them the command's name.
+fn effect_of(enc: &[u8], name_len: usize, args: &VecDeque<Value>) -> Effect {
+    let Some(Value::String(name)) = args.front() else {
+        return Effect::None;
+    };
+    let name = name.as_bytes();
+    let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+    if name.len() < 4 || name.len() > 12 {
+        Effect::None
+    } else if is("select") {
+        let db = match args.get(1) {
+            Some(Value::Integer(n)) => Some(*n),
+            Some(Value::Number(n)) if n.fract() == 0.0 => Some(*n as i64),
+            Some(Value::String(s)) => s.to_str().ok().and_then(|s| s.trim().parse().ok()),
+            _ => None,
+        };
+        db.map_or(Effect::None, Effect::Select)
+    } else if is("auth") {
+        Effect::Auth(hash_bytes(&enc[name_len..]))
+    } else if is("subscribe") || is("psubscribe") {
+        Effect::Subscribe
+    } else if is("unsubscribe") || is("punsubscribe") {
+        Effect::Unsubscribe
+    } else {
+        Effect::None
+    }
+}
+
 /// A failure of the connection itself, in the cosocket API's words.
 #[derive(Debug)]
 enum NetErr {
@@ -157,6 +244,12 @@ impl Io {
             Io::Unix(s) => s.write_all(b).await,
         }
     }
+    fn try_write(&self, b: &[u8]) -> io::Result<usize> {
+        match self {
+            Io::Tcp(s) => s.try_write(b),
+            Io::Unix(s) => s.try_write(b),
+        }
+    }
     async fn read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         match self {
             Io::Tcp(s) => s.read_buf(buf).await,
@@ -191,7 +284,16 @@ struct Conn {
 
 impl Conn {
     async fn send(&mut self, req: &[u8], timeout_ms: u64) -> Result<(), NetErr> {
-        match with_timeout(timeout_ms, self.io.write_all(req)).await {
+        // A command almost always fits the socket's buffer: no timer for that case.
+        let done = match self.io.try_write(req) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(NetErr::Io(e)),
+        };
+        if done == req.len() {
+            return Ok(());
+        }
+        match with_timeout(timeout_ms, self.io.write_all(&req[done..])).await {
             None => Err(NetErr::Timeout),
             Some(Ok(())) => Ok(()),
             Some(Err(e)) => Err(NetErr::Io(e)),
@@ -238,18 +340,96 @@ struct Idle {
     expires: Option<Instant>,
 }
 
-thread_local! {
-    /// Idle connections of this worker, by pool name; most recently used at the back.
-    static POOLS: RefCell<HashMap<String, VecDeque<Idle>>> = RefCell::new(HashMap::new());
+/// One keepalive pool: idle connections, most recently used at the back.
+struct Pool {
+    key: String,
+    idle: VecDeque<Idle>,
+    /// No idle connection expires before this: a check-in scans for expired ones only after it.
+    earliest: Option<Instant>,
 }
 
-fn checkout(key: &str) -> Option<Conn> {
+/// The pools of this worker. A pool is never removed, so an object keeps its pool's index
+/// from `connect` to `set_keepalive` instead of the key, and a request that uses the same pool
+/// as the previous one finds it without building the key or hashing it.
+#[derive(Default)]
+struct Pools {
+    list: Vec<Pool>,
+    index: HashMap<String, usize>,
+    last: usize,
+}
+
+thread_local! {
+    static POOLS: RefCell<Pools> = RefCell::new(Pools::default());
+}
+
+/// Where a connection to `host`/`port` with the `pool` option belongs.
+fn pool_id(host: &str, port: Option<u16>, pool: Option<&str>) -> usize {
     POOLS.with(|p| {
         let mut p = p.borrow_mut();
-        let q = p.get_mut(key)?;
-        let now = Instant::now();
+        if let Some(last) = p.list.get(p.last) {
+            if key_matches(&last.key, host, port, pool) {
+                return p.last;
+            }
+        }
+        let key = pool_key(host, port, pool);
+        let id = match p.index.get(&key) {
+            Some(&id) => id,
+            None => {
+                let id = p.list.len();
+                p.list.push(Pool {
+                    key: key.clone(),
+                    idle: VecDeque::new(),
+                    earliest: None,
+                });
+                p.index.insert(key, id);
+                id
+            }
+        };
+        p.last = id;
+        id
+    })
+}
+
+/// `pool_key(host, port, pool) == key`, without building the key.
+fn key_matches(key: &str, host: &str, port: Option<u16>, pool: Option<&str>) -> bool {
+    match (pool, port) {
+        (Some(p), _) => key == p,
+        (None, Some(port)) if !host.starts_with("unix:") => {
+            let mut digits = [0u8; 5];
+            let d = u16_digits(port, &mut digits);
+            key.len() == host.len() + 1 + d.len()
+                && key.starts_with(host)
+                && key.as_bytes()[host.len()] == b':'
+                && key.as_bytes()[host.len() + 1..] == *d
+        }
+        _ => key == host,
+    }
+}
+
+fn u16_digits(mut n: u16, buf: &mut [u8; 5]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
+fn checkout(id: usize) -> Option<Conn> {
+    POOLS.with(|p| {
+        let mut p = p.borrow_mut();
+        let q = &mut p.list.get_mut(id)?.idle;
+        let mut now = None;
         while let Some(idle) = q.pop_back() {
-            if idle.expires.is_some_and(|e| e <= now) || !idle.conn.io.idle_ok() {
+            if let Some(e) = idle.expires {
+                if e <= *now.get_or_insert_with(Instant::now) {
+                    continue;
+                }
+            }
+            if !idle.conn.io.idle_ok() {
                 continue;
             }
             let mut c = idle.conn;
@@ -261,26 +441,35 @@ fn checkout(key: &str) -> Option<Conn> {
     })
 }
 
-fn checkin(key: String, conn: Conn, timeout_ms: u64, size: usize) {
+fn checkin(id: usize, conn: Conn, timeout_ms: u64, size: usize) {
     POOLS.with(|p| {
         let mut p = p.borrow_mut();
-        let q = p.entry(key).or_default();
+        let Some(pool) = p.list.get_mut(id) else {
+            return;
+        };
         let now = Instant::now();
-        q.retain(|i| i.expires.is_none_or(|e| e > now));
-        // nginx closes the least recently used connection when the pool is full.
-        while q.len() >= size.max(1) {
-            q.pop_front();
+        if pool.earliest.is_some_and(|e| e <= now) {
+            pool.idle.retain(|i| i.expires.is_none_or(|e| e > now));
+            pool.earliest = pool.idle.iter().filter_map(|i| i.expires).min();
         }
-        q.push_back(Idle {
-            conn,
-            expires: (timeout_ms > 0).then(|| now + Duration::from_millis(timeout_ms)),
-        });
+        // nginx closes the least recently used connection when the pool is full.
+        while pool.idle.len() >= size.max(1) {
+            pool.idle.pop_front();
+        }
+        let expires = (timeout_ms > 0).then(|| now + Duration::from_millis(timeout_ms));
+        if let Some(e) = expires {
+            pool.earliest = Some(pool.earliest.map_or(e, |x| x.min(e)));
+        }
+        pool.idle.push_back(Idle { conn, expires });
     })
 }
 
 /// Idle connections in pool `key` on this worker (tests and diagnostics).
 pub fn idle_count(key: &str) -> usize {
-    POOLS.with(|p| p.borrow().get(key).map_or(0, |q| q.len()))
+    POOLS.with(|p| {
+        let p = p.borrow();
+        p.index.get(key).map_or(0, |&id| p.list[id].idle.len())
+    })
 }
 
 /// A `resty.redis` object's native state.
@@ -289,7 +478,8 @@ struct Core {
     conn: RefCell<Option<Conn>>,
     /// connect, send, read timeouts in ms.
     timeouts: Cell<(u64, u64, u64)>,
-    pool: RefCell<String>,
+    /// The pool of the last `connect` (an index into this worker's pools).
+    pool: Cell<Option<usize>>,
     subscribed: Cell<bool>,
     /// Queued commands of `init_pipeline`: the encoded bytes and each command's effect.
     pipeline: RefCell<Option<(Vec<u8>, Vec<Effect>)>>,
@@ -332,41 +522,11 @@ impl Drop for Busy {
     }
 }
 
-fn arg_bytes(v: &Value) -> mlua::Result<Vec<u8>> {
-    Ok(match v {
-        Value::String(s) => s.as_bytes().to_vec(),
-        Value::Integer(i) => i.to_string().into_bytes(),
-        Value::Number(n) => crate::lua::api::output::format_number(*n).into_bytes(),
-        Value::Boolean(b) => b.to_string().into_bytes(),
-        Value::Nil => b"nil".to_vec(),
-        other => {
-            return Err(mlua::Error::runtime(format!(
-                "bad argument: {} not allowed in a redis command",
-                other.type_name()
-            )))
-        }
-    })
-}
-
-fn hash_args(args: &[Vec<u8>]) -> u64 {
+fn hash_bytes(b: &[u8]) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    args.hash(&mut h);
+    b.hash(&mut h);
     h.finish()
-}
-
-fn effect_of(args: &[Vec<u8>]) -> Effect {
-    let name = args[0].to_ascii_lowercase();
-    match name.as_slice() {
-        b"select" => std::str::from_utf8(args.get(1).map_or(&b""[..], |a| a))
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .map_or(Effect::None, Effect::Select),
-        b"auth" => Effect::Auth(hash_args(&args[1..])),
-        b"subscribe" | b"psubscribe" => Effect::Subscribe,
-        b"unsubscribe" | b"punsubscribe" => Effect::Unsubscribe,
-        _ => Effect::None,
-    }
 }
 
 /// Apply a successful reply's effect to the connection and the object.
@@ -463,11 +623,12 @@ async fn open(
 }
 
 /// The pool of a connection: the `pool` option, `host:port` or `unix:/path`.
-fn pool_key(host: &str, port: Option<u16>, pool: Option<String>) -> String {
-    pool.unwrap_or_else(|| match port {
-        Some(p) if !host.starts_with("unix:") => format!("{}:{}", host, p),
+fn pool_key(host: &str, port: Option<u16>, pool: Option<&str>) -> String {
+    match (pool, port) {
+        (Some(p), _) => p.to_string(),
+        (None, Some(p)) if !host.starts_with("unix:") => format!("{}:{}", host, p),
         _ => host.to_string(),
-    })
+    }
 }
 
 /// `connect`'s arguments after the host: `port, opts?` or just `opts?` for a unix socket.
@@ -534,9 +695,9 @@ async fn connect(
     // A connect on an object that still holds a connection closes the old one, as cosockets do.
     core.conn.borrow_mut().take();
     core.subscribed.set(false);
-    let key = pool_key(&host, port, opts.pool);
-    *core.pool.borrow_mut() = key.clone();
-    if let Some(c) = checkout(&key) {
+    let id = pool_id(&host, port, opts.pool.as_deref());
+    core.pool.set(Some(id));
+    if let Some(c) = checkout(id) {
         *core.conn.borrow_mut() = Some(c);
         return Ok(ok1());
     }
@@ -558,13 +719,7 @@ async fn connect(
 }
 
 /// Send one command (or queue it in a pipeline) and read its reply.
-async fn command(lua: Lua, core: Rc<Core>, args: Vec<Vec<u8>>) -> mlua::Result<MultiValue> {
-    let eff = effect_of(&args);
-    if let Some((buf, effs)) = core.pipeline.borrow_mut().as_mut() {
-        encode(buf, &args);
-        effs.push(eff);
-        return Ok(MultiValue::new());
-    }
+async fn command(lua: Lua, core: Rc<Core>, enc: Vec<u8>, eff: Effect) -> mlua::Result<MultiValue> {
     let Some(_busy) = Busy::take(&core) else {
         return fail(&lua, "socket busy");
     };
@@ -572,7 +727,7 @@ async fn command(lua: Lua, core: Rc<Core>, args: Vec<Vec<u8>>) -> mlua::Result<M
         return fail(&lua, "closed");
     };
     let (_, send_ms, read_ms) = core.timeouts.get();
-    let mut req = Vec::with_capacity(64);
+    let mut req = enc;
     let mut extra = 0;
     if std::mem::take(&mut conn.fresh_checkout) {
         // The previous user's state: same credentials need no round trip; another database is
@@ -586,11 +741,13 @@ async fn command(lua: Lua, core: Rc<Core>, args: Vec<Vec<u8>>) -> mlua::Result<M
             }
         }
         if conn.db != 0 && !matches!(eff, Effect::Select(_)) {
-            encode(&mut req, &[b"SELECT".to_vec(), b"0".to_vec()]);
+            let mut full = Vec::with_capacity(req.len() + SELECT_0.len());
+            full.extend_from_slice(SELECT_0);
+            full.extend_from_slice(&req);
+            req = full;
             extra = 1;
         }
     }
-    encode(&mut req, &args);
     if eff == Effect::Subscribe {
         core.subscribed.set(true);
     }
@@ -641,7 +798,7 @@ async fn commit_pipeline(lua: Lua, core: Rc<Core>) -> mlua::Result<MultiValue> {
         && conn.db != 0
         && !matches!(effs.first(), Some(Effect::Select(_)))
     {
-        encode(&mut full, &[b"SELECT".to_vec(), b"0".to_vec()]);
+        full.extend_from_slice(SELECT_0);
         extra = 1;
     }
     full.extend_from_slice(&req);
@@ -739,16 +896,17 @@ pub fn natives(lua: &Lua) -> mlua::Result<Table> {
     t.set(
         "connect_pooled",
         lua.create_function(
-            |_, (ud, host, port, opts): (AnyUserData, String, Value, Value)| {
+            |_, (ud, host, port, opts): (AnyUserData, mlua::LuaString, Value, Value)| {
                 let (core, port, opts) = connect_args(&ud, port, opts)?;
                 if core.busy.get() {
                     return Ok(false);
                 }
                 core.conn.borrow_mut().take();
                 core.subscribed.set(false);
-                let key = pool_key(&host, port, opts.pool);
-                let c = checkout(&key);
-                *core.pool.borrow_mut() = key;
+                let host = host.to_str()?;
+                let id = pool_id(&host, port, opts.pool.as_deref());
+                core.pool.set(Some(id));
+                let c = checkout(id);
                 match c {
                     Some(c) => {
                         *core.conn.borrow_mut() = Some(c);
@@ -774,21 +932,29 @@ pub fn natives(lua: &Lua) -> mlua::Result<Table> {
     )?;
     t.set(
         "cmd",
-        lua.create_async_function(|lua, (ud, args): (AnyUserData, MultiValue)| {
+        lua.create_async_function(|lua, (ud, args): (UserDataRef<Handle>, MultiValue)| {
+            let core = ud.0.clone();
+            drop(ud);
             let prep = (|| {
-                let core = core_of(&ud)?;
-                let args = args
-                    .iter()
-                    .map(arg_bytes)
-                    .collect::<mlua::Result<Vec<_>>>()?;
                 if args.is_empty() {
                     return Err(mlua::Error::runtime("no command"));
                 }
-                Ok((core, args))
+                // Queued in a pipeline: nothing to wait for.
+                if let Some((buf, effs)) = core.pipeline.borrow_mut().as_mut() {
+                    let eff = encode_values(buf, &args)?;
+                    effs.push(eff);
+                    return Ok(None);
+                }
+                let mut enc = Vec::with_capacity(64);
+                let eff = encode_values(&mut enc, &args)?;
+                Ok(Some((enc, eff)))
             })();
+            drop(args);
             async move {
-                let (core, args) = prep?;
-                command(lua, core, args).await
+                match prep? {
+                    None => Ok(MultiValue::new()),
+                    Some((enc, eff)) => command(lua, core, enc, eff).await,
+                }
             }
         })?,
     )?;
@@ -855,8 +1021,9 @@ pub fn natives(lua: &Lua) -> mlua::Result<Table> {
                         )),
                         None => core.pool_defaults.get().1,
                     };
-                let key = core.pool.borrow().clone();
-                checkin(key, conn, timeout, size);
+                if let Some(id) = core.pool.get() {
+                    checkin(id, conn, timeout, size);
+                }
                 Ok(ok1())
             },
         )?,

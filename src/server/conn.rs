@@ -1,0 +1,224 @@
+//! One client connection around hyper: the keepalive (header read) timeout and graceful
+//! shutdown, kept off the per-request path.
+//!
+//! hyper's own `header_read_timeout` boxes a fresh tokio timer for every request and puts it
+//! in the timer wheel while it waits for the next head; selecting on the shutdown channel
+//! beside the connection polls that channel at every wake-up of the connection. Here a
+//! watchdog task per connection owns one timer that moves only when it fires (at most once
+//! per timeout, not once per request), and a request only flips two cells. The rules are
+//! those of hyper's timer: the clock runs from the accept, or from the moment hyper has taken
+//! the last frame of a response, until the next request head is parsed; it never runs while a
+//! request is being served. When it runs out the connection is dropped (closed), as when
+//! hyper's header timeout fires.
+
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::conf::model::{LocConf, Location, RewriteOp};
+use crate::conf::Config;
+use crate::http::body::Body;
+
+/// What the connection task and its watchdog share.
+pub struct ConnState {
+    /// A request head was handed to the engine and hyper has not finished its response body.
+    busy: Cell<bool>,
+    /// When the connection last became idle (accepted, or a response finished).
+    idle_since: Cell<Instant>,
+    /// The timeout ran out: close now.
+    expired: Cell<bool>,
+    /// The worker is shutting down: finish the current request, then close.
+    shutdown: Cell<bool>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl ConnState {
+    pub fn new() -> Rc<ConnState> {
+        Rc::new(ConnState {
+            busy: Cell::new(false),
+            idle_since: Cell::new(Instant::now()),
+            expired: Cell::new(false),
+            shutdown: Cell::new(false),
+            waker: RefCell::new(None),
+        })
+    }
+
+    /// A request head was parsed: the timeout stops until its response is written.
+    pub fn request_started(&self) {
+        self.busy.set(true);
+    }
+
+    fn response_finished(&self) {
+        self.busy.set(false);
+        self.idle_since.set(Instant::now());
+    }
+
+    fn wake(&self) {
+        if let Some(w) = self.waker.borrow().as_ref() {
+            w.wake_by_ref();
+        }
+    }
+}
+
+/// The response body handed to hyper: hyper drops it once it has taken the last frame, which
+/// is when it goes back to reading the next request head (and its header timer would start).
+pub struct ConnBody {
+    body: Body,
+    state: Rc<ConnState>,
+}
+
+impl ConnBody {
+    pub fn new(body: Body, state: Rc<ConnState>) -> ConnBody {
+        ConnBody { body, state }
+    }
+}
+
+impl Drop for ConnBody {
+    fn drop(&mut self) {
+        self.state.response_finished();
+    }
+}
+
+impl http_body::Body for ConnBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// How [`Watched`] ended.
+pub enum End<T> {
+    /// The connection finished (hyper's result).
+    Done(T),
+    /// The keepalive / header timeout ran out.
+    Expired,
+}
+
+/// Polls the connection; starts hyper's graceful shutdown when the worker asks for it and
+/// stops when the watchdog says the timeout ran out. Checking two cells per poll is all it
+/// adds.
+pub struct Watched<'a, C> {
+    conn: Pin<&'a mut C>,
+    state: &'a ConnState,
+    graceful: Option<fn(Pin<&mut C>)>,
+}
+
+impl<'a, C: Future> Watched<'a, C> {
+    pub fn new(conn: Pin<&'a mut C>, state: &'a ConnState, graceful: fn(Pin<&mut C>)) -> Self {
+        Watched {
+            conn,
+            state,
+            graceful: Some(graceful),
+        }
+    }
+}
+
+impl<C: Future> Future for Watched<'_, C> {
+    type Output = End<C::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        {
+            let mut w = this.state.waker.borrow_mut();
+            if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *w = Some(cx.waker().clone());
+            }
+        }
+        if this.state.expired.get() {
+            return Poll::Ready(End::Expired);
+        }
+        if this.state.shutdown.get() {
+            if let Some(g) = this.graceful.take() {
+                g(this.conn.as_mut());
+            }
+        }
+        this.conn.as_mut().poll(cx).map(End::Done)
+    }
+}
+
+/// The connection's timer: sleeps until the timeout could run out, then looks whether it did.
+/// Also turns the worker's shutdown signal into the connection's flag.
+pub async fn watchdog(
+    state: Rc<ConnState>,
+    timeout: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let sleep = tokio::time::sleep_until(state.idle_since.get() + timeout);
+    tokio::pin!(sleep);
+    let mut shutting_down = false;
+    loop {
+        tokio::select! {
+            _ = sleep.as_mut() => {
+                let now = Instant::now();
+                let next = if state.busy.get() {
+                    now + timeout
+                } else {
+                    let due = state.idle_since.get() + timeout;
+                    if due <= now {
+                        state.expired.set(true);
+                        state.wake();
+                        return;
+                    }
+                    due
+                };
+                sleep.as_mut().reset(next);
+            }
+            r = shutdown.wait_for(|v| *v), if !shutting_down => {
+                shutting_down = true;
+                if r.is_ok() {
+                    state.shutdown.set(true);
+                    state.wake();
+                }
+            }
+        }
+    }
+}
+
+/// Whether any location (or `if` block, named location, server) of the configuration has
+/// `lua_check_client_abort on`. Only then must hyper watch a connection for EOF while a
+/// request runs (it reads the socket once more per request to do so, and keeps the request
+/// head's read buffer from being reused).
+pub fn watches_client_abort(cfg: &Config) -> bool {
+    fn ops(list: &[RewriteOp]) -> bool {
+        list.iter().any(|op| match op {
+            RewriteOp::If {
+                ops: inner, conf, ..
+            } => on(conf) || ops(inner),
+            _ => false,
+        })
+    }
+    fn loc(l: &Location) -> bool {
+        on(&l.conf) || ops(&l.rewrites) || l.children.iter().any(|c| loc(c))
+    }
+    fn on(c: &LocConf) -> bool {
+        c.check_client_abort
+    }
+    cfg.http.conf.as_deref().is_some_and(on)
+        || cfg.http.servers.iter().any(|s| {
+            on(&s.conf)
+                || ops(&s.rewrites)
+                || s.locations.iter().any(|l| loc(l))
+                || s.named.values().any(|l| loc(l))
+        })
+}
