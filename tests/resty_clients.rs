@@ -712,6 +712,50 @@ fn redis_timeout_in_a_shared_batch_keeps_replies_in_order() {
 }
 
 #[test]
+fn redis_idle_connections_expire_while_the_shared_one_serves() {
+    let r = Redis::start(&[]);
+    let s = start_lua(
+        "",
+        &r#"
+        local red = require("resty.redis"):new()
+        assert(red:connect("127.0.0.1", RPORT))
+        ngx.sleep(tonumber(ngx.var.arg_s) or 0)
+        assert(red:get("x"))
+        red:set_keepalive(300, 100)
+        ngx.say("ok")
+        "#
+        .replace("RPORT", &r.port.to_string()),
+    );
+    let clients = || {
+        r.cmd(&["INFO", "clients"], None)
+            .lines()
+            .find_map(|l| l.strip_prefix("connected_clients:"))
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .expect("connected_clients")
+    };
+    // Ten requests connect before any of them is done: ten connections; one becomes the
+    // shared connection at set_keepalive, nine wait idle in the pool for 300 ms.
+    let paths: Vec<String> = (0..10).map(|_| "/t?s=0.2".to_string()).collect();
+    for out in concurrently(&s, &paths) {
+        assert_eq!(out, "ok\n");
+    }
+    assert!(clients() >= 10, "{}", clients());
+    // Requests keep the shared connection busy; the idle ones expire meanwhile.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut n = clients();
+    while n > 2 && Instant::now() < deadline {
+        assert_eq!(body(&s, "/t"), "ok\n");
+        std::thread::sleep(Duration::from_millis(50));
+        n = clients();
+    }
+    assert!(
+        n <= 2,
+        "idle connections outlived their timeout: {} clients",
+        n
+    );
+}
+
+#[test]
 fn user_copy_on_package_path_wins_over_bundled() {
     let s = start_lua_with(
         "",

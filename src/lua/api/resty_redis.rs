@@ -586,6 +586,14 @@ fn checkout(id: usize) -> Option<Conn> {
     })
 }
 
+/// Close the idle connections whose idle timeout has passed, if one is due.
+fn prune(pool: &mut Pool, now: Instant) {
+    if pool.earliest.is_some_and(|e| e <= now) {
+        pool.idle.retain(|i| i.expires.is_none_or(|e| e > now));
+        pool.earliest = pool.idle.iter().filter_map(|i| i.expires).min();
+    }
+}
+
 fn checkin(id: usize, conn: Conn, timeout_ms: u64, size: usize) {
     POOLS.with(|p| {
         let mut p = p.borrow_mut();
@@ -593,10 +601,7 @@ fn checkin(id: usize, conn: Conn, timeout_ms: u64, size: usize) {
             return;
         };
         let now = Instant::now();
-        if pool.earliest.is_some_and(|e| e <= now) {
-            pool.idle.retain(|i| i.expires.is_none_or(|e| e > now));
-            pool.earliest = pool.idle.iter().filter_map(|i| i.expires).min();
-        }
+        prune(pool, now);
         // nginx closes the least recently used connection when the pool is full.
         while pool.idle.len() >= size.max(1) {
             pool.idle.pop_front();
@@ -609,12 +614,21 @@ fn checkin(id: usize, conn: Conn, timeout_ms: u64, size: usize) {
     })
 }
 
-/// The pool's shared connection, if it takes new objects.
+/// The pool's shared connection, if it takes new objects. While it serves, nothing checks
+/// connections in or out of the pool, so this is where idle ones are closed when they expire.
 fn usable_mux(id: usize) -> Option<Rc<Mux>> {
     POOLS.with(|p| {
-        let p = p.borrow();
-        let m = p.list.get(id)?.mux.as_ref()?;
-        m.usable().then(|| m.clone())
+        let mut p = p.borrow_mut();
+        let pool = p.list.get_mut(id)?;
+        let m = pool.mux.as_ref()?;
+        if !m.usable() {
+            return None;
+        }
+        let m = m.clone();
+        if pool.earliest.is_some() {
+            prune(pool, Instant::now());
+        }
+        Some(m)
     })
 }
 
