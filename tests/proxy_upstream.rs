@@ -282,3 +282,72 @@ fn keepalive_connections_survive_quick_reuse_and_client_aborts() {
     }
     assert_eq!(o.reqs().len(), 356 + 4 * clients * 60);
 }
+
+/// The upstream HTTP/1 codec: chunked bodies (trailers dropped) keep the connection, a
+/// `Connection: close` answer or a body until close does not, and a head past the limit is a
+/// 502 with nginx's log line.
+#[test]
+fn response_framing_decides_reuse() {
+    let o = Origin::start(|r, s| {
+        let raw: &[u8] = match r.target.as_str() {
+            "/chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\nX-T: 1\r\n\r\n",
+            "/close" => b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
+            "/eof" => b"HTTP/1.0 200 OK\r\n\r\nuntil-close",
+            // Keep-alive by its framing, then closed while idle in the pool.
+            "/dropped" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            _ => {
+                let big = "x".repeat(70 * 1024);
+                let _ = s.write_all(format!("HTTP/1.1 200 OK\r\nX-Big: {}\r\nContent-Length: 0\r\n\r\n", big).as_bytes());
+                return Next::Close;
+            }
+        };
+        let _ = s.write_all(raw);
+        if r.target == "/chunked" {
+            keep(r)
+        } else {
+            Next::Close
+        }
+    });
+    let s = server(
+        &format!(
+            "upstream backend {{ server 127.0.0.1:{}; keepalive 4; }}",
+            o.port()
+        ),
+        "location / { proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_pass http://backend; }",
+    );
+    let conns = || o.conns.load(Ordering::SeqCst);
+    for _ in 0..5 {
+        let r = s.get("/chunked");
+        assert_eq!((r.status, r.text().as_str()), (200, "hello world"));
+    }
+    assert_eq!(conns(), 1);
+    for _ in 0..2 {
+        let r = s.get("/close");
+        assert_eq!((r.status, r.text().as_str()), (200, "ok"));
+    }
+    assert_eq!(
+        conns(),
+        2,
+        "the first reused the idle one, the second opened one"
+    );
+    let r = s.get("/eof");
+    assert_eq!((r.status, r.text().as_str()), (200, "until-close"));
+    assert_eq!(s.get("/chunked").status, 200);
+    assert_eq!(conns(), 4);
+    assert_eq!(s.get("/dropped").status, 200);
+    std::thread::sleep(Duration::from_millis(200));
+    let r = s.get("/chunked");
+    assert_eq!((r.status, r.text().as_str()), (200, "hello world"));
+    assert_eq!(
+        conns(),
+        5,
+        "the pooled connection the upstream closed is not used"
+    );
+    assert_eq!(s.get("/huge").status, 502);
+    let log = wait_log(&s, "upstream sent too big header");
+    assert!(
+        log.contains("upstream sent too big header while reading response header from upstream"),
+        "{}",
+        log
+    );
+}

@@ -10,8 +10,11 @@
 //! A subrequest (`ngx.location.capture`, see `subrequest.rs`) walks the same phases through
 //! [`run_subrequest`]; its filtered output lands in a capture sink instead of the client.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
@@ -46,12 +49,38 @@ pub fn serve(env: Rc<Env>, conn: Rc<ConnInfo>, req: Request<Incoming>) -> Respon
         Ok(rc) => rc,
         Err(code) => return ResponseFuture::Error(code),
     };
-    // The walk runs as its own task: measured under load (bench/run.sh, 50 connections) this
-    // costs less CPU per request than polling it inline in hyper's connection task, and it
-    // lets the body and the log phase finish when the client goes away, as in nginx.
+    let conn = rc.conn.clone();
     // Boxed: the walk's future is large (phases, error_page, finalize and log are all in it)
     // and tokio moves a task's future by value several times while spawning and finishing it.
-    tokio::task::spawn_local(Box::pin(run(rc)));
+    let mut walk = Box::pin(run(rc));
+    // Most walks never wait (a Lua or static handler that answers at once): run it here, so
+    // the head is ready when hyper polls for it, in the same turn of the connection task.
+    // One that waits becomes its own task: it goes on when the client leaves, as in nginx,
+    // and polling it inline in hyper's task for its whole life measured worse under load
+    // (bench/README.md). The task polls it again with its own waker (the no-op one given
+    // here is then replaced), which costs a second pass down to the same wait: so once a walk
+    // on this connection waited (a proxy location, say), the next ones start as tasks, until
+    // one of them turns out to finish on its first poll.
+    if !conn.walk_waits.get() {
+        if walk
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()))
+            .is_ready()
+        {
+            return ResponseFuture::Wait(head_rx);
+        }
+        conn.walk_waits.set(true);
+        tokio::task::spawn_local(walk);
+    } else {
+        let mut first = true;
+        tokio::task::spawn_local(std::future::poll_fn(move |cx| {
+            let r = walk.as_mut().poll(cx);
+            if std::mem::take(&mut first) && r.is_ready() {
+                conn.walk_waits.set(false);
+            }
+            r
+        }));
+    }
     ResponseFuture::Wait(head_rx)
 }
 
@@ -62,18 +91,15 @@ pub enum ResponseFuture {
     Error(u16),
 }
 
-impl std::future::Future for ResponseFuture {
+impl Future for ResponseFuture {
     type Output = Response<Body>;
 
-    fn poll(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Response<Body>> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response<Body>> {
         match self.get_mut() {
-            ResponseFuture::Wait(rx) => std::pin::Pin::new(rx)
+            ResponseFuture::Wait(rx) => Pin::new(rx)
                 .poll(cx)
                 .map(|r| r.unwrap_or_else(|_| plain_error(500))),
-            ResponseFuture::Error(code) => std::task::Poll::Ready(plain_error(*code)),
+            ResponseFuture::Error(code) => Poll::Ready(plain_error(*code)),
         }
     }
 }
@@ -81,8 +107,10 @@ impl std::future::Future for ResponseFuture {
 fn plain_error(code: u16) -> Response<Body> {
     let mut r = Response::new(Body::full(special::page(code, true)));
     *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    r.headers_mut()
-        .insert("content-type", HeaderValue::from_static("text/html"));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html"),
+    );
     r
 }
 
@@ -374,7 +402,7 @@ async fn error_page(rc: &Rc<ReqCtx>, code: u16) -> Option<Outcome> {
                 302
             };
             if let Ok(v) = HeaderValue::from_str(&target) {
-                st.resp_headers.insert("location", v);
+                st.resp_headers.insert(http::header::LOCATION, v);
             }
             return Some(Outcome::Status(st.status));
         }
@@ -472,7 +500,7 @@ async fn phases(rc: &Rc<ReqCtx>, mut forced: Option<Arc<Location>>) -> Outcome {
             if limit > 0 {
                 let len = st
                     .headers
-                    .get("content-length")
+                    .get(http::header::CONTENT_LENGTH)
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.parse::<u64>().ok());
                 if len.is_some_and(|l| l > limit) {
@@ -637,12 +665,14 @@ async fn finalize(rc: &Rc<ReqCtx>, outcome: Outcome) {
             st.status = code;
             if code == 444 {
                 st.resp_headers
-                    .insert("connection", HeaderValue::from_static("close"));
+                    .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
             } else if special::has_page(code) {
                 let tokens = st.conf.server_tokens;
-                st.resp_headers.remove("content-length");
-                st.resp_headers
-                    .insert("content-type", HeaderValue::from_static("text/html"));
+                st.resp_headers.remove(http::header::CONTENT_LENGTH);
+                st.resp_headers.insert(
+                    http::header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/html"),
+                );
                 st.out
                     .extend_from_slice(special::page(code, tokens).as_bytes());
             }
@@ -671,9 +701,9 @@ pub async fn run_subrequest(rc: &Rc<ReqCtx>) {
         // A bare status: headers only, an empty body (no special page), as OpenResty captures it.
         let mut st = rc.st.borrow_mut();
         st.status = code;
-        st.resp_headers.remove("content-type");
-        st.resp_headers.remove("content-length");
-        st.resp_headers.remove("last-modified");
+        st.resp_headers.remove(http::header::CONTENT_TYPE);
+        st.resp_headers.remove(http::header::CONTENT_LENGTH);
+        st.resp_headers.remove(http::header::LAST_MODIFIED);
     }
     if let Err(e) = filter::send(rc, true).await {
         tracing::debug!(conn = rc.conn.id, "subrequest output: {}", e);

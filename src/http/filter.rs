@@ -130,7 +130,7 @@ fn build_response(st: &mut super::request::ReqState, body: Body, eof: bool) -> R
         std::mem::take(&mut st.resp_headers)
     };
     if st.status == 444 {
-        h.insert("connection", HeaderValue::from_static("close"));
+        h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     }
     resp
 }
@@ -187,7 +187,7 @@ async fn header_filter(rc: &Rc<ReqCtx>) {
         let conn = &rc.conn;
         if main && conf.keepalive_requests > 0 && conn.requests.get() >= conf.keepalive_requests {
             st.resp_headers
-                .insert("connection", HeaderValue::from_static("close"));
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
         }
     }
     let conf = rc.st.borrow().conf.clone();
@@ -198,7 +198,10 @@ async fn header_filter(rc: &Rc<ReqCtx>) {
     }
     if conf.body_filter_by_lua.is_some() {
         // The filter may change the length; the response goes out chunked instead.
-        rc.st.borrow_mut().resp_headers.remove("content-length");
+        rc.st
+            .borrow_mut()
+            .resp_headers
+            .remove(http::header::CONTENT_LENGTH);
     }
 }
 
@@ -214,7 +217,7 @@ pub fn apply_more(rc: &ReqCtx, st: &mut super::request::ReqState, m: &MoreHeader
             &st.headers
         };
         let ct = headers
-            .get("content-type")
+            .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
         let ct = ct

@@ -75,6 +75,8 @@ pub struct ConnInfo {
     pub local: SocketAddr,
     /// Requests served so far on this connection (`keepalive_requests`).
     pub requests: Cell<u64>,
+    /// The last request's phase walk had to wait (see `engine::serve`).
+    pub walk_waits: Cell<bool>,
 }
 
 /// How a Lua handler asked to end its phase.
@@ -227,6 +229,43 @@ pub struct ReqCtx {
     pub sub: Option<Box<Sub>>,
 }
 
+thread_local! {
+    /// Cleared header maps of finished requests. A response's map goes to hyper, which parses
+    /// the next request of the connection into it; taking the next response's map from here
+    /// and putting the request's back when it ends makes the maps go round without allocating.
+    static SPARE_MAPS: RefCell<Vec<HeaderMap>> = const { RefCell::new(Vec::new()) };
+}
+
+/// At most this many spare maps per worker, each of at most this capacity (a request with
+/// very many headers gives its memory back instead of keeping it in the pool).
+const SPARE_MAPS_MAX: usize = 256;
+const SPARE_MAP_CAPACITY_MAX: usize = 64;
+
+fn spare_map() -> HeaderMap {
+    SPARE_MAPS
+        .try_with(|p| p.borrow_mut().pop())
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
+impl Drop for ReqState {
+    fn drop(&mut self) {
+        let mut h = std::mem::take(&mut self.headers);
+        if h.capacity() == 0 || h.capacity() > SPARE_MAP_CAPACITY_MAX {
+            return;
+        }
+        h.clear();
+        let _ = SPARE_MAPS.try_with(|p| {
+            if let Ok(mut p) = p.try_borrow_mut() {
+                if p.len() < SPARE_MAPS_MAX {
+                    p.push(h);
+                }
+            }
+        });
+    }
+}
+
 impl ReqState {
     /// A request at its start, before the server rewrite phase.
     #[allow(clippy::too_many_arguments)]
@@ -259,7 +298,7 @@ impl ReqState {
             redirects: 0,
             exit: None,
             status: 0,
-            resp_headers: HeaderMap::new(),
+            resp_headers: spare_map(),
             headers_sent: false,
             out: BytesMut::new(),
             eof_sent: false,

@@ -102,7 +102,7 @@ fn run_boxed<'a>(
                             302
                         };
                         if let Ok(v) = HeaderValue::from_str(&target) {
-                            st.resp_headers.insert("location", v);
+                            st.resp_headers.insert(http::header::LOCATION, v);
                         }
                         return RwResult::Finish(Outcome::Status(code));
                     }
@@ -141,7 +141,7 @@ fn run_boxed<'a>(
                                 target
                             };
                             if let Ok(v) = HeaderValue::from_str(&target) {
-                                st.resp_headers.insert("location", v);
+                                st.resp_headers.insert(http::header::LOCATION, v);
                             }
                             return RwResult::Finish(Outcome::Status(code));
                         }

@@ -81,7 +81,7 @@ pub async fn serve(rc: &Rc<ReqCtx>) -> Outcome {
             loc.push_str(a);
         }
         if let Ok(v) = HeaderValue::from_str(&loc) {
-            st.resp_headers.insert("location", v);
+            st.resp_headers.insert(http::header::LOCATION, v);
         }
         return Outcome::Status(301);
     }
@@ -106,31 +106,31 @@ pub async fn serve(rc: &Rc<ReqCtx>) -> Outcome {
         None => Some(st.conf.default_type.clone()),
     };
     if let Some(v) = ct {
-        st.resp_headers.insert("content-type", v);
+        st.resp_headers.insert(http::header::CONTENT_TYPE, v);
     }
     if let Ok(m) = meta.modified() {
         if let Ok(v) = HeaderValue::from_str(&httpdate::fmt_http_date(m)) {
-            st.resp_headers.insert("last-modified", v);
+            st.resp_headers.insert(http::header::LAST_MODIFIED, v);
         }
         let secs = m
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
         if let Ok(v) = HeaderValue::from_str(&format!("\"{:x}-{:x}\"", secs, meta.len())) {
-            st.resp_headers.insert("etag", v);
+            st.resp_headers.insert(http::header::ETAG, v);
         }
     }
     // nginx's `if_modified_since exact`: 304 when the client has this very version.
     let not_modified = match (
-        st.headers.get("if-modified-since"),
-        st.resp_headers.get("last-modified"),
+        st.headers.get(http::header::IF_MODIFIED_SINCE),
+        st.resp_headers.get(http::header::LAST_MODIFIED),
     ) {
         (Some(ims), Some(lm)) => ims.as_bytes() == lm.as_bytes(),
         _ => false,
     };
     if not_modified && st.status == 200 {
         st.status = 304;
-        st.resp_headers.remove("content-type");
+        st.resp_headers.remove(http::header::CONTENT_TYPE);
         return Outcome::Done;
     }
     st.out.extend_from_slice(&data);

@@ -100,8 +100,8 @@ pub async fn create(parent: &Rc<ReqCtx>, spec: Spec) -> Result<Rc<ReqCtx>, Strin
         let mut pst = parent.st.borrow_mut();
         let mut headers = pst.headers.clone();
         let body = if let Some(b) = spec.body {
-            headers.insert("content-length", HeaderValue::from(b.len()));
-            headers.remove("transfer-encoding");
+            headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(b.len()));
+            headers.remove(http::header::TRANSFER_ENCODING);
             ReqBody::Read(b)
         } else if forward {
             match &pst.body {
@@ -109,10 +109,10 @@ pub async fn create(parent: &Rc<ReqCtx>, spec: Spec) -> Result<Rc<ReqCtx>, Strin
                 _ => ReqBody::Discarded,
             }
         } else {
-            if headers.contains_key("content-length") {
-                headers.insert("content-length", HeaderValue::from_static("0"));
+            if headers.contains_key(http::header::CONTENT_LENGTH) {
+                headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from_static("0"));
             }
-            headers.remove("transfer-encoding");
+            headers.remove(http::header::TRANSFER_ENCODING);
             ReqBody::Discarded
         };
         let vars = match spec.vars_mode {

@@ -169,7 +169,7 @@ fn header(st: &ReqState, name: &str) -> Option<Vec<u8>> {
 
 /// `$host`: Host header without port, lower-case.
 pub fn host(st: &ReqState) -> Option<String> {
-    let h = st.headers.get("host")?.to_str().ok()?;
+    let h = st.headers.get(http::header::HOST)?.to_str().ok()?;
     let h = if h.starts_with('[') {
         h.split(']')
             .next()
@@ -197,7 +197,7 @@ pub fn arg<'a>(args: &'a str, name: &str) -> Option<Cow<'a, [u8]>> {
 }
 
 fn cookie(st: &ReqState, name: &str) -> Option<Vec<u8>> {
-    for h in st.headers.get_all("cookie") {
+    for h in st.headers.get_all(http::header::COOKIE) {
         for c in h.as_bytes().split(|b| *b == b';') {
             let c = trim(c);
             if let Some(eq) = c.iter().position(|b| *b == b'=') {

@@ -17,6 +17,9 @@ use crate::log::{self as elog, Level};
 use crate::proxy::upstream::{health::Checker, UpstreamSet};
 use crate::shdict::{Zone, Zones};
 
+/// Stack of a worker thread: as much as a process's main thread gets on Linux.
+const WORKER_STACK: usize = 8 << 20;
+
 static EXITING: AtomicBool = AtomicBool::new(false);
 
 /// `ngx.worker.exiting()`: true once a shutdown or reload has begun for this generation.
@@ -127,6 +130,11 @@ pub fn run(opts: LoadOptions) -> i32 {
         let ready = ready_tx.clone();
         let h = std::thread::Builder::new()
             .name(format!("worker-{}", id))
+            // A request's phases start on hyper's stack (engine::serve polls them inline) and
+            // nested subrequests poll each other recursively: 50 levels of
+            // ngx.location.capture need more than the 2 MiB default of a spawned thread.
+            // Only touched pages cost memory.
+            .stack_size(WORKER_STACK)
             .spawn(move || worker::main(id, workers, cfg2, zones2, ups2, socks, rx, ready));
         match h {
             Ok(h) => handles.push((h, tx)),

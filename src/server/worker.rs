@@ -241,6 +241,7 @@ async fn accept_loop(w: Rc<Worker>, listener: TcpListener) {
             remote: peer,
             local,
             requests: Cell::new(0),
+            walk_waits: Cell::new(false),
         });
         w.active.set(w.active.get() + 1);
         let w2 = w.clone();
