@@ -6,11 +6,13 @@
 //! the Lua stack directly for the common shapes of arguments and, for anything else (other
 //! argument types, a phase that refuses the call, no request, a borrow conflict), hand the
 //! unchanged arguments to the ordinary mlua implementation, which stays the one place that
-//! decides errors. So results and error values are those of the ordinary implementation.
+//! decides errors. So results and error values are those of the ordinary implementation; the
+//! traceback of such an error has one more line (`[C]: in ?`, the ordinary function called from
+//! the entry point).
 //!
 //! Each entry point is a C closure with two upvalues: a light pointer to the state's
 //! [`Current`] slot (kept alive by app data, which mlua drops after `lua_close`) and the
-//! ordinary function.
+//! ordinary function; some have a third (a light pointer, or a helper function).
 //!
 //! Rules inside a fast path: raise no Lua error, and make no Lua value (so no garbage
 //! collection step, whose `__gc` finalizers may call `ngx` APIs) while the request state is

@@ -74,8 +74,9 @@ unsafe extern "C-unwind" fn newindex_fast(l: *mut ffi::lua_State) -> c_int {
         return fast::slow(l);
     }
     let done = (|| {
+        // No UTF-8 check: a name that is not ASCII fails `HeaderName::from_bytes` below and
+        // the ordinary function words the error.
         let key = fast::str_at(l, 2);
-        std::str::from_utf8(key).ok()?;
         let mut buf = [0u8; 64];
         let name = buf.get_mut(..key.len())?;
         for (d, s) in name.iter_mut().zip(key) {
