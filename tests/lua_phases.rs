@@ -965,3 +965,29 @@ fn client_gone_mid_request_still_runs_content_and_log_phases() {
     // The worker is fine afterwards.
     assert_eq!(s.get("/slow").text(), "late\n");
 }
+
+#[test]
+fn a_handlers_setfenv_does_not_leak_into_later_requests() {
+    // One worker: handler coroutines are pooled and the second request reuses the first's.
+    let s = start(
+        "",
+        r#"
+        location /taint {
+            content_by_lua_block {
+                setfenv(0, setmetatable({ marker = "tainted" }, { __index = _G }))
+                ngx.say("ok")
+            }
+        }
+        location /look {
+            content_by_lua_block {
+                local f = loadstring("return marker")
+                ngx.say(tostring(f()))
+            }
+        }
+        "#,
+    );
+    for _ in 0..3 {
+        assert_eq!(s.get("/taint").text(), "ok\n");
+        assert_eq!(s.get("/look").text(), "nil\n");
+    }
+}

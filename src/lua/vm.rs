@@ -173,6 +173,10 @@ pub struct LuaVm {
     terminate: Option<mlua::LightUserData>,
     /// The state's current-request slot (also in its app data), without a lookup per run.
     pub current: std::rc::Rc<crate::lua::request::Current>,
+    /// The main globals table, held in the registry: a reused coroutine gets it back as its
+    /// environment (a handler's `setfenv(0, t)` must not leak into later requests' `require`
+    /// and `loadstring`, as every OpenResty request coroutine starts on the main globals).
+    globals: mlua::RegistryKey,
 }
 
 impl LuaVm {
@@ -182,11 +186,13 @@ impl LuaVm {
         let terminate = terminate_signal(&lua);
         let current = crate::lua::request::Current::of(&lua)
             .ok_or_else(|| mlua::Error::runtime("Lua state without a request slot"))?;
+        let globals = lua.create_registry_value(lua.globals())?;
         Ok(LuaVm {
             lua,
             cache: Default::default(),
             threads: Default::default(),
             terminate,
+            globals,
             current,
         })
     }
@@ -233,14 +239,26 @@ impl LuaVm {
             Some(id) => unsafe {
                 let co = t.to_pointer() as *mut mlua::ffi::lua_State;
                 mlua::ffi::lua_settop(co, 0);
+                self.restore_globals(co);
                 mlua::ffi::lua_rawgeti_(co, mlua::ffi::LUA_REGISTRYINDEX, id);
                 Ok(t)
             },
             None => {
                 t.reset(self.handler(chunk)?)?;
+                // SAFETY: as above; the push and the replace leave the stack as it was.
+                unsafe { self.restore_globals(t.to_pointer() as *mut mlua::ffi::lua_State) };
                 Ok(t)
             }
         }
+    }
+
+    /// Make the main globals the environment of coroutine `co` again.
+    ///
+    /// # Safety
+    /// `co` is a live coroutine of this state with a free stack slot.
+    unsafe fn restore_globals(&self, co: *mut mlua::ffi::lua_State) {
+        mlua::ffi::lua_rawgeti_(co, mlua::ffi::LUA_REGISTRYINDEX, self.globals.id());
+        mlua::ffi::lua_replace(co, mlua::ffi::LUA_GLOBALSINDEX);
     }
 
     /// Give back a coroutine that returned normally.
