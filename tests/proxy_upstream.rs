@@ -6,7 +6,7 @@ mod common;
 #[path = "support/origin.rs"]
 mod origin;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -204,4 +204,150 @@ fn a_pooled_connection_closed_by_the_upstream_is_retried_fresh() {
     // Not one 502: each dropped request went again on a new connection.
     assert_eq!(o.reqs().len(), 6);
     assert!(!s.error_log().contains("[error]"), "{}", s.error_log());
+}
+
+/// A kept-alive connection is reusable the moment its response was read to the end: a request
+/// arriving before the old connection's bookkeeping ran must not open another one. Sequential
+/// requests ride one connection; concurrent clients need no more connections than requests in
+/// flight, with small bodies and with bodies that take many reads; a client leaving
+/// mid-response does not cost the connection.
+#[test]
+fn keepalive_connections_survive_quick_reuse_and_client_aborts() {
+    let big = vec![b'x'; 200 * 1024];
+    let o = Origin::start(move |r, s| {
+        if r.target == "/slow" {
+            // Half the body, a pause in which the client gives up, then the rest.
+            let _ = s.write_all(
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", big.len()).as_bytes(),
+            );
+            let _ = s.write_all(&big[..big.len() / 2]);
+            std::thread::sleep(Duration::from_millis(300));
+            let _ = s.write_all(&big[big.len() / 2..]);
+            return keep(r);
+        }
+        let body: &[u8] = if r.target == "/big" { &big } else { b"small" };
+        respond(s, 200, &[("Content-Type", "text/plain")], body);
+        keep(r)
+    });
+    let s = server(
+        &format!(
+            "upstream backend {{ server 127.0.0.1:{}; keepalive 16; keepalive_requests 100000; }}",
+            o.port()
+        ),
+        "location / { proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_pass http://backend; }
+        location /twice {
+            content_by_lua_block {
+                for _, p in ipairs({ \"/\", \"/\", \"/big\", \"/big\", \"/\" }) do
+                    local r = ngx.location.capture(p)
+                    if r.status ~= 200 then ngx.exit(502) end
+                end
+                ngx.say(\"ok\")
+            }
+        }",
+    );
+    run(&s, "/", 200);
+    run(&s, "/big", 50);
+    // Back-to-back subrequests: the next one starts before anything else ran on the worker.
+    run(&s, "/twice", 20);
+    assert_eq!(o.conns.load(Ordering::SeqCst), 1, "sequential requests");
+    // Clients that leave mid-response: the rest of the body is read and the connection kept,
+    // as nginx has the whole response in its buffers by then.
+    for _ in 0..3 {
+        let mut c = TcpStream::connect(s.addr()).unwrap();
+        c.write_all(b"GET /slow HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .unwrap();
+        let mut first = [0u8; 100];
+        c.read_exact(&mut first).unwrap();
+        drop(c);
+        std::thread::sleep(Duration::from_millis(500));
+        run(&s, "/", 1);
+    }
+    assert_eq!(o.conns.load(Ordering::SeqCst), 1, "after clients went away");
+    let clients = 8;
+    for (burst, path) in ["/", "/big", "/", "/big"].iter().enumerate() {
+        std::thread::scope(|sc| {
+            for _ in 0..clients {
+                sc.spawn(|| run(&s, path, 60));
+            }
+        });
+        let conns = o.conns.load(Ordering::SeqCst);
+        assert!(
+            conns <= clients,
+            "burst {} ({}): {} upstream connections for {} concurrent clients",
+            burst,
+            path,
+            conns,
+            clients
+        );
+    }
+    assert_eq!(o.reqs().len(), 356 + 4 * clients * 60);
+}
+
+/// The upstream HTTP/1 codec: chunked bodies (trailers dropped) keep the connection, a
+/// `Connection: close` answer or a body until close does not, and a head past the limit is a
+/// 502 with nginx's log line.
+#[test]
+fn response_framing_decides_reuse() {
+    let o = Origin::start(|r, s| {
+        let raw: &[u8] = match r.target.as_str() {
+            "/chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\nX-T: 1\r\n\r\n",
+            "/close" => b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
+            "/eof" => b"HTTP/1.0 200 OK\r\n\r\nuntil-close",
+            // Keep-alive by its framing, then closed while idle in the pool.
+            "/dropped" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            _ => {
+                let big = "x".repeat(70 * 1024);
+                let _ = s.write_all(format!("HTTP/1.1 200 OK\r\nX-Big: {}\r\nContent-Length: 0\r\n\r\n", big).as_bytes());
+                return Next::Close;
+            }
+        };
+        let _ = s.write_all(raw);
+        if r.target == "/chunked" {
+            keep(r)
+        } else {
+            Next::Close
+        }
+    });
+    let s = server(
+        &format!(
+            "upstream backend {{ server 127.0.0.1:{}; keepalive 4; }}",
+            o.port()
+        ),
+        "location / { proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_pass http://backend; }",
+    );
+    let conns = || o.conns.load(Ordering::SeqCst);
+    for _ in 0..5 {
+        let r = s.get("/chunked");
+        assert_eq!((r.status, r.text().as_str()), (200, "hello world"));
+    }
+    assert_eq!(conns(), 1);
+    for _ in 0..2 {
+        let r = s.get("/close");
+        assert_eq!((r.status, r.text().as_str()), (200, "ok"));
+    }
+    assert_eq!(
+        conns(),
+        2,
+        "the first reused the idle one, the second opened one"
+    );
+    let r = s.get("/eof");
+    assert_eq!((r.status, r.text().as_str()), (200, "until-close"));
+    assert_eq!(s.get("/chunked").status, 200);
+    assert_eq!(conns(), 4);
+    assert_eq!(s.get("/dropped").status, 200);
+    std::thread::sleep(Duration::from_millis(200));
+    let r = s.get("/chunked");
+    assert_eq!((r.status, r.text().as_str()), (200, "hello world"));
+    assert_eq!(
+        conns(),
+        5,
+        "the pooled connection the upstream closed is not used"
+    );
+    assert_eq!(s.get("/huge").status, 502);
+    let log = wait_log(&s, "upstream sent too big header");
+    assert!(
+        log.contains("upstream sent too big header while reading response header from upstream"),
+        "{}",
+        log
+    );
 }

@@ -565,6 +565,196 @@ fn redis_unix_socket_and_errors() {
     }
 }
 
+/// The handler of the shared-connection tests: `k` the key, `t` the timeout, `db` selects
+/// database 1 first (connection state: the object needs a connection of its own).
+const SHARED_GET: &str = r#"
+        local red = require("resty.redis"):new()
+        red:set_timeout(tonumber(ngx.var.arg_t) or 3000)
+        assert(red:connect("127.0.0.1", RPORT))
+        local k = ngx.var.arg_k
+        if ngx.var.arg_db then
+            assert(red:select(1))
+            assert(red:set(k, "db1-" .. k))
+        end
+        local v, err = red:get(k)
+        if not v then
+            ngx.say("err ", err)
+            return
+        end
+        ngx.say("val ", v)
+        red:set_keepalive(10000, 100)
+"#;
+
+/// `n` requests at once; returns each one's body, in order.
+fn concurrently(s: &Server, paths: &[String]) -> Vec<String> {
+    std::thread::scope(|sc| {
+        let hs: Vec<_> = paths.iter().map(|p| sc.spawn(move || body(s, p))).collect();
+        hs.into_iter()
+            .map(|h| h.join().expect("request thread"))
+            .collect()
+    })
+}
+
+#[test]
+fn redis_concurrent_requests_share_one_connection() {
+    let r = Redis::start(&[]);
+    let mut mset = vec!["MSET".to_string()];
+    for i in 0..30 {
+        mset.push(format!("k{i}"));
+        mset.push(format!("v{i}"));
+    }
+    let args: Vec<&str> = mset.iter().map(|a| a.as_str()).collect();
+    assert!(r.cmd(&args, None).starts_with("+OK"));
+    r.base.set(r.base.get() + 1);
+    let s = start_lua("", &SHARED_GET.replace("RPORT", &r.port.to_string()));
+    assert_eq!(body(&s, "/t?k=k0"), "val v0\n");
+
+    // Plain GETs and objects with connection state (SELECT) mixed: every reply is the asker's.
+    for round in 0..3 {
+        let paths: Vec<String> = (0..30)
+            .map(|i| match i % 5 {
+                0 => format!("/t?k=k{i}&db=1"),
+                _ => format!("/t?k=k{i}"),
+            })
+            .collect();
+        for (i, out) in concurrently(&s, &paths).iter().enumerate() {
+            let want = match i % 5 {
+                0 => format!("val db1-k{i}\n"),
+                _ => format!("val v{i}\n"),
+            };
+            assert_eq!(out, &want, "round {round}, request {i}");
+        }
+    }
+    // The database does not leak to a plain user after a SELECT user.
+    for i in 0..5 {
+        assert_eq!(body(&s, &format!("/t?k=k{i}")), format!("val v{i}\n"));
+    }
+    // Plain GETs of concurrent requests: one shared connection, no new ones.
+    let before = r.connections(None);
+    for round in 0..3 {
+        let paths: Vec<String> = (0..30).map(|i| format!("/t?k=k{i}")).collect();
+        for (i, out) in concurrently(&s, &paths).iter().enumerate() {
+            assert_eq!(
+                out,
+                &format!("val v{i}\n"),
+                "plain round {round}, request {i}"
+            );
+        }
+    }
+    assert_eq!(
+        r.connections(None),
+        before,
+        "90 concurrent GETs opened connections: {}",
+        s.error_log()
+    );
+}
+
+#[test]
+fn redis_timeout_in_a_shared_batch_keeps_replies_in_order() {
+    let r = Redis::start(&[]);
+    let mut mset = vec!["MSET".to_string()];
+    for i in 0..6 {
+        for p in ["a", "b", "c"] {
+            mset.push(format!("{p}{i}"));
+            mset.push(format!("v{p}{i}"));
+        }
+    }
+    let args: Vec<&str> = mset.iter().map(|a| a.as_str()).collect();
+    assert!(r.cmd(&args, None).starts_with("+OK"));
+    let s = start_lua("", &SHARED_GET.replace("RPORT", &r.port.to_string()));
+    assert_eq!(body(&s, "/t?k=c0"), "val vc0\n");
+
+    // Hold the server busy for ~400 ms with a script, then queue GETs behind it: the ones with
+    // a 50 ms timeout give up, the others must still get their own values, and so must every
+    // request after the late replies came in.
+    let port = r.port;
+    let blocker = std::thread::spawn(move || {
+        let script = "local s = redis.call('TIME') local t0 = s[1] * 1000000 + s[2] \
+            while true do local n = redis.call('TIME') \
+            if n[1] * 1000000 + n[2] - t0 > 400000 then return 1 end end";
+        let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connect redis");
+        c.set_read_timeout(Some(Duration::from_secs(5))).ok();
+        let req = format!(
+            "*3\r\n$4\r\nEVAL\r\n${}\r\n{}\r\n$1\r\n0\r\n",
+            script.len(),
+            script
+        );
+        c.write_all(req.as_bytes()).expect("write");
+        let mut b = [0u8; 64];
+        let n = c.read(&mut b).unwrap_or(0);
+        String::from_utf8_lossy(&b[..n]).into_owned()
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let paths: Vec<String> = (0..12)
+        .map(|i| match i % 2 {
+            0 => format!("/t?k=a{}&t=50", i / 2),
+            _ => format!("/t?k=b{}&t=3000", i / 2),
+        })
+        .collect();
+    let outs = concurrently(&s, &paths);
+    assert_eq!(blocker.join().expect("blocker"), ":1\r\n");
+    for (i, out) in outs.iter().enumerate() {
+        let want = match i % 2 {
+            0 => "err timeout\n".to_string(),
+            _ => format!("val vb{}\n", i / 2),
+        };
+        assert_eq!(out, &want, "request {i} ({})", paths[i]);
+    }
+    for round in 0..2 {
+        let paths: Vec<String> = (0..6).map(|i| format!("/t?k=c{i}")).collect();
+        for (i, out) in concurrently(&s, &paths).iter().enumerate() {
+            assert_eq!(out, &format!("val vc{i}\n"), "after, round {round}");
+        }
+    }
+    for i in 0..6 {
+        assert_eq!(body(&s, &format!("/t?k=a{i}")), format!("val va{i}\n"));
+    }
+}
+
+#[test]
+fn redis_idle_connections_expire_while_the_shared_one_serves() {
+    let r = Redis::start(&[]);
+    let s = start_lua(
+        "",
+        &r#"
+        local red = require("resty.redis"):new()
+        assert(red:connect("127.0.0.1", RPORT))
+        ngx.sleep(tonumber(ngx.var.arg_s) or 0)
+        assert(red:get("x"))
+        red:set_keepalive(300, 100)
+        ngx.say("ok")
+        "#
+        .replace("RPORT", &r.port.to_string()),
+    );
+    let clients = || {
+        r.cmd(&["INFO", "clients"], None)
+            .lines()
+            .find_map(|l| l.strip_prefix("connected_clients:"))
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .expect("connected_clients")
+    };
+    // Ten requests connect before any of them is done: ten connections; one becomes the
+    // shared connection at set_keepalive, nine wait idle in the pool for 300 ms.
+    let paths: Vec<String> = (0..10).map(|_| "/t?s=0.2".to_string()).collect();
+    for out in concurrently(&s, &paths) {
+        assert_eq!(out, "ok\n");
+    }
+    assert!(clients() >= 10, "{}", clients());
+    // Requests keep the shared connection busy; the idle ones expire meanwhile.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut n = clients();
+    while n > 2 && Instant::now() < deadline {
+        assert_eq!(body(&s, "/t"), "ok\n");
+        std::thread::sleep(Duration::from_millis(50));
+        n = clients();
+    }
+    assert!(
+        n <= 2,
+        "idle connections outlived their timeout: {} clients",
+        n
+    );
+}
+
 #[test]
 fn user_copy_on_package_path_wins_over_bundled() {
     let s = start_lua_with(

@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod bundled;
+pub mod fast;
 pub mod phase;
 pub mod request;
 pub mod resty_cli;

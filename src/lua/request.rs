@@ -9,7 +9,10 @@ use mlua::Lua;
 
 use crate::http::request::{Phase, ReqCtx};
 
-/// App data slot holding the request of the coroutine being polled right now.
+/// App data slot holding the request of the coroutine being polled right now. It sits in app
+/// data as `Rc<Current>` (set once in [`crate::lua::vm::new_state`], never replaced): phase
+/// runners keep a clone instead of looking it up on every poll, and the raw C entry points of
+/// [`crate::lua::fast`] reach it through a pointer upvalue (app data outlives `lua_close`).
 #[derive(Default)]
 pub struct Current {
     pub req: RefCell<Option<Rc<ReqCtx>>>,
@@ -21,16 +24,21 @@ pub struct Current {
     pub runner: std::cell::Cell<bool>,
 }
 
+impl Current {
+    /// The state's slot (one app-data lookup).
+    pub fn of(lua: &Lua) -> Option<Rc<Current>> {
+        lua.app_data_ref::<Rc<Current>>().map(|c| Rc::clone(&c))
+    }
+}
+
 /// The current request, or OpenResty's error for APIs that need one.
 pub fn current(lua: &Lua) -> mlua::Result<Rc<ReqCtx>> {
-    lua.app_data_ref::<Current>()
-        .and_then(|c| c.req.borrow().clone())
-        .ok_or_else(|| mlua::Error::runtime("no request found"))
+    try_current(lua).ok_or_else(|| mlua::Error::runtime("no request found"))
 }
 
 /// The current request when there is one.
 pub fn try_current(lua: &Lua) -> Option<Rc<ReqCtx>> {
-    lua.app_data_ref::<Current>()
+    lua.app_data_ref::<Rc<Current>>()
         .and_then(|c| c.req.borrow().clone())
 }
 
@@ -39,7 +47,7 @@ pub fn phase(lua: &Lua) -> Phase {
     if let Some(r) = try_current(lua) {
         return r.st.borrow().phase;
     }
-    lua.app_data_ref::<Current>()
+    lua.app_data_ref::<Rc<Current>>()
         .and_then(|c| *c.phase.borrow())
         .unwrap_or(Phase::Timer)
 }

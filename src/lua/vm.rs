@@ -36,6 +36,42 @@ impl VmOptions {
 /// Finished handler coroutines kept for reuse per VM (one per concurrent request is enough).
 const THREAD_POOL: usize = 256;
 
+/// mlua keeps private the value it resumes a dropped coroutine with (so that the future it
+/// waits on is dropped at once, not at the next garbage collection). Learn it once: park a
+/// probe in a frame of mlua's async wrapper chunk name, drop it and record what it receives.
+/// `tests/lua_phases.rs` and the unit test below guard it.
+fn terminate_signal(lua: &Lua) -> Option<mlua::LightUserData> {
+    use std::future::Future;
+    let seen = std::rc::Rc::new(std::cell::Cell::new(None));
+    let s = seen.clone();
+    let store = lua
+        .create_function(move |_, v: mlua::Value| {
+            if let mlua::Value::LightUserData(p) = v {
+                s.set(Some(p));
+            }
+            Ok(())
+        })
+        .ok()?;
+    let probe: mlua::Function = lua
+        .load(
+            "local pending, store = ...
+             return function()
+                 local sig = coroutine.yield(pending)
+                 store(sig)
+             end",
+        )
+        .set_name("=__mlua_async_poll")
+        .call((Lua::poll_pending(), store))
+        .ok()?;
+    let mut fut = Box::pin(probe.call_async::<()>(()));
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    if fut.as_mut().poll(&mut cx).is_ready() {
+        return None;
+    }
+    drop(fut);
+    seen.get().filter(|p| *p != Lua::poll_pending())
+}
+
 /// Build a fresh Lua state with the whole `ngx` API installed as global `ngx`.
 pub fn new_state(opts: &VmOptions) -> mlua::Result<Lua> {
     // SAFETY: FFI is part of the OpenResty contract (lua-resty-core and many libraries use it);
@@ -51,7 +87,7 @@ pub fn new_state(opts: &VmOptions) -> mlua::Result<Lua> {
         )
     };
     // The current-request slot: the phase runners install requests and phases into it.
-    lua.set_app_data(crate::lua::request::Current::default());
+    lua.set_app_data(std::rc::Rc::new(crate::lua::request::Current::default()));
     let ngx = lua.create_table()?;
     lua.globals().set("ngx", &ngx)?;
     register_all(&lua, &ngx, opts)?;
@@ -127,28 +163,102 @@ fn set_package_paths(lua: &Lua, opts: &VmOptions) -> mlua::Result<()> {
 /// A worker's Lua state with its code cache (`lua_code_cache on`: each chunk compiled once).
 pub struct LuaVm {
     pub lua: Lua,
-    cache: std::cell::RefCell<std::collections::HashMap<usize, mlua::Function>>,
+    /// By chunk id (ids are dense: the index in the configuration's chunk list).
+    cache: std::cell::RefCell<Vec<Option<Cached>>>,
+    /// Handler coroutines that returned, for reuse by [`crate::lua::phase::run`].
+    threads: std::cell::RefCell<Vec<mlua::Thread>>,
+    /// mlua's signal that drops the wait of a coroutine parked in its async wrapper; `None`
+    /// when it could not be learnt (an mlua change: `learns_the_terminate_signal` fails), and
+    /// then such waits are dropped by the garbage collector.
+    terminate: Option<mlua::LightUserData>,
+    /// The state's current-request slot (also in its app data), without a lookup per run.
+    pub current: std::rc::Rc<crate::lua::request::Current>,
 }
 
 impl LuaVm {
     /// Make a worker's state and install the current-request slot.
     pub fn new(opts: &VmOptions) -> mlua::Result<LuaVm> {
         let lua = new_state(opts)?;
+        let terminate = terminate_signal(&lua);
+        let current = crate::lua::request::Current::of(&lua)
+            .ok_or_else(|| mlua::Error::runtime("Lua state without a request slot"))?;
         Ok(LuaVm {
             lua,
             cache: Default::default(),
+            threads: Default::default(),
+            terminate,
+            current,
         })
     }
 
     /// The compiled function of a configuration chunk (compiled on first use).
     pub fn handler(&self, chunk: &crate::conf::model::LuaChunk) -> mlua::Result<mlua::Function> {
-        use crate::conf::model::LuaSource;
         if !chunk.reload {
-            if let Some(f) = self.cache.borrow().get(&chunk.id) {
-                return Ok(f.clone());
+            if let Some(Some(c)) = self.cache.borrow().get(chunk.id) {
+                return Ok(c.f.clone());
             }
         }
-        let f = match &chunk.source {
+        let f = self.compile(chunk)?;
+        if !chunk.reload {
+            let key = self.lua.create_registry_value(&f)?;
+            let mut cache = self.cache.borrow_mut();
+            if cache.len() <= chunk.id {
+                cache.resize_with(chunk.id + 1, || None);
+            }
+            cache[chunk.id] = Some(Cached { f: f.clone(), key });
+        }
+        Ok(f)
+    }
+
+    /// A coroutine ready to run `chunk`: a returned one reset, or a new one (the caller must
+    /// end it as `phase::Entry` does).
+    pub fn thread(&self, chunk: &crate::conf::model::LuaChunk) -> mlua::Result<mlua::Thread> {
+        let pooled = self.threads.borrow_mut().pop();
+        let Some(t) = pooled else {
+            return self.lua.create_thread(self.handler(chunk)?);
+        };
+        let cached = if chunk.reload {
+            None
+        } else {
+            self.cache
+                .borrow()
+                .get(chunk.id)
+                .and_then(|c| c.as_ref().map(|c| c.key.id()))
+        };
+        match cached {
+            // SAFETY: pooled threads returned normally (status ok, no frames: mlua's
+            // "finished"), which `Thread::reset` would also accept; this is its work (empty
+            // the stack, push the function) without the checks and a handle clone. For a
+            // thread `lua_topointer` is its `lua_State`.
+            Some(id) => unsafe {
+                let co = t.to_pointer() as *mut mlua::ffi::lua_State;
+                mlua::ffi::lua_settop(co, 0);
+                mlua::ffi::lua_rawgeti_(co, mlua::ffi::LUA_REGISTRYINDEX, id);
+                Ok(t)
+            },
+            None => {
+                t.reset(self.handler(chunk)?)?;
+                Ok(t)
+            }
+        }
+    }
+
+    /// Give back a coroutine that returned normally.
+    pub fn put_thread(&self, t: mlua::Thread) {
+        let mut pool = self.threads.borrow_mut();
+        if pool.len() < THREAD_POOL {
+            pool.push(t);
+        }
+    }
+
+    /// The signal to send a coroutine dropped while parked in mlua's async wrapper.
+    pub fn terminate(&self) -> Option<mlua::LightUserData> {
+        self.terminate
+    }
+
+    fn compile(&self, chunk: &crate::conf::model::LuaChunk) -> mlua::Result<mlua::Function> {
+        use crate::conf::model::LuaSource;
+        Ok(match &chunk.source {
             LuaSource::Inline(src) => self
                 .lua
                 .load(src.as_str())
@@ -168,10 +278,26 @@ impl LuaVm {
                     .set_name(format!("@{}", path.display()))
                     .into_function()?
             }
-        };
-        if !chunk.reload {
-            self.cache.borrow_mut().insert(chunk.id, f.clone());
-        }
-        Ok(f)
+        })
+    }
+}
+
+/// A compiled chunk, also held in the registry so a pooled thread can be given it directly.
+struct Cached {
+    f: mlua::Function,
+    key: mlua::RegistryKey,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{LuaVm, VmOptions};
+
+    /// Pooled handler threads rely on learning mlua's private terminate signal; an mlua
+    /// change that breaks the probe fails here instead of silently slowing every handler.
+    #[test]
+    fn learns_the_terminate_signal() {
+        let vm = LuaVm::new(&VmOptions::standalone(".".into())).expect("state");
+        let sig = vm.terminate().expect("terminate signal");
+        assert_ne!(sig, mlua::Lua::poll_pending());
     }
 }

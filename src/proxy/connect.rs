@@ -1,6 +1,6 @@
-//! Opening a connection to a peer: TCP (bounded by proxy_connect_timeout), TLS when the URL is
-//! https, then hyper's HTTP/1 client handshake; the connection task runs on the worker's
-//! LocalSet. Errors come back in nginx's error-log words.
+//! Opening a connection to a peer: TCP (bounded by proxy_connect_timeout), then TLS when the
+//! URL is https. The HTTP/1 exchange on it is h1.rs's. Errors come back in nginx's error-log
+//! words.
 
 use std::future::Future;
 use std::io;
@@ -9,12 +9,9 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::body::UpBody;
 use super::conf::ProxySsl;
 
 /// A plain or TLS upstream stream.
@@ -24,21 +21,29 @@ pub enum Io {
 }
 
 /// `proxy_send_timeout`: a write that makes no progress for this long fails the connection,
-/// as nginx's timer between two successive writes. The limit (ms) is shared with the pool's
-/// `Conn` so each request on a kept-alive connection sets its own.
+/// as nginx's timer between two successive writes. Each request on a kept-alive connection
+/// sets its own limit.
 pub struct Timed {
     io: Io,
-    pub limit: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    pub limit: Duration,
     stall: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Timed {
+    /// The TCP connection under it (for readiness checks that need no system call).
+    pub fn tcp(&self) -> &TcpStream {
+        match &self.io {
+            Io::Tcp(s) => s,
+            Io::Tls(s) => s.get_ref().0,
+        }
+    }
+
     fn wrote<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
         if r.is_ready() {
             self.stall = None;
             return r;
         }
-        let limit = Duration::from_millis(self.limit.load(std::sync::atomic::Ordering::Relaxed));
+        let limit = self.limit;
         let sleep = self
             .stall
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
@@ -140,19 +145,13 @@ pub fn errno_text(e: &io::Error) -> String {
     }
 }
 
-/// Connect and handshake. The returned sender is ready for a first request.
+/// Connect (and TLS handshake): a stream ready for a first request.
 pub async fn open(
     addr: SocketAddr,
     tls: Option<TlsParams<'_>>,
     connect_timeout: Duration,
     send_timeout: Duration,
-) -> Result<
-    (
-        SendRequest<UpBody>,
-        std::sync::Arc<std::sync::atomic::AtomicU64>,
-    ),
-    ConnectError,
-> {
+) -> Result<Timed, ConnectError> {
     let work = async {
         let tcp = TcpStream::connect(addr).await.map_err(|e| ConnectError {
             timeout: e.raw_os_error() == Some(libc::ETIMEDOUT),
@@ -183,27 +182,11 @@ pub async fn open(
                     .to_string(),
             }),
         };
-    let limit = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(
-        send_timeout.as_millis() as u64
-    ));
-    let io = Timed {
+    Ok(Timed {
         io,
-        limit: limit.clone(),
+        limit: send_timeout,
         stall: None,
-    };
-    let (tx, conn) = http1::Builder::new()
-        .handshake::<_, UpBody>(TokioIo::new(io))
-        .await
-        .map_err(|e| ConnectError {
-            timeout: false,
-            msg: format!("handshake failed ({}) while connecting to upstream", e),
-        })?;
-    tokio::task::spawn_local(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!("upstream connection: {}", e);
-        }
-    });
-    Ok((tx, limit))
+    })
 }
 
 /// TLS handshake with the location's settings through `net::tls` (configs are cached per

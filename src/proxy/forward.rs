@@ -6,14 +6,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::FutureExt;
-use http::{HeaderMap, Method, Request, Response, Version};
-use http_body::Body as _;
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use http::{HeaderMap, Method};
 
 use super::body::{BodySrc, UpBody};
 use super::conf::ProxyConf;
-use super::connect::{self, errno_text, TlsParams};
+use super::connect::{self, TlsParams};
+use super::h1;
 use super::pool::{self, Conn, Key, Limits};
 use super::retry::{Failure, Peer};
 use crate::http::filter;
@@ -59,9 +57,7 @@ impl Timeouts {
 
 /// A try that got a response head.
 pub struct Got {
-    pub resp: Response<Incoming>,
-    pub conn: Conn,
-    pub key: Key,
+    pub resp: h1::Response,
     pub connect_time: Option<Duration>,
     pub header_time: Duration,
 }
@@ -86,52 +82,6 @@ impl Failed {
             _ => 502,
         }
     }
-}
-
-fn io_error(e: &hyper::Error) -> Option<&std::io::Error> {
-    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(s) = src {
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            return Some(io);
-        }
-        src = s.source();
-    }
-    None
-}
-
-/// nginx's text and retry class for a hyper client error before the response head.
-fn classify(e: &hyper::Error) -> (Failure, String) {
-    if e.is_parse() || e.is_parse_status() || e.is_parse_too_large() {
-        return (
-            Failure::InvalidHeader,
-            "upstream sent invalid header while reading response header from upstream".into(),
-        );
-    }
-    if let Some(io) = io_error(e) {
-        if io.kind() == std::io::ErrorKind::TimedOut {
-            return (
-                Failure::Timeout,
-                "upstream timed out (110: Connection timed out) while sending request to upstream"
-                    .into(),
-            );
-        }
-        let what = match io.raw_os_error() {
-            Some(libc::EPIPE) => "writev() failed",
-            _ => "recv() failed",
-        };
-        let phase = match io.raw_os_error() {
-            Some(libc::EPIPE) => "while sending request to upstream",
-            _ => "while reading response header from upstream",
-        };
-        return (
-            Failure::Error,
-            format!("{} {} {}", what, errno_text(io), phase),
-        );
-    }
-    (
-        Failure::Error,
-        "upstream prematurely closed connection while reading response header from upstream".into(),
-    )
 }
 
 /// Run one try against `peer`.
@@ -169,7 +119,7 @@ pub async fn attempt(
                 sni: dest.sni,
                 verify_name: dest.tls_name.unwrap_or(""),
             });
-            let (tx, send_limit) = connect::open(peer.addr, tls, tmo.connect, tmo.send)
+            let io = connect::open(peer.addr, tls, tmo.connect, tmo.send)
                 .await
                 .map_err(|e| Failed {
                     kind: if e.timeout {
@@ -184,40 +134,26 @@ pub async fn attempt(
                 })?;
             connect_time = Some(t0.elapsed());
             Conn {
-                tx,
+                io,
                 requests: 1,
                 reused: false,
                 opened: t0,
-                send_limit,
             }
         }
     };
-    conn.send_limit.store(
-        tmo.send.as_millis() as u64,
-        std::sync::atomic::Ordering::Relaxed,
-    );
+    conn.io.limit = tmo.send;
+    let reused = conn.reused;
     // Taken only now: a connect failure leaves a streamed body unread for the next try.
     let body = src.take();
     let streamed = matches!(body, UpBody::Stream(_));
-    let mut req = Request::new(body);
-    *req.method_mut() = head.method.clone();
-    *req.uri_mut() = head.uri.parse().map_err(|_| Failed {
-        kind: Failure::Error,
-        msg: format!("invalid URI \"{}\" for upstream", head.uri),
-        sent: false,
-        stale: false,
-        connect_time,
-    })?;
-    *req.version_mut() = if head.http11 {
-        Version::HTTP_11
+    let taken;
+    let headers = if keep_head {
+        &head.headers
     } else {
-        Version::HTTP_10
+        taken = std::mem::take(&mut head.headers);
+        &taken
     };
-    *req.headers_mut() = if keep_head {
-        head.headers.clone()
-    } else {
-        std::mem::take(&mut head.headers)
-    };
+    let pool = dest.keepalive.map(|l| (key, l));
     let t0 = Instant::now();
     // The head must come within proxy_read_timeout of the request being sent; a streamed
     // body's upload gets proxy_send_timeout on top.
@@ -225,7 +161,8 @@ pub async fn attempt(
     if streamed {
         wait += tmo.send;
     }
-    let resp = match tokio::time::timeout(wait, conn.tx.send_request(req)).await {
+    let exchange = h1::exchange(conn, head, headers, body, pool);
+    let resp = match tokio::time::timeout(wait, exchange).await {
         Err(_) => {
             return Err(Failed {
                 kind: Failure::Timeout,
@@ -236,12 +173,11 @@ pub async fn attempt(
             })
         }
         Ok(Err(e)) => {
-            let (kind, msg) = classify(&e);
             return Err(Failed {
-                kind,
-                msg,
+                kind: e.kind,
+                stale: reused && e.kind == Failure::Error,
+                msg: e.msg,
                 sent: true,
-                stale: conn.reused && kind == Failure::Error,
                 connect_time,
             });
         }
@@ -249,8 +185,6 @@ pub async fn attempt(
     };
     Ok(Got {
         resp,
-        conn,
-        key,
         connect_time,
         header_time: t0.elapsed(),
     })
@@ -261,10 +195,12 @@ const READ_AHEAD: usize = 64 * 1024;
 
 /// How streaming the body ended.
 pub enum Streamed {
-    /// All of it went out; the connection may be reused.
+    /// The upstream body was read to its end (whether or not the client took all of it): the
+    /// connection may be reused.
     Complete,
-    /// The client went away; the upstream connection is dropped.
-    ClientGone,
+    /// The client went away before the upstream body ended; what is left of it comes back for
+    /// [`h1::drain`].
+    ClientGone(Box<h1::Body>),
     /// The upstream failed mid-body (logged); the client response was cut off.
     UpstreamFailed,
 }
@@ -274,40 +210,32 @@ pub async fn stream_body(
     rc: &Rc<ReqCtx>,
     pc: &ProxyConf,
     tmo: &Timeouts,
-    mut body: Incoming,
+    mut body: h1::Body,
     bytes: &mut u64,
     log: &dyn Fn(&str),
 ) -> Streamed {
     let read_timeout = tmo.read;
-    if body.is_end_stream() {
-        return match filter::send(rc, true).await {
-            Ok(()) => Streamed::Complete,
-            Err(_) => Streamed::ClientGone,
-        };
+    if body.is_end() {
+        let _ = filter::send(rc, true).await;
+        return Streamed::Complete;
     }
     // A chunk read but not yet sent: kept as it came while it is alone, so that a response
     // read in one piece goes to the client without a copy.
     let mut pending: Option<Bytes> = None;
     loop {
-        let frame = match body.frame().now_or_never() {
+        let frame = match body.chunk().now_or_never() {
             Some(f) => Ok(f),
-            None => tokio::time::timeout(read_timeout, body.frame()).await,
+            None => tokio::time::timeout(read_timeout, body.chunk()).await,
         };
         let failure = match frame {
             Err(_) => Some("upstream timed out (110: Connection timed out) while reading upstream"),
-            Ok(Some(Err(_))) => {
-                Some("upstream prematurely closed connection while reading upstream")
+            Ok(Err(_)) => Some("upstream prematurely closed connection while reading upstream"),
+            Ok(Ok(None)) => {
+                let _ = filter::send(rc, true).await;
+                return Streamed::Complete;
             }
-            Ok(None) => {
-                return match filter::send(rc, true).await {
-                    Ok(()) => Streamed::Complete,
-                    Err(_) => Streamed::ClientGone,
-                };
-            }
-            Ok(Some(Ok(f))) => {
-                if let Ok(d) = f.into_data() {
-                    push(rc, &mut pending, d, bytes);
-                }
+            Ok(Ok(Some(d))) => {
+                push(rc, &mut pending, d, bytes);
                 None
             }
         };
@@ -323,29 +251,25 @@ pub async fn stream_body(
         if pc.buffering {
             loop {
                 let held = rc.st.borrow().out.len() + pending.as_ref().map_or(0, |p| p.len());
-                if held >= READ_AHEAD || body.is_end_stream() {
+                if held >= READ_AHEAD || body.is_end() {
                     break;
                 }
-                match body.frame().now_or_never() {
-                    Some(Some(Ok(f))) => {
-                        if let Ok(d) = f.into_data() {
-                            push(rc, &mut pending, d, bytes);
-                        }
-                    }
+                match body.chunk().now_or_never() {
+                    Some(Ok(Some(d))) => push(rc, &mut pending, d, bytes),
                     _ => break,
                 }
             }
         }
-        let eof = body.is_end_stream();
+        let eof = body.is_end();
         let sent = match pending.take() {
             Some(d) => filter::send_chunk(rc, d, eof).await,
             None => filter::send(rc, eof).await,
         };
-        if sent.is_err() {
-            return Streamed::ClientGone;
-        }
         if eof {
             return Streamed::Complete;
+        }
+        if sent.is_err() {
+            return Streamed::ClientGone(Box::new(body));
         }
     }
 }
@@ -364,11 +288,4 @@ fn push(rc: &ReqCtx, pending: &mut Option<Bytes>, d: Bytes, bytes: &mut u64) {
         st.out.extend_from_slice(&p);
     }
     st.out.extend_from_slice(&d);
-}
-
-/// Hand the connection back to the pool when keep-alive is configured for it.
-pub fn finish(got_conn: Conn, key: Key, dest: &Dest<'_>) {
-    if let Some(l) = dest.keepalive {
-        pool::release(key, got_conn, l);
-    }
 }

@@ -22,6 +22,7 @@ pub mod upstream;
 mod body;
 mod connect;
 mod forward;
+mod h1;
 mod headers;
 mod pool;
 mod retry;
@@ -211,7 +212,7 @@ pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
                 }
             }
             Ok(got) => {
-                let status = got.resp.status().as_u16();
+                let status = got.resp.status;
                 // One clock read serves the record and the balancer's report.
                 let elapsed = t0.elapsed();
                 record(
@@ -254,7 +255,6 @@ pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
                     let ctx = Respond {
                         pc: &pc,
                         tmo: &tmo,
-                        dest: &dest,
                         upstream: &upstream,
                         default_from: &default_from,
                         prefix,
@@ -273,7 +273,6 @@ pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
 struct Respond<'a> {
     pc: &'a ProxyConf,
     tmo: &'a Timeouts,
-    dest: &'a Dest<'a>,
     /// The `upstream: "..."` text of log lines, made only when one is written.
     upstream: &'a dyn Fn() -> String,
     default_from: &'a dyn Fn() -> Option<String>,
@@ -283,13 +282,11 @@ struct Respond<'a> {
 
 /// Send the accepted response to the client.
 async fn respond(rc: &Rc<ReqCtx>, c: Respond<'_>, got: Got) -> Outcome {
-    let Got {
-        mut resp,
-        conn,
-        key,
-        ..
-    } = got;
-    let status = resp.status().as_u16();
+    let h1::Response {
+        status,
+        headers: up_headers,
+        body,
+    } = got.resp;
     if c.pc.intercept_errors && status >= 300 {
         let has_page = rc
             .st
@@ -303,19 +300,17 @@ async fn respond(rc: &Rc<ReqCtx>, c: Respond<'_>, got: Got) -> Outcome {
         }
     }
     let upgrade = status == 101;
-    let up_upgrade = upgrade.then(|| hyper::upgrade::on(&mut resp));
-    let (parts, body) = resp.into_parts();
     {
         let mut guard = rc.st.borrow_mut();
         let st = &mut *guard;
         st.status = status;
-        st.resp_headers = headers::response(c.pc, &parts.headers, upgrade);
+        st.resp_headers = headers::response(c.pc, &up_headers, upgrade);
         if let Some(u) = st.upstream.as_mut() {
-            u.headers = Some(parts.headers);
+            u.headers = Some(up_headers);
         }
         headers::redirect(rc, st, c.pc, c.default_from, c.prefix);
     }
-    if let Some(up) = up_upgrade {
+    if upgrade {
         let client = rc.st.borrow_mut().on_upgrade.take();
         let Some(client) = client else {
             log_upstream(rc, "upstream sent unexpected 101 without upgrade request while reading response header from upstream", &(c.upstream)());
@@ -327,8 +322,10 @@ async fn respond(rc: &Rc<ReqCtx>, c: Respond<'_>, got: Got) -> Outcome {
         if crate::http::filter::send(rc, true).await.is_err() {
             return Outcome::Done;
         }
-        let idle = c.tmo.read;
-        if let Err(e) = websocket::tunnel(client, up, idle).await {
+        let Some((up, early)) = body.into_upgraded() else {
+            return Outcome::Done;
+        };
+        if let Err(e) = websocket::tunnel(client, up.io, early, c.tmo.read).await {
             log_upstream(rc, &e, &(c.upstream)());
         }
         return Outcome::Done;
@@ -340,8 +337,9 @@ async fn respond(rc: &Rc<ReqCtx>, c: Respond<'_>, got: Got) -> Outcome {
         u.response_length = len;
         u.set_last_response_time(c.t0.elapsed());
     }
-    if let Streamed::Complete = r {
-        forward::finish(conn, key, c.dest);
+    match r {
+        Streamed::ClientGone(rest) => h1::drain(*rest, c.tmo.read),
+        Streamed::Complete | Streamed::UpstreamFailed => {}
     }
     Outcome::Done
 }

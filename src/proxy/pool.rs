@@ -1,7 +1,7 @@
 //! The upstream keep-alive pool of one worker (nginx's `keepalive N` cache): idle HTTP/1
 //! connections keyed by peer address and TLS name, most recently used first, bounded per key,
-//! dropped after `keepalive_timeout` or `keepalive_requests`. Nothing here is shared between
-//! workers, as in nginx.
+//! dropped after `keepalive_timeout` or `keepalive_requests`, or when the upstream closed them
+//! while idle. Nothing here is shared between workers, as in nginx.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -9,9 +9,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hyper::client::conn::http1::SendRequest;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
-use super::body::UpBody;
+use tokio::io::{AsyncRead, ReadBuf};
+
+use super::connect::Timed;
 
 /// The keep-alive limits of an upstream (`keepalive`, `keepalive_timeout`, `keepalive_requests`).
 #[derive(Debug, Clone, Copy)]
@@ -34,20 +37,17 @@ pub struct Key {
 
 /// A connection in use; hand it back with [`release`] when its response is complete.
 pub struct Conn {
-    pub tx: SendRequest<UpBody>,
+    pub io: Timed,
     /// Requests sent on it so far, this one included.
     pub requests: u64,
     /// Whether it came from the pool (a failure there earns one fresh retry, as in nginx).
     pub reused: bool,
     pub opened: Instant,
-    /// The connection's proxy_send_timeout, set by each request.
-    pub send_limit: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 struct Idle {
-    tx: SendRequest<UpBody>,
+    io: Timed,
     opened: Instant,
-    send_limit: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// When keepalive_timeout closes it.
     deadline: Instant,
     requests: u64,
@@ -58,37 +58,50 @@ thread_local! {
     static SWEEPER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// An idle connection for `key`, if one is alive and younger than the timeout. One that
-/// hyper has not marked idle yet (its task has not run since the response ended) stays.
+/// Whether an idle connection is still usable: the upstream has neither closed it nor sent
+/// anything unasked (either makes it useless for the next request).
+fn alive(io: &mut Timed) -> bool {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    // Nothing arrived since its last read returned short: alive, without a system call (the
+    // reactor has seen the upstream's FIN or data otherwise, as nginx's idle read handler).
+    if io.tcp().poll_read_ready(&mut cx).is_pending() {
+        return true;
+    }
+    let mut byte = [0u8; 1];
+    let mut buf = ReadBuf::new(&mut byte);
+    matches!(Pin::new(io).poll_read(&mut cx, &mut buf), Poll::Pending)
+}
+
+/// The most recently used idle connection for `key` that is alive and younger than the
+/// timeout. Connections go back the moment their response was read to the end, so a
+/// request right behind another finds the one it just left.
 pub fn take(key: &Key) -> Option<Conn> {
     POOL.with(|p| {
         let mut p = p.borrow_mut();
         let q = p.get_mut(key)?;
         let now = Instant::now();
-        q.retain(|i| now < i.deadline && !i.tx.is_closed());
-        let i = q.iter().rposition(|i| i.tx.is_ready())?;
-        let idle = q.remove(i)?;
-        Some(Conn {
-            tx: idle.tx,
-            requests: idle.requests + 1,
-            reused: true,
-            opened: idle.opened,
-            send_limit: idle.send_limit,
-        })
+        while let Some(mut idle) = q.pop_back() {
+            if now >= idle.deadline || !alive(&mut idle.io) {
+                continue;
+            }
+            return Some(Conn {
+                io: idle.io,
+                requests: idle.requests + 1,
+                reused: true,
+                opened: idle.opened,
+            });
+        }
+        None
     })
 }
 
-/// Give a connection back after a complete response; it is closed instead when the pool is
-/// full for its key, the request budget is spent, or hyper says it cannot take another request
-/// (the upstream asked to close, or the response was not read to the end).
+/// Give a connection back after a complete response that leaves it reusable; it is closed
+/// instead when the pool is full for its key or the request budget is spent.
 pub fn release(key: Key, conn: Conn, limits: Limits) {
     if conn.requests >= limits.requests
         || limits.max_idle == 0
         || conn.opened.elapsed() >= limits.time
     {
-        return;
-    }
-    if conn.tx.is_closed() {
         return;
     }
     put(key, conn, limits);
@@ -99,14 +112,13 @@ fn put(key: Key, conn: Conn, limits: Limits) {
     POOL.with(|p| {
         let mut p = p.borrow_mut();
         let q = p.entry(key).or_default();
-        q.retain(|i| now < i.deadline && !i.tx.is_closed());
+        q.retain(|i| now < i.deadline);
         if q.len() >= limits.max_idle {
             q.pop_front();
         }
         q.push_back(Idle {
-            tx: conn.tx,
+            io: conn.io,
             opened: conn.opened,
-            send_limit: conn.send_limit,
             deadline: now + limits.timeout,
             requests: conn.requests,
         });
@@ -116,7 +128,8 @@ fn put(key: Key, conn: Conn, limits: Limits) {
     }
 }
 
-/// Close idle connections whose keepalive_timeout passed even when nobody asks for their key.
+/// Close idle connections whose keepalive_timeout passed, or that the upstream closed, even
+/// when nobody asks for their key.
 async fn sweep() {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -124,7 +137,7 @@ async fn sweep() {
         POOL.with(|p| {
             let mut p = p.borrow_mut();
             for q in p.values_mut() {
-                q.retain(|i| now < i.deadline && !i.tx.is_closed());
+                q.retain_mut(|i| now < i.deadline && alive(&mut i.io));
             }
             p.retain(|_, q| !q.is_empty());
         });

@@ -4,27 +4,35 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Join the client and upstream sides; returns the bytes moved (client->upstream, back).
+use super::connect::Timed;
+
+/// Join the client and upstream sides; `early` is what the upstream sent right behind its
+/// 101 head. Returns the bytes moved (client->upstream, back).
 pub async fn tunnel(
     client: OnUpgrade,
-    upstream: OnUpgrade,
+    upstream: Timed,
+    early: Bytes,
     idle: Duration,
 ) -> Result<(u64, u64), String> {
-    let (c, u) = tokio::join!(client, upstream);
-    let c = c.map_err(|e| format!("client upgrade failed: {}", e))?;
-    let u = u.map_err(|e| format!("upstream upgrade failed: {}", e))?;
-    join(c, u, idle).await
+    let c = client
+        .await
+        .map_err(|e| format!("client upgrade failed: {}", e))?;
+    join(c, upstream, early, idle).await
 }
 
-async fn join(c: Upgraded, u: Upgraded, idle: Duration) -> Result<(u64, u64), String> {
+async fn join(c: Upgraded, u: Timed, early: Bytes, idle: Duration) -> Result<(u64, u64), String> {
     let (mut cr, mut cw) = tokio::io::split(TokioIo::new(c));
-    let (mut ur, mut uw) = tokio::io::split(TokioIo::new(u));
+    let (mut ur, mut uw) = tokio::io::split(u);
     let mut up = 0u64;
-    let mut down = 0u64;
+    let mut down = early.len() as u64;
+    if !early.is_empty() && cw.write_all(&early).await.is_err() {
+        return Ok((up, down));
+    }
     let mut cbuf = vec![0u8; 16 * 1024];
     let mut ubuf = vec![0u8; 16 * 1024];
     let (mut c_open, mut u_open) = (true, true);

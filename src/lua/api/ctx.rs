@@ -2,62 +2,106 @@
 //! `ngx.is_subrequest`, and `ngx.arg` (set_by_lua arguments, body_filter chunk and eof). They
 //! live behind a metatable because their value depends on the request of the running coroutine.
 
+use std::os::raw::c_int;
+
 use bytes::Bytes;
-use mlua::{Lua, Table, Value};
+use mlua::{ffi, Lua, Table, Value};
 
 use crate::http::request::{LuaArgs, Phase};
 use crate::lua::request::{current, phase, try_current};
 
+/// `ngx.ctx`: the request's table, made on first use; a timer's own outside requests.
+fn request_ctx(lua: &Lua) -> mlua::Result<Value> {
+    let Some(rc) = try_current(lua) else {
+        // A timer has its own ngx.ctx, as OpenResty's fake request does.
+        return super::thread::detached_ctx(lua, None);
+    };
+    // No Lua allocation under a borrow: a __gc finalizer may call ngx APIs.
+    let existing = rc
+        .st
+        .borrow()
+        .ctx_table
+        .as_ref()
+        .map(|k| lua.registry_value::<Value>(k));
+    if let Some(v) = existing {
+        return v;
+    }
+    let t = lua.create_table()?;
+    let key = lua.create_registry_value(&t)?;
+    rc.st.borrow_mut().ctx_table = Some(key);
+    Ok(Value::Table(t))
+}
+
+/// `ngx.ctx` and `ngx.status` without mlua's argument conversion (a new ctx table is made by
+/// a helper without arguments); everything else goes to the ordinary `__index`.
+unsafe extern "C-unwind" fn index_fast(l: *mut ffi::lua_State) -> c_int {
+    use crate::lua::fast;
+    if ffi::lua_gettop(l) != 2 || ffi::lua_type(l, 2) != ffi::LUA_TSTRING {
+        return fast::slow(l);
+    }
+    enum Hit {
+        Ctx(c_int),
+        NewCtx,
+        Status(u16),
+    }
+    let hit = (|| {
+        let key = fast::str_at(l, 2);
+        let rc = fast::request(l)?;
+        let st = rc.st.try_borrow().ok()?;
+        match key {
+            b"ctx" => match st.ctx_table.as_ref().map(|k| k.id()) {
+                Some(id) if id != ffi::LUA_REFNIL => Some(Hit::Ctx(id)),
+                Some(_) => None,
+                None => Some(Hit::NewCtx),
+            },
+            b"status" => Some(Hit::Status(st.status)),
+            _ => None,
+        }
+    })();
+    match hit {
+        Some(Hit::Ctx(id)) => {
+            ffi::lua_rawgeti_(l, ffi::LUA_REGISTRYINDEX, id);
+        }
+        Some(Hit::NewCtx) => fast::call_helper(l),
+        Some(Hit::Status(s)) => ffi::lua_pushinteger(l, s as ffi::lua_Integer),
+        None => return fast::slow(l),
+    }
+    1
+}
+
 pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     let mt = lua.create_table()?;
+    let index = lua.create_function(|lua, (_t, key): (Table, Value)| {
+        let Value::String(k) = key else {
+            return Ok(Value::Nil);
+        };
+        match &*k.as_bytes() {
+            b"ctx" => request_ctx(lua),
+            b"status" => {
+                let Some(rc) = try_current(lua) else {
+                    return Ok(Value::Integer(0));
+                };
+                let st = rc.st.borrow();
+                Ok(Value::Integer(st.status as i64))
+            }
+            b"is_subrequest" => Ok(Value::Boolean(
+                try_current(lua).is_some_and(|rc| rc.is_subrequest()),
+            )),
+            b"headers_sent" => {
+                let Some(rc) = try_current(lua) else {
+                    return Ok(Value::Boolean(false));
+                };
+                let st = rc.st.borrow();
+                // ngx.say/print send the header in OpenResty: buffered output counts as sent.
+                Ok(Value::Boolean(crate::http::engine::output_started(&st)))
+            }
+            _ => Ok(Value::Nil),
+        }
+    })?;
+    let new_ctx = lua.create_function(|lua, ()| request_ctx(lua))?;
     mt.set(
         "__index",
-        lua.create_function(|lua, (_t, key): (Table, Value)| {
-            let Value::String(k) = key else {
-                return Ok(Value::Nil);
-            };
-            match &*k.as_bytes() {
-                b"ctx" => {
-                    let Some(rc) = try_current(lua) else {
-                        // A timer has its own ngx.ctx, as OpenResty's fake request does.
-                        return super::thread::detached_ctx(lua, None);
-                    };
-                    // No Lua allocation under a borrow: a __gc finalizer may call ngx APIs.
-                    let existing = rc
-                        .st
-                        .borrow()
-                        .ctx_table
-                        .as_ref()
-                        .map(|k| lua.registry_value::<Value>(k));
-                    if let Some(v) = existing {
-                        return v;
-                    }
-                    let t = lua.create_table()?;
-                    let key = lua.create_registry_value(&t)?;
-                    rc.st.borrow_mut().ctx_table = Some(key);
-                    Ok(Value::Table(t))
-                }
-                b"status" => {
-                    let Some(rc) = try_current(lua) else {
-                        return Ok(Value::Integer(0));
-                    };
-                    let st = rc.st.borrow();
-                    Ok(Value::Integer(st.status as i64))
-                }
-                b"is_subrequest" => Ok(Value::Boolean(
-                    try_current(lua).is_some_and(|rc| rc.is_subrequest()),
-                )),
-                b"headers_sent" => {
-                    let Some(rc) = try_current(lua) else {
-                        return Ok(Value::Boolean(false));
-                    };
-                    let st = rc.st.borrow();
-                    // ngx.say/print send the header in OpenResty: buffered output counts as sent.
-                    Ok(Value::Boolean(crate::http::engine::output_started(&st)))
-                }
-                _ => Ok(Value::Nil),
-            }
-        })?,
+        crate::lua::fast::closure_with_fn(lua, index_fast, index, new_ctx)?,
     )?;
     mt.set(
         "__newindex",

@@ -2,7 +2,9 @@
 //! `ngx.resp.get_headers`.
 
 use http::{HeaderName, HeaderValue};
-use mlua::{Lua, Table, Value};
+use std::os::raw::c_int;
+
+use mlua::{ffi, Lua, Table, Value};
 
 use crate::http::request::Phase;
 use crate::lua::request::{check_phase, current};
@@ -52,6 +54,50 @@ fn get_values(lua: &Lua, vals: Vec<Vec<u8>>) -> mlua::Result<Value> {
     }
 }
 
+const SET_PHASES: &[Phase] = &[
+    Phase::Rewrite,
+    Phase::ServerRewrite,
+    Phase::Access,
+    Phase::Content,
+    Phase::HeaderFilter,
+];
+
+/// `ngx.header.NAME = "value"` without mlua's argument conversion when both are strings and
+/// the write is allowed; anything else (tables, nil, numbers, bad names or values, a refused
+/// phase, headers already sent) goes to the ordinary `__newindex`.
+unsafe extern "C-unwind" fn newindex_fast(l: *mut ffi::lua_State) -> c_int {
+    use crate::lua::fast;
+    if ffi::lua_gettop(l) != 3
+        || ffi::lua_type(l, 2) != ffi::LUA_TSTRING
+        || ffi::lua_type(l, 3) != ffi::LUA_TSTRING
+    {
+        return fast::slow(l);
+    }
+    let done = (|| {
+        let key = fast::str_at(l, 2);
+        std::str::from_utf8(key).ok()?;
+        let mut buf = [0u8; 64];
+        let name = buf.get_mut(..key.len())?;
+        for (d, s) in name.iter_mut().zip(key) {
+            *d = if *s == b'_' { b'-' } else { *s };
+        }
+        let name = HeaderName::from_bytes(name).ok()?;
+        let value = HeaderValue::from_bytes(fast::str_at(l, 3)).ok()?;
+        let rc = fast::request(l)?;
+        let mut st = rc.st.try_borrow_mut().ok()?;
+        if !SET_PHASES.contains(&st.phase) || (st.headers_sent && st.phase != Phase::HeaderFilter) {
+            return None;
+        }
+        st.resp_headers.remove(&name);
+        st.resp_headers.append(name, value);
+        Some(())
+    })();
+    match done {
+        Some(()) => 0,
+        None => fast::slow(l),
+    }
+}
+
 pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     let header = lua.create_table()?;
     let mt = lua.create_table()?;
@@ -71,8 +117,7 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
             get_values(lua, vals)
         })?,
     )?;
-    mt.set(
-        "__newindex",
+    let newindex =
         lua.create_function(|lua, (_t, key, value): (Table, mlua::LuaString, Value)| {
             check_phase(
                 lua,
@@ -117,7 +162,10 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
                 st.resp_headers.append(name.clone(), v);
             }
             Ok(())
-        })?,
+        })?;
+    mt.set(
+        "__newindex",
+        crate::lua::fast::closure(lua, newindex_fast, newindex)?,
     )?;
     header.set_metatable(Some(mt))?;
     ngx.set("header", header)?;

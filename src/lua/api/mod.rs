@@ -13,6 +13,7 @@ pub mod log;
 pub mod misc;
 pub mod output;
 pub mod re;
+pub mod redis_mux;
 pub mod req;
 pub mod resty_http;
 pub mod resty_redis;

@@ -1,7 +1,9 @@
 //! `ngx.say`, `ngx.print`, `ngx.flush`, `ngx.eof`: output goes into the request's buffer and
 //! through the filters on flush or at the end of the content phase.
 
-use mlua::{Lua, Table, Value};
+use std::os::raw::c_int;
+
+use mlua::{ffi, Lua, Table, Value};
 
 use crate::http::request::Phase;
 use crate::lua::request::{check_phase, current};
@@ -120,15 +122,70 @@ fn emit(lua: &Lua, args: mlua::Variadic<Value>, newline: bool) -> mlua::Result<(
     Ok((1,))
 }
 
+/// `ngx.say`/`ngx.print` without mlua's argument conversion when every argument is a string
+/// or a number and the request is in an output phase; anything else goes to [`emit`].
+///
+/// # Safety
+/// A C closure made by [`crate::lua::fast::closure`].
+unsafe fn emit_fast(l: *mut ffi::lua_State, newline: bool) -> c_int {
+    use crate::lua::fast;
+    let n = ffi::lua_gettop(l);
+    // One reservation for the whole call (numbers take at most 24 bytes as %.14g).
+    let mut len = newline as usize;
+    for i in 1..=n {
+        match ffi::lua_type(l, i) {
+            ffi::LUA_TSTRING => len += fast::str_at(l, i).len(),
+            ffi::LUA_TNUMBER => len += 24,
+            _ => return fast::slow(l),
+        }
+    }
+    let written = (|| {
+        let rc = fast::request(l)?;
+        let mut st = rc.st.try_borrow_mut().ok()?;
+        if !OUTPUT_PHASES.contains(&st.phase) {
+            return None;
+        }
+        if st.eof_sent {
+            return Some(0);
+        }
+        // No Lua value is made below (numbers are rendered in Rust), so no finalizer can run
+        // while the state is borrowed.
+        st.out.reserve(len);
+        for i in 1..=n {
+            if ffi::lua_type(l, i) == ffi::LUA_TSTRING {
+                st.out.extend_from_slice(fast::str_at(l, i));
+            } else {
+                st.out
+                    .extend_from_slice(format_number(ffi::lua_tonumber(l, i)).as_bytes());
+            }
+        }
+        if newline {
+            st.out.extend_from_slice(b"\n");
+        }
+        Some(1)
+    })();
+    match written {
+        Some(r) => {
+            ffi::lua_pushinteger(l, r);
+            1
+        }
+        None => fast::slow(l),
+    }
+}
+
+unsafe extern "C-unwind" fn say_fast(l: *mut ffi::lua_State) -> c_int {
+    emit_fast(l, true)
+}
+
+unsafe extern "C-unwind" fn print_fast(l: *mut ffi::lua_State) -> c_int {
+    emit_fast(l, false)
+}
+
 pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
-    ngx.set(
-        "say",
-        lua.create_function(|lua, args: mlua::Variadic<Value>| emit(lua, args, true))?,
-    )?;
-    ngx.set(
-        "print",
-        lua.create_function(|lua, args: mlua::Variadic<Value>| emit(lua, args, false))?,
-    )?;
+    let say = lua.create_function(|lua, args: mlua::Variadic<Value>| emit(lua, args, true))?;
+    ngx.set("say", crate::lua::fast::closure(lua, say_fast, say)?)?;
+    let print = lua.create_function(|lua, args: mlua::Variadic<Value>| emit(lua, args, false))?;
+    ngx.set("print", crate::lua::fast::closure(lua, print_fast, print)?)?;
     ngx.set(
         "flush",
         lua.create_async_function(|lua, _wait: Option<bool>| async move {

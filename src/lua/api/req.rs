@@ -58,6 +58,19 @@ const BODY_PHASES: &[Phase] = &[
     Phase::Content,
 ];
 
+/// `ngx.req.start_time()` without mlua's call protocol; no request goes to the ordinary one.
+unsafe extern "C-unwind" fn start_time_fast(l: *mut mlua::ffi::lua_State) -> std::os::raw::c_int {
+    match crate::lua::fast::request(l) {
+        Some(rc) => {
+            let t = rc.start_time;
+            drop(rc);
+            mlua::ffi::lua_pushnumber(l, t);
+            1
+        }
+        None => crate::lua::fast::slow(l),
+    }
+}
+
 pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     let req = lua.create_table()?;
     req.set(
@@ -264,9 +277,10 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
             lua.create_string(&out)
         })?,
     )?;
+    let start_time = lua.create_function(|lua, ()| Ok(current(lua)?.start_time))?;
     req.set(
         "start_time",
-        lua.create_function(|lua, ()| Ok(current(lua)?.start_time))?,
+        crate::lua::fast::closure(lua, start_time_fast, start_time)?,
     )?;
     req.set(
         "is_internal",

@@ -25,9 +25,15 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
-use mlua::{AnyUserData, Lua, MultiValue, Table, UserData, Value};
+use mlua::{AnyUserData, Lua, MultiValue, Table, UserData, UserDataRef, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
+
+use super::redis_mux::{CallErr, Creds, Mux, Target};
+
+/// `SELECT 0`, sent ahead of the next user's first command on a connection left on another
+/// database.
+const SELECT_0: &[u8] = b"*2\r\n$6\r\nSELECT\r\n$1\r\n0\r\n";
 
 /// What a timeout of 0 means for I/O (nginx's `lua_socket_*_timeout` default).
 const DEFAULT_TIMEOUT_MS: u64 = 60_000;
@@ -111,6 +117,175 @@ pub fn encode(out: &mut Vec<u8>, args: &[Vec<u8>]) {
     }
 }
 
+/// Commands that may share a connection with other objects' commands: they neither depend on
+/// nor change the connection's state, and they answer at once (no blocking pops, no scripts
+/// that could hold the replies of everybody else).
+fn plain_command(name: &[u8]) -> bool {
+    const PLAIN: &[&str] = &[
+        "get",
+        "set",
+        "setex",
+        "psetex",
+        "setnx",
+        "getset",
+        "getdel",
+        "mget",
+        "mset",
+        "msetnx",
+        "incr",
+        "incrby",
+        "incrbyfloat",
+        "decr",
+        "decrby",
+        "append",
+        "strlen",
+        "getrange",
+        "setrange",
+        "exists",
+        "del",
+        "unlink",
+        "type",
+        "expire",
+        "pexpire",
+        "expireat",
+        "pexpireat",
+        "persist",
+        "ttl",
+        "pttl",
+        "hget",
+        "hset",
+        "hsetnx",
+        "hmget",
+        "hmset",
+        "hgetall",
+        "hdel",
+        "hexists",
+        "hincrby",
+        "hincrbyfloat",
+        "hlen",
+        "hkeys",
+        "hvals",
+        "sadd",
+        "srem",
+        "sismember",
+        "smembers",
+        "scard",
+        "zadd",
+        "zrem",
+        "zscore",
+        "zincrby",
+        "zcard",
+        "zrank",
+        "zrevrank",
+        "zrange",
+        "zrevrange",
+        "zrangebyscore",
+        "zcount",
+        "lpush",
+        "rpush",
+        "lpop",
+        "rpop",
+        "llen",
+        "lrange",
+        "lindex",
+        "lset",
+        "ltrim",
+        "lrem",
+        "pfadd",
+        "pfcount",
+        "publish",
+        "ping",
+        "echo",
+    ];
+    name.len() <= 16
+        && PLAIN
+            .iter()
+            .any(|p| name.eq_ignore_ascii_case(p.as_bytes()))
+}
+
+/// Append `n` in decimal.
+fn push_dec(out: &mut Vec<u8>, mut n: usize) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&buf[i..]);
+}
+
+fn push_bulk(out: &mut Vec<u8>, a: &[u8]) {
+    out.push(b'$');
+    push_dec(out, a.len());
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(a);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Append one command given as Lua values (what `red:cmd(...)` passed) as a RESP array, and
+/// say what it does to the connection's state. No copy of the arguments in between.
+fn encode_values(out: &mut Vec<u8>, args: &VecDeque<Value>) -> mlua::Result<Effect> {
+    out.push(b'*');
+    push_dec(out, args.len());
+    out.extend_from_slice(b"\r\n");
+    let start = out.len();
+    let mut after_name = start;
+    for (i, v) in args.iter().enumerate() {
+        match v {
+            Value::String(s) => push_bulk(out, &s.as_bytes()),
+            Value::Integer(n) => push_bulk(out, n.to_string().as_bytes()),
+            Value::Number(n) => {
+                push_bulk(out, crate::lua::api::output::format_number(*n).as_bytes())
+            }
+            Value::Boolean(b) => push_bulk(out, if *b { b"true" } else { b"false" }),
+            Value::Nil => push_bulk(out, b"nil"),
+            other => {
+                return Err(mlua::Error::runtime(format!(
+                    "bad argument: {} not allowed in a redis command",
+                    other.type_name()
+                )))
+            }
+        }
+        if i == 0 {
+            after_name = out.len();
+        }
+    }
+    Ok(effect_of(&out[start..], after_name - start, args))
+}
+
+/// The effect of an encoded command: `enc` is its arguments (bulk strings), the first
+/// `name_len` bytes of them the command's name.
+fn effect_of(enc: &[u8], name_len: usize, args: &VecDeque<Value>) -> Effect {
+    let Some(Value::String(name)) = args.front() else {
+        return Effect::None;
+    };
+    let name = name.as_bytes();
+    let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+    if name.len() < 4 || name.len() > 12 {
+        Effect::None
+    } else if is("select") {
+        let db = match args.get(1) {
+            Some(Value::Integer(n)) => Some(*n),
+            Some(Value::Number(n)) if n.fract() == 0.0 => Some(*n as i64),
+            Some(Value::String(s)) => s.to_str().ok().and_then(|s| s.trim().parse().ok()),
+            _ => None,
+        };
+        db.map_or(Effect::None, Effect::Select)
+    } else if is("auth") {
+        Effect::Auth(hash_bytes(&enc[name_len..]))
+    } else if is("subscribe") || is("psubscribe") {
+        Effect::Subscribe
+    } else if is("unsubscribe") || is("punsubscribe") {
+        Effect::Unsubscribe
+    } else {
+        Effect::None
+    }
+}
+
 /// A failure of the connection itself, in the cosocket API's words.
 #[derive(Debug)]
 enum NetErr {
@@ -145,7 +320,7 @@ pub fn io_text(e: &io::Error) -> String {
     }
 }
 
-enum Io {
+pub(super) enum Io {
     Tcp(TcpStream),
     Unix(UnixStream),
 }
@@ -155,6 +330,47 @@ impl Io {
         match self {
             Io::Tcp(s) => s.write_all(b).await,
             Io::Unix(s) => s.write_all(b).await,
+        }
+    }
+    pub(super) fn poll_write(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        b: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        use tokio::io::AsyncWrite;
+        match self {
+            Io::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, b),
+            Io::Unix(s) => std::pin::Pin::new(s).poll_write(cx, b),
+        }
+    }
+    /// Read what is there into `buf`: `Ready(Ok(0))` is the end of the stream.
+    pub(super) fn poll_read_into(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut BytesMut,
+    ) -> std::task::Poll<io::Result<usize>> {
+        use tokio::io::{AsyncRead, ReadBuf};
+        buf.reserve(8192);
+        let mut rb = ReadBuf::uninit(buf.spare_capacity_mut());
+        let r = match self {
+            Io::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, &mut rb),
+            Io::Unix(s) => std::pin::Pin::new(s).poll_read(cx, &mut rb),
+        };
+        match r {
+            std::task::Poll::Ready(Ok(())) => {
+                let n = rb.filled().len();
+                // SAFETY: the reader initialised the first `n` bytes of the spare capacity.
+                unsafe { buf.set_len(buf.len() + n) };
+                std::task::Poll::Ready(Ok(n))
+            }
+            std::task::Poll::Ready(Err(e)) => std::task::Poll::Ready(Err(e)),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+    fn try_write(&self, b: &[u8]) -> io::Result<usize> {
+        match self {
+            Io::Tcp(s) => s.try_write(b),
+            Io::Unix(s) => s.try_write(b),
         }
     }
     async fn read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
@@ -187,11 +403,36 @@ struct Conn {
     fresh_checkout: bool,
     /// Never return this connection to the pool (a failed AUTH).
     no_pool: bool,
+    /// The last successful `AUTH` command, encoded (replayed for objects of a shared
+    /// connection that move to a connection of their own).
+    auth_cmd: Option<Rc<[u8]>>,
 }
 
 impl Conn {
+    fn new(io: Io) -> Conn {
+        Conn {
+            io,
+            rbuf: BytesMut::with_capacity(4096),
+            reused: 0,
+            db: 0,
+            auth: None,
+            fresh_checkout: false,
+            no_pool: false,
+            auth_cmd: None,
+        }
+    }
+
     async fn send(&mut self, req: &[u8], timeout_ms: u64) -> Result<(), NetErr> {
-        match with_timeout(timeout_ms, self.io.write_all(req)).await {
+        // A command almost always fits the socket's buffer: no timer for that case.
+        let done = match self.io.try_write(req) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(NetErr::Io(e)),
+        };
+        if done == req.len() {
+            return Ok(());
+        }
+        match with_timeout(timeout_ms, self.io.write_all(&req[done..])).await {
             None => Err(NetErr::Timeout),
             Some(Ok(())) => Ok(()),
             Some(Err(e)) => Err(NetErr::Io(e)),
@@ -221,7 +462,7 @@ impl Conn {
     }
 }
 
-async fn with_timeout<F: std::future::Future>(ms: u64, f: F) -> Option<F::Output> {
+pub(super) async fn with_timeout<F: std::future::Future>(ms: u64, f: F) -> Option<F::Output> {
     if ms == 0 {
         // 0 means "no timeout" only for keepalive; for I/O nginx treats it as the default.
         return tokio::time::timeout(Duration::from_millis(DEFAULT_TIMEOUT_MS), f)
@@ -238,18 +479,102 @@ struct Idle {
     expires: Option<Instant>,
 }
 
-thread_local! {
-    /// Idle connections of this worker, by pool name; most recently used at the back.
-    static POOLS: RefCell<HashMap<String, VecDeque<Idle>>> = RefCell::new(HashMap::new());
+/// One keepalive pool: idle connections, most recently used at the back.
+struct Pool {
+    key: String,
+    idle: VecDeque<Idle>,
+    /// No idle connection expires before this: a check-in scans for expired ones only after it.
+    earliest: Option<Instant>,
+    /// The connection shared by the plain commands of this pool's objects (redis_mux.rs).
+    mux: Option<Rc<Mux>>,
+    /// Where this pool's connections go (the first successful `connect`).
+    target: Option<Rc<Target>>,
 }
 
-fn checkout(key: &str) -> Option<Conn> {
+/// The pools of this worker. A pool is never removed, so an object keeps its pool's index
+/// from `connect` to `set_keepalive` instead of the key, and a request that uses the same pool
+/// as the previous one finds it without building the key or hashing it.
+#[derive(Default)]
+struct Pools {
+    list: Vec<Pool>,
+    index: HashMap<String, usize>,
+    last: usize,
+}
+
+thread_local! {
+    static POOLS: RefCell<Pools> = RefCell::new(Pools::default());
+}
+
+/// Where a connection to `host`/`port` with the `pool` option belongs.
+fn pool_id(host: &str, port: Option<u16>, pool: Option<&str>) -> usize {
     POOLS.with(|p| {
         let mut p = p.borrow_mut();
-        let q = p.get_mut(key)?;
-        let now = Instant::now();
+        if let Some(last) = p.list.get(p.last) {
+            if key_matches(&last.key, host, port, pool) {
+                return p.last;
+            }
+        }
+        let key = pool_key(host, port, pool);
+        let id = match p.index.get(&key) {
+            Some(&id) => id,
+            None => {
+                let id = p.list.len();
+                p.list.push(Pool {
+                    key: key.clone(),
+                    idle: VecDeque::new(),
+                    earliest: None,
+                    mux: None,
+                    target: None,
+                });
+                p.index.insert(key, id);
+                id
+            }
+        };
+        p.last = id;
+        id
+    })
+}
+
+/// `pool_key(host, port, pool) == key`, without building the key.
+fn key_matches(key: &str, host: &str, port: Option<u16>, pool: Option<&str>) -> bool {
+    match (pool, port) {
+        (Some(p), _) => key == p,
+        (None, Some(port)) if !host.starts_with("unix:") => {
+            let mut digits = [0u8; 5];
+            let d = u16_digits(port, &mut digits);
+            key.len() == host.len() + 1 + d.len()
+                && key.starts_with(host)
+                && key.as_bytes()[host.len()] == b':'
+                && key.as_bytes()[host.len() + 1..] == *d
+        }
+        _ => key == host,
+    }
+}
+
+fn u16_digits(mut n: u16, buf: &mut [u8; 5]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
+fn checkout(id: usize) -> Option<Conn> {
+    POOLS.with(|p| {
+        let mut p = p.borrow_mut();
+        let q = &mut p.list.get_mut(id)?.idle;
+        let mut now = None;
         while let Some(idle) = q.pop_back() {
-            if idle.expires.is_some_and(|e| e <= now) || !idle.conn.io.idle_ok() {
+            if let Some(e) = idle.expires {
+                if e <= *now.get_or_insert_with(Instant::now) {
+                    continue;
+                }
+            }
+            if !idle.conn.io.idle_ok() {
                 continue;
             }
             let mut c = idle.conn;
@@ -261,35 +586,118 @@ fn checkout(key: &str) -> Option<Conn> {
     })
 }
 
-fn checkin(key: String, conn: Conn, timeout_ms: u64, size: usize) {
+/// Close the idle connections whose idle timeout has passed, if one is due.
+fn prune(pool: &mut Pool, now: Instant) {
+    if pool.earliest.is_some_and(|e| e <= now) {
+        pool.idle.retain(|i| i.expires.is_none_or(|e| e > now));
+        pool.earliest = pool.idle.iter().filter_map(|i| i.expires).min();
+    }
+}
+
+fn checkin(id: usize, conn: Conn, timeout_ms: u64, size: usize) {
     POOLS.with(|p| {
         let mut p = p.borrow_mut();
-        let q = p.entry(key).or_default();
+        let Some(pool) = p.list.get_mut(id) else {
+            return;
+        };
         let now = Instant::now();
-        q.retain(|i| i.expires.is_none_or(|e| e > now));
+        prune(pool, now);
         // nginx closes the least recently used connection when the pool is full.
-        while q.len() >= size.max(1) {
-            q.pop_front();
+        while pool.idle.len() >= size.max(1) {
+            pool.idle.pop_front();
         }
-        q.push_back(Idle {
-            conn,
-            expires: (timeout_ms > 0).then(|| now + Duration::from_millis(timeout_ms)),
-        });
+        let expires = (timeout_ms > 0).then(|| now + Duration::from_millis(timeout_ms));
+        if let Some(e) = expires {
+            pool.earliest = Some(pool.earliest.map_or(e, |x| x.min(e)));
+        }
+        pool.idle.push_back(Idle { conn, expires });
+    })
+}
+
+/// The pool's shared connection, if it takes new objects. While it serves, nothing checks
+/// connections in or out of the pool, so this is where idle ones are closed when they expire.
+fn usable_mux(id: usize) -> Option<Rc<Mux>> {
+    POOLS.with(|p| {
+        let mut p = p.borrow_mut();
+        let pool = p.list.get_mut(id)?;
+        let m = pool.mux.as_ref()?;
+        if !m.usable() {
+            return None;
+        }
+        let m = m.clone();
+        if pool.earliest.is_some() {
+            prune(pool, Instant::now());
+        }
+        Some(m)
+    })
+}
+
+/// Make `conn` the pool's shared connection if the pool has none and the connection is in a
+/// state every attached object can share; otherwise give it back (`Some`).
+fn promote(id: usize, conn: Conn, idle_ms: u64) -> Option<Conn> {
+    if conn.db != 0 || conn.no_pool || (conn.auth.is_some() && conn.auth_cmd.is_none()) {
+        return Some(conn);
+    }
+    POOLS.with(|p| {
+        let mut p = p.borrow_mut();
+        let Some(pool) = p.list.get_mut(id) else {
+            return Some(conn);
+        };
+        if pool.mux.as_ref().is_some_and(|m| m.usable()) {
+            return Some(conn);
+        }
+        let Some(target) = pool.target.clone() else {
+            return Some(conn);
+        };
+        let creds = Creds {
+            reused: conn.reused,
+            auth: conn.auth,
+            auth_cmd: conn.auth_cmd,
+        };
+        pool.mux = Some(Mux::start(conn.io, conn.rbuf, creds, target, idle_ms));
+        None
+    })
+}
+
+fn set_target(
+    id: usize,
+    host: String,
+    port: Option<u16>,
+    resolver: Option<std::sync::Arc<crate::net::Resolver>>,
+) {
+    POOLS.with(|p| {
+        if let Some(pool) = p.borrow_mut().list.get_mut(id) {
+            if pool.target.is_none() {
+                pool.target = Some(Rc::new(Target {
+                    host,
+                    port,
+                    resolver,
+                }));
+            }
+        }
     })
 }
 
 /// Idle connections in pool `key` on this worker (tests and diagnostics).
 pub fn idle_count(key: &str) -> usize {
-    POOLS.with(|p| p.borrow().get(key).map_or(0, |q| q.len()))
+    POOLS.with(|p| {
+        let p = p.borrow();
+        p.index.get(key).map_or(0, |&id| p.list[id].idle.len())
+    })
 }
 
 /// A `resty.redis` object's native state.
 #[derive(Default)]
 struct Core {
     conn: RefCell<Option<Conn>>,
+    /// Attached to the pool's shared connection instead of `conn` (plain commands only).
+    mux: RefCell<Option<Rc<Mux>>>,
+    /// `get_reused_times` while attached to the shared connection.
+    mux_reused: Cell<u32>,
     /// connect, send, read timeouts in ms.
     timeouts: Cell<(u64, u64, u64)>,
-    pool: RefCell<String>,
+    /// The pool of the last `connect` (an index into this worker's pools).
+    pool: Cell<Option<usize>>,
     subscribed: Cell<bool>,
     /// Queued commands of `init_pipeline`: the encoded bytes and each command's effect.
     pipeline: RefCell<Option<(Vec<u8>, Vec<Effect>)>>,
@@ -306,6 +714,69 @@ enum Effect {
     Auth(u64),
     Subscribe,
     Unsubscribe,
+}
+
+impl Core {
+    /// Let go of the connection (closing it) or of the shared one.
+    fn detach(&self) {
+        self.conn.borrow_mut().take();
+        self.mux.borrow_mut().take();
+        self.subscribed.set(false);
+    }
+
+    /// Whether the object holds a connection, its own or the shared one.
+    fn connected(&self) -> bool {
+        self.conn.borrow().is_some() || self.mux.borrow().is_some()
+    }
+}
+
+/// Before a command: an object attached to the shared connection keeps it for a plain command
+/// and gets a connection of its own for anything else.
+async fn shared_or_own(core: &Core, plain: bool) -> Result<(), String> {
+    if core.conn.borrow().is_some() {
+        return Ok(());
+    }
+    let mux = core.mux.borrow().clone();
+    match mux {
+        Some(m) if !plain => own_conn(core, &m).await,
+        _ => Ok(()),
+    }
+}
+
+/// Give an object attached to the shared connection a connection of its own: the shared one
+/// itself when nothing is in flight on it, else an idle one of its pool or a new one,
+/// authenticated as the shared one was (the object may have skipped its `AUTH` for it).
+async fn own_conn(core: &Core, mux: &Mux) -> Result<(), String> {
+    core.mux.borrow_mut().take();
+    if let Some((io, rbuf, creds)) = mux.take_idle() {
+        let mut c = Conn::new(io);
+        c.rbuf = rbuf;
+        c.reused = core.mux_reused.get();
+        c.auth = creds.auth;
+        c.auth_cmd = creds.auth_cmd;
+        *core.conn.borrow_mut() = Some(c);
+        return Ok(());
+    }
+    let (_, send_ms, read_ms) = core.timeouts.get();
+    let mut c = match core.pool.get().and_then(checkout) {
+        Some(c) => c,
+        None => {
+            let t = &mux.target;
+            Conn::new(open(&t.host, t.port, core.timeouts.get().0, t.resolver.as_ref()).await?)
+        }
+    };
+    if let Some((h, cmd)) = mux.auth_cmd() {
+        if c.auth != Some(h) {
+            c.send(&cmd, send_ms).await.map_err(|e| e.text())?;
+            if let Reply::Error(e) = c.read(read_ms).await.map_err(|e| e.text())? {
+                return Err(String::from_utf8_lossy(&e).into_owned());
+            }
+            c.auth = Some(h);
+            c.auth_cmd = Some(cmd);
+        }
+    }
+    *core.conn.borrow_mut() = Some(c);
+    Ok(())
 }
 
 struct Handle(Rc<Core>);
@@ -332,41 +803,11 @@ impl Drop for Busy {
     }
 }
 
-fn arg_bytes(v: &Value) -> mlua::Result<Vec<u8>> {
-    Ok(match v {
-        Value::String(s) => s.as_bytes().to_vec(),
-        Value::Integer(i) => i.to_string().into_bytes(),
-        Value::Number(n) => crate::lua::api::output::format_number(*n).into_bytes(),
-        Value::Boolean(b) => b.to_string().into_bytes(),
-        Value::Nil => b"nil".to_vec(),
-        other => {
-            return Err(mlua::Error::runtime(format!(
-                "bad argument: {} not allowed in a redis command",
-                other.type_name()
-            )))
-        }
-    })
-}
-
-fn hash_args(args: &[Vec<u8>]) -> u64 {
+fn hash_bytes(b: &[u8]) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    args.hash(&mut h);
+    b.hash(&mut h);
     h.finish()
-}
-
-fn effect_of(args: &[Vec<u8>]) -> Effect {
-    let name = args[0].to_ascii_lowercase();
-    match name.as_slice() {
-        b"select" => std::str::from_utf8(args.get(1).map_or(&b""[..], |a| a))
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .map_or(Effect::None, Effect::Select),
-        b"auth" => Effect::Auth(hash_args(&args[1..])),
-        b"subscribe" | b"psubscribe" => Effect::Subscribe,
-        b"unsubscribe" | b"punsubscribe" => Effect::Unsubscribe,
-        _ => Effect::None,
-    }
 }
 
 /// Apply a successful reply's effect to the connection and the object.
@@ -463,11 +904,12 @@ async fn open(
 }
 
 /// The pool of a connection: the `pool` option, `host:port` or `unix:/path`.
-fn pool_key(host: &str, port: Option<u16>, pool: Option<String>) -> String {
-    pool.unwrap_or_else(|| match port {
-        Some(p) if !host.starts_with("unix:") => format!("{}:{}", host, p),
+fn pool_key(host: &str, port: Option<u16>, pool: Option<&str>) -> String {
+    match (pool, port) {
+        (Some(p), _) => p.to_string(),
+        (None, Some(p)) if !host.starts_with("unix:") => format!("{}:{}", host, p),
         _ => host.to_string(),
-    })
+    }
 }
 
 /// `connect`'s arguments after the host: `port, opts?` or just `opts?` for a unix socket.
@@ -532,25 +974,22 @@ async fn connect(
         return fail(&lua, "socket busy");
     };
     // A connect on an object that still holds a connection closes the old one, as cosockets do.
-    core.conn.borrow_mut().take();
-    core.subscribed.set(false);
-    let key = pool_key(&host, port, opts.pool);
-    *core.pool.borrow_mut() = key.clone();
-    if let Some(c) = checkout(&key) {
+    core.detach();
+    let id = pool_id(&host, port, opts.pool.as_deref());
+    core.pool.set(Some(id));
+    if let Some(m) = usable_mux(id) {
+        core.mux_reused.set(m.attach());
+        *core.mux.borrow_mut() = Some(m);
+        return Ok(ok1());
+    }
+    if let Some(c) = checkout(id) {
         *core.conn.borrow_mut() = Some(c);
         return Ok(ok1());
     }
     match open(&host, port, core.timeouts.get().0, resolver.as_ref()).await {
         Ok(io) => {
-            *core.conn.borrow_mut() = Some(Conn {
-                io,
-                rbuf: BytesMut::with_capacity(4096),
-                reused: 0,
-                db: 0,
-                auth: None,
-                fresh_checkout: false,
-                no_pool: false,
-            });
+            set_target(id, host, port, resolver);
+            *core.conn.borrow_mut() = Some(Conn::new(io));
             Ok(ok1())
         }
         Err(e) => fail(&lua, &e),
@@ -558,21 +997,47 @@ async fn connect(
 }
 
 /// Send one command (or queue it in a pipeline) and read its reply.
-async fn command(lua: Lua, core: Rc<Core>, args: Vec<Vec<u8>>) -> mlua::Result<MultiValue> {
-    let eff = effect_of(&args);
-    if let Some((buf, effs)) = core.pipeline.borrow_mut().as_mut() {
-        encode(buf, &args);
-        effs.push(eff);
-        return Ok(MultiValue::new());
-    }
+async fn command(
+    lua: Lua,
+    core: Rc<Core>,
+    enc: Vec<u8>,
+    eff: Effect,
+    plain: bool,
+) -> mlua::Result<MultiValue> {
     let Some(_busy) = Busy::take(&core) else {
         return fail(&lua, "socket busy");
     };
+    let mux = core.mux.borrow().clone();
+    let own = core.conn.borrow().is_some();
+    if let (Some(mux), false) = (mux, own) {
+        if let Effect::Auth(h) = eff {
+            // Already authenticated with these credentials: no round trip, as on a reused
+            // pooled connection.
+            if mux.has_auth(h) {
+                return reply_to_lua(&lua, Reply::Status(b"OK".to_vec()));
+            }
+        }
+        if plain {
+            match mux.call(&enc, core.timeouts.get().2).await {
+                Ok(reply) => return reply_to_lua(&lua, reply),
+                Err(CallErr::Failed(e)) => {
+                    // As with a connection of its own, a timeout or a failure closes it.
+                    core.mux.borrow_mut().take();
+                    return fail(&lua, &e);
+                }
+                Err(CallErr::Gone) => {}
+            }
+        }
+    }
+    if let Err(e) = shared_or_own(&core, false).await {
+        return fail(&lua, &e);
+    }
     let Some(mut conn) = core.conn.borrow_mut().take() else {
         return fail(&lua, "closed");
     };
     let (_, send_ms, read_ms) = core.timeouts.get();
-    let mut req = Vec::with_capacity(64);
+    let auth_cmd = matches!(eff, Effect::Auth(_)).then(|| Rc::<[u8]>::from(&enc[..]));
+    let mut req = enc;
     let mut extra = 0;
     if std::mem::take(&mut conn.fresh_checkout) {
         // The previous user's state: same credentials need no round trip; another database is
@@ -586,11 +1051,13 @@ async fn command(lua: Lua, core: Rc<Core>, args: Vec<Vec<u8>>) -> mlua::Result<M
             }
         }
         if conn.db != 0 && !matches!(eff, Effect::Select(_)) {
-            encode(&mut req, &[b"SELECT".to_vec(), b"0".to_vec()]);
+            let mut full = Vec::with_capacity(req.len() + SELECT_0.len());
+            full.extend_from_slice(SELECT_0);
+            full.extend_from_slice(&req);
+            req = full;
             extra = 1;
         }
     }
-    encode(&mut req, &args);
     if eff == Effect::Subscribe {
         core.subscribed.set(true);
     }
@@ -608,6 +1075,9 @@ async fn command(lua: Lua, core: Rc<Core>, args: Vec<Vec<u8>>) -> mlua::Result<M
     match res {
         Ok(reply) => {
             apply(&core, &mut conn, eff, &reply);
+            if conn.auth.is_some() && auth_cmd.is_some() && !matches!(reply, Reply::Error(_)) {
+                conn.auth_cmd = auth_cmd;
+            }
             *core.conn.borrow_mut() = Some(conn);
             reply_to_lua(&lua, reply)
         }
@@ -631,6 +1101,9 @@ async fn commit_pipeline(lua: Lua, core: Rc<Core>) -> mlua::Result<MultiValue> {
     let Some(_busy) = Busy::take(&core) else {
         return fail(&lua, "socket busy");
     };
+    if let Err(e) = shared_or_own(&core, false).await {
+        return fail(&lua, &e);
+    }
     let Some(mut conn) = core.conn.borrow_mut().take() else {
         return fail(&lua, "closed");
     };
@@ -641,7 +1114,7 @@ async fn commit_pipeline(lua: Lua, core: Rc<Core>) -> mlua::Result<MultiValue> {
         && conn.db != 0
         && !matches!(effs.first(), Some(Effect::Select(_)))
     {
-        encode(&mut full, &[b"SELECT".to_vec(), b"0".to_vec()]);
+        full.extend_from_slice(SELECT_0);
         extra = 1;
     }
     full.extend_from_slice(&req);
@@ -739,16 +1212,21 @@ pub fn natives(lua: &Lua) -> mlua::Result<Table> {
     t.set(
         "connect_pooled",
         lua.create_function(
-            |_, (ud, host, port, opts): (AnyUserData, String, Value, Value)| {
+            |_, (ud, host, port, opts): (AnyUserData, mlua::LuaString, Value, Value)| {
                 let (core, port, opts) = connect_args(&ud, port, opts)?;
                 if core.busy.get() {
                     return Ok(false);
                 }
-                core.conn.borrow_mut().take();
-                core.subscribed.set(false);
-                let key = pool_key(&host, port, opts.pool);
-                let c = checkout(&key);
-                *core.pool.borrow_mut() = key;
+                core.detach();
+                let host = host.to_str()?;
+                let id = pool_id(&host, port, opts.pool.as_deref());
+                core.pool.set(Some(id));
+                if let Some(m) = usable_mux(id) {
+                    core.mux_reused.set(m.attach());
+                    *core.mux.borrow_mut() = Some(m);
+                    return Ok(true);
+                }
+                let c = checkout(id);
                 match c {
                     Some(c) => {
                         *core.conn.borrow_mut() = Some(c);
@@ -774,21 +1252,31 @@ pub fn natives(lua: &Lua) -> mlua::Result<Table> {
     )?;
     t.set(
         "cmd",
-        lua.create_async_function(|lua, (ud, args): (AnyUserData, MultiValue)| {
+        lua.create_async_function(|lua, (ud, args): (UserDataRef<Handle>, MultiValue)| {
+            let core = ud.0.clone();
+            drop(ud);
             let prep = (|| {
-                let core = core_of(&ud)?;
-                let args = args
-                    .iter()
-                    .map(arg_bytes)
-                    .collect::<mlua::Result<Vec<_>>>()?;
                 if args.is_empty() {
                     return Err(mlua::Error::runtime("no command"));
                 }
-                Ok((core, args))
+                // Queued in a pipeline: nothing to wait for.
+                if let Some((buf, effs)) = core.pipeline.borrow_mut().as_mut() {
+                    let eff = encode_values(buf, &args)?;
+                    effs.push(eff);
+                    return Ok(None);
+                }
+                let mut enc = Vec::with_capacity(64);
+                let eff = encode_values(&mut enc, &args)?;
+                let plain = eff == Effect::None
+                    && matches!(args.front(), Some(Value::String(n)) if plain_command(&n.as_bytes()));
+                Ok(Some((enc, eff, plain)))
             })();
+            drop(args);
             async move {
-                let (core, args) = prep?;
-                command(lua, core, args).await
+                match prep? {
+                    None => Ok(MultiValue::new()),
+                    Some((enc, eff, plain)) => command(lua, core, enc, eff, plain).await,
+                }
             }
         })?,
     )?;
@@ -834,8 +1322,22 @@ pub fn natives(lua: &Lua) -> mlua::Result<Table> {
                 if core.subscribed.get() {
                     return fail(lua, "subscribed state");
                 }
-                let Some(conn) = core.conn.borrow_mut().take() else {
-                    return fail(lua, "closed");
+                let conn = core.conn.borrow_mut().take();
+                let Some(conn) = conn else {
+                    let Some(mux) = core.mux.borrow_mut().take() else {
+                        return fail(lua, "closed");
+                    };
+                    if matches!(size, Some(s) if s < 1.0) {
+                        return Err(mlua::Error::runtime(
+                            "bad argument #2 to 'set_keepalive' (bad \"pool_size\" option value)",
+                        ));
+                    }
+                    // The shared connection closes after this long without commands.
+                    mux.idle_ms.set(match timeout {
+                        Some(t) => ms(Some(t)),
+                        None => core.pool_defaults.get().0,
+                    });
+                    return Ok(ok1());
                 };
                 if !conn.rbuf.is_empty() {
                     return fail(lua, "unread data in buffer");
@@ -855,8 +1357,17 @@ pub fn natives(lua: &Lua) -> mlua::Result<Table> {
                         )),
                         None => core.pool_defaults.get().1,
                     };
-                let key = core.pool.borrow().clone();
-                checkin(key, conn, timeout, size);
+                if let Some(id) = core.pool.get() {
+                    // Under a request (the shared connection's driver runs on the worker's
+                    // LocalSet), a pool without a shared connection gets this one.
+                    let conn = match crate::lua::request::try_current(lua) {
+                        Some(_) => promote(id, conn, timeout),
+                        None => Some(conn),
+                    };
+                    if let Some(conn) = conn {
+                        checkin(id, conn, timeout, size);
+                    }
+                }
                 Ok(ok1())
             },
         )?,
@@ -865,7 +1376,10 @@ pub fn natives(lua: &Lua) -> mlua::Result<Table> {
         "get_reused_times",
         lua.create_function(|lua, ud: AnyUserData| {
             let core = core_of(&ud)?;
-            let n = core.conn.borrow().as_ref().map(|c| c.reused);
+            let mut n = core.conn.borrow().as_ref().map(|c| c.reused);
+            if n.is_none() && core.mux.borrow().is_some() {
+                n = Some(core.mux_reused.get());
+            }
             match n {
                 Some(n) => Ok(MultiValue::from_vec(vec![Value::Integer(n as i64)])),
                 None => fail(lua, "closed"),
@@ -876,11 +1390,16 @@ pub fn natives(lua: &Lua) -> mlua::Result<Table> {
         "close",
         lua.create_function(|lua, ud: AnyUserData| {
             let core = core_of(&ud)?;
-            core.subscribed.set(false);
-            let taken = core.conn.borrow_mut().take();
-            match taken {
-                Some(_) => Ok(ok1()),
-                None => fail(lua, "closed"),
+            let was = core.connected();
+            // The shared connection is closed for newcomers (what is in flight completes):
+            // the next `connect` opens a new connection, as after closing a pooled one.
+            if let Some(m) = core.mux.borrow().as_ref() {
+                m.retire();
+            }
+            core.detach();
+            match was {
+                true => Ok(ok1()),
+                false => fail(lua, "closed"),
             }
         })?,
     )?;

@@ -14,6 +14,9 @@ use mlua::{
 };
 
 use crate::shdict::{check_key, ShdictError, Value, Zone, Zones};
+use mlua::ffi;
+use std::os::raw::c_int;
+use std::rc::Rc;
 use std::sync::Arc;
 
 /// The userdata at index 1 of every dict object.
@@ -197,11 +200,124 @@ pub fn register(lua: &Lua, ngx: &Table, zones: &Zones) -> mlua::Result<()> {
             lua.create_userdata(ZoneHandle(zone.clone()))?,
         )?;
     }
+    // The zone behind each handle by the handle's address, for the raw entry points.
+    let mut by_ptr = Vec::new();
+    for pair in handles.pairs::<mlua::LuaString, AnyUserData>() {
+        let (_, ud) = pair?;
+        by_ptr.push((ud.to_pointer() as usize, zone_arg(&ud)?.0.clone()));
+    }
+    let by_ptr = Rc::new(ZonesByPtr(by_ptr));
+    let ptr = Rc::as_ptr(&by_ptr) as *mut std::os::raw::c_void;
+    // Set once per state, never replaced: the pointer lives as long as the state.
+    lua.set_app_data(by_ptr);
     let shared: Table = lua
         .load(GLUE)
         .set_name("=ngx.shared")
-        .call((primitives(lua)?, handles))?;
+        .call((primitives(lua, ptr)?, handles))?;
     ngx.set("shared", shared)
+}
+
+/// Zones by the address of their handle userdata (what `lua_touserdata` gives).
+struct ZonesByPtr(Vec<(usize, Arc<Zone>)>);
+
+/// The zone of the handle at stack index 1 of a raw entry point, if it is one.
+///
+/// # Safety
+/// Inside a closure made by `fast::closure_with` over a [`ZonesByPtr`].
+unsafe fn zone_at<'a>(l: *mut ffi::lua_State) -> Option<&'a Zone> {
+    let map = crate::lua::fast::extra(l) as *const ZonesByPtr;
+    if map.is_null() || ffi::lua_type(l, 1) != ffi::LUA_TUSERDATA {
+        return None;
+    }
+    let p = ffi::lua_touserdata(l, 1) as usize;
+    (*map).0.iter().find(|(q, _)| *q == p).map(|(_, z)| &**z)
+}
+
+/// Push one stored value.
+///
+/// # Safety
+/// One free stack slot.
+unsafe fn push_value(l: *mut ffi::lua_State, v: &Value) {
+    match v {
+        Value::Str(b) => crate::lua::fast::push_bytes(l, b),
+        Value::Number(n) => ffi::lua_pushnumber(l, *n),
+        Value::Bool(b) => ffi::lua_pushboolean(l, *b as c_int),
+    }
+}
+
+/// `get(zone, key, false)` for a string key, without mlua's conversions; stale reads, other
+/// key types and every error go to the ordinary primitive.
+unsafe extern "C-unwind" fn get_fast(l: *mut ffi::lua_State) -> c_int {
+    use crate::lua::fast;
+    if ffi::lua_gettop(l) != 3
+        || ffi::lua_type(l, 2) != ffi::LUA_TSTRING
+        || ffi::lua_type(l, 3) != ffi::LUA_TBOOLEAN
+        || ffi::lua_toboolean(l, 3) != 0
+    {
+        return fast::slow(l);
+    }
+    let Some(zone) = zone_at(l) else {
+        return fast::slow(l);
+    };
+    match zone.get(fast::str_at(l, 2)) {
+        Ok(Some((v, flags))) => {
+            push_value(l, &v);
+            if flags == 0 {
+                return 1;
+            }
+            ffi::lua_pushnumber(l, f64::from(flags));
+            2
+        }
+        Ok(None) => {
+            ffi::lua_pushnil(l);
+            1
+        }
+        Err(_) => fast::slow(l),
+    }
+}
+
+/// `incr(zone, key, by, init, init_ttl)` for a string key and number arguments (what the Lua
+/// glue passes after its checks), without mlua's conversions; other shapes go to the ordinary
+/// primitive. Errors are answered here (`nil, err`), never by running the operation twice.
+unsafe extern "C-unwind" fn incr_fast(l: *mut ffi::lua_State) -> c_int {
+    use crate::lua::fast;
+    let init_t = ffi::lua_type(l, 4);
+    if ffi::lua_gettop(l) != 5
+        || ffi::lua_type(l, 2) != ffi::LUA_TSTRING
+        || ffi::lua_type(l, 3) != ffi::LUA_TNUMBER
+        || (init_t != ffi::LUA_TNUMBER && init_t != ffi::LUA_TNIL)
+        || ffi::lua_type(l, 5) != ffi::LUA_TNUMBER
+    {
+        return fast::slow(l);
+    }
+    let Some(zone) = zone_at(l) else {
+        return fast::slow(l);
+    };
+    let key = fast::str_at(l, 2);
+    if check_key(key).is_err() {
+        // The ordinary primitive words the refusal.
+        return fast::slow(l);
+    }
+    let by = ffi::lua_tonumber(l, 3);
+    let init = (init_t == ffi::LUA_TNUMBER).then(|| ffi::lua_tonumber(l, 4));
+    let ttl = ffi::lua_tonumber(l, 5);
+    match zone.incr(key, by, init, ttl) {
+        Ok((n, forcible)) => {
+            ffi::lua_pushnumber(l, n);
+            if init.is_none() {
+                return 1;
+            }
+            ffi::lua_pushnil(l);
+            ffi::lua_pushboolean(l, forcible as c_int);
+            3
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            ffi::lua_pushnil(l);
+            fast::push_bytes(l, msg.as_bytes());
+            2
+        }
+    }
 }
 
 /// The `(nil, err)` pair every failed operation returns.
@@ -267,7 +383,7 @@ macro_rules! key_or_fail {
     };
 }
 
-fn primitives(lua: &Lua) -> mlua::Result<Table> {
+fn primitives(lua: &Lua, zones: *mut std::os::raw::c_void) -> mlua::Result<Table> {
     let t = lua.create_table()?;
 
     t.set(
@@ -310,52 +426,56 @@ fn primitives(lua: &Lua) -> mlua::Result<Table> {
         )?,
     )?;
 
+    let get = lua.create_function(|lua, (ud, key, stale): (AnyUserData, LuaValue, bool)| {
+        let zone = zone_arg(&ud)?;
+        let key = key_or_fail!(lua, key);
+        let key = key.as_bytes();
+        if stale {
+            match zone.get_stale(&key) {
+                Ok(Some((v, flags, is_stale))) => {
+                    let flags = if flags != 0 {
+                        LuaValue::Number(f64::from(flags))
+                    } else {
+                        LuaValue::Nil
+                    };
+                    (to_lua(lua, v)?, flags, is_stale).into_lua_multi(lua)
+                }
+                Ok(None) => LuaValue::Nil.into_lua_multi(lua),
+                Err(e) => fail(lua, e),
+            }
+        } else {
+            match zone.get(&key) {
+                Ok(Some((v, 0))) => to_lua(lua, v)?.into_lua_multi(lua),
+                Ok(Some((v, flags))) => (to_lua(lua, v)?, f64::from(flags)).into_lua_multi(lua),
+                Ok(None) => LuaValue::Nil.into_lua_multi(lua),
+                Err(e) => fail(lua, e),
+            }
+        }
+    })?;
     t.set(
         "get",
-        lua.create_function(|lua, (ud, key, stale): (AnyUserData, LuaValue, bool)| {
-            let zone = zone_arg(&ud)?;
-            let key = key_or_fail!(lua, key);
-            let key = key.as_bytes();
-            if stale {
-                match zone.get_stale(&key) {
-                    Ok(Some((v, flags, is_stale))) => {
-                        let flags = if flags != 0 {
-                            LuaValue::Number(f64::from(flags))
-                        } else {
-                            LuaValue::Nil
-                        };
-                        (to_lua(lua, v)?, flags, is_stale).into_lua_multi(lua)
-                    }
-                    Ok(None) => LuaValue::Nil.into_lua_multi(lua),
-                    Err(e) => fail(lua, e),
-                }
-            } else {
-                match zone.get(&key) {
-                    Ok(Some((v, 0))) => to_lua(lua, v)?.into_lua_multi(lua),
-                    Ok(Some((v, flags))) => (to_lua(lua, v)?, f64::from(flags)).into_lua_multi(lua),
-                    Ok(None) => LuaValue::Nil.into_lua_multi(lua),
-                    Err(e) => fail(lua, e),
-                }
-            }
-        })?,
+        // SAFETY: `zones` is kept in app data (see `register`).
+        unsafe { crate::lua::fast::closure_with(lua, get_fast, get, zones)? },
     )?;
 
+    let incr = lua.create_function(
+        |lua, (ud, key, by, init, init_ttl): (AnyUserData, LuaValue, f64, Option<f64>, f64)| {
+            let zone = zone_arg(&ud)?;
+            let key = key_or_fail!(lua, key);
+            match zone.incr(&key.as_bytes(), by, init, init_ttl) {
+                // `forcible` is only part of the answer when `init` was given.
+                Ok((n, forcible)) if init.is_some() => {
+                    (n, LuaValue::Nil, forcible).into_lua_multi(lua)
+                }
+                Ok((n, _)) => n.into_lua_multi(lua),
+                Err(e) => fail(lua, e),
+            }
+        },
+    )?;
     t.set(
         "incr",
-        lua.create_function(
-            |lua, (ud, key, by, init, init_ttl): (AnyUserData, LuaValue, f64, Option<f64>, f64)| {
-                let zone = zone_arg(&ud)?;
-                let key = key_or_fail!(lua, key);
-                match zone.incr(&key.as_bytes(), by, init, init_ttl) {
-                    // `forcible` is only part of the answer when `init` was given.
-                    Ok((n, forcible)) if init.is_some() => {
-                        (n, LuaValue::Nil, forcible).into_lua_multi(lua)
-                    }
-                    Ok((n, _)) => n.into_lua_multi(lua),
-                    Err(e) => fail(lua, e),
-                }
-            },
-        )?,
+        // SAFETY: as for `get`.
+        unsafe { crate::lua::fast::closure_with(lua, incr_fast, incr, zones)? },
     )?;
 
     t.set(

@@ -240,7 +240,7 @@ pub fn log_error(lua: &Lua, text: &str) {
 
 /// The scheduler of the running handler; made on first use when a phase runner is polling.
 fn sched(lua: &Lua) -> Option<Rc<Sched>> {
-    let c = lua.app_data_ref::<Current>()?;
+    let c = lua.app_data_ref::<Rc<Current>>()?;
     if let Some(s) = c.sched.borrow().clone() {
         return Some(s);
     }
@@ -253,7 +253,7 @@ fn sched(lua: &Lua) -> Option<Rc<Sched>> {
 }
 
 fn existing_sched(lua: &Lua) -> Option<Rc<Sched>> {
-    lua.app_data_ref::<Current>()
+    lua.app_data_ref::<Rc<Current>>()
         .and_then(|c| c.sched.borrow().clone())
 }
 

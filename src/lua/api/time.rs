@@ -273,9 +273,16 @@ fn one_seconds_arg(lua: &Lua, args: MultiValue, name: &str) -> mlua::Result<i64>
     }
 }
 
+/// `ngx.now()` as a plain C function: it cannot fail, so it never needs the ordinary one.
+unsafe extern "C-unwind" fn now_fast(l: *mut mlua::ffi::lua_State) -> std::os::raw::c_int {
+    mlua::ffi::lua_pushnumber(l, cached_now());
+    1
+}
+
 /// Install the time functions into the `ngx` table.
 pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
-    ngx.set("now", lua.create_function(|_, ()| Ok(cached_now()))?)?;
+    let now = lua.create_function(|_, ()| Ok(cached_now()))?;
+    ngx.set("now", crate::lua::fast::closure(lua, now_fast, now)?)?;
     ngx.set("time", lua.create_function(|_, ()| Ok(cached_secs()))?)?;
     ngx.set(
         "update_time",

@@ -1,0 +1,758 @@
+//! The HTTP/1 exchange on an upstream connection, ours rather than hyper's client: hyper's
+//! connection task, dispatch channel and wakeups cost about a quarter of a proxied request,
+//! and it could only mark a connection reusable once its task ran again.
+//!
+//! A request head (and a kept body) goes out in one write; a streamed body follows as it
+//! arrives, chunked when its length is unknown. The response head is parsed with `httparse`
+//! within [`HEAD_LIMIT`]; the body is framed by Content-Length, chunked (trailers dropped) or
+//! the connection's close, and none for HEAD, 204, 304. The connection goes back to the pool
+//! the moment the body's last byte was read, when both sides allow keep-alive.
+
+use std::io;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Method};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::body::UpBody;
+use super::connect::errno_text;
+use super::forward::ReqHead;
+use super::pool::{self, Conn, Key, Limits};
+use super::retry::Failure;
+
+/// The largest response head accepted (nginx: proxy_buffer_size, 4k or 8k by default; we allow
+/// more, as the hyper client we replaced did).
+pub const HEAD_LIMIT: usize = 64 * 1024;
+/// The most header lines in a response head.
+const MAX_HEADERS: usize = 100;
+/// Kept bodies up to this size share the head's write.
+const COALESCE: usize = 64 * 1024;
+/// How much a body read asks for at least.
+const READ_SIZE: usize = 16 * 1024;
+
+/// Why an exchange failed before a usable response head, in nginx's words.
+pub struct ExchangeError {
+    pub kind: Failure,
+    pub msg: String,
+    /// Writing to the upstream failed: it may have answered early (and closed), so its
+    /// response is worth reading still.
+    write: bool,
+}
+
+impl ExchangeError {
+    fn invalid() -> ExchangeError {
+        ExchangeError {
+            kind: Failure::InvalidHeader,
+            msg: "upstream sent invalid header while reading response header from upstream".into(),
+            write: false,
+        }
+    }
+
+    fn closed() -> ExchangeError {
+        ExchangeError {
+            kind: Failure::Error,
+            msg:
+                "upstream prematurely closed connection while reading response header from upstream"
+                    .into(),
+            write: false,
+        }
+    }
+
+    /// An I/O error on the connection.
+    fn io(e: &io::Error) -> ExchangeError {
+        if e.kind() == io::ErrorKind::TimedOut {
+            return ExchangeError {
+                kind: Failure::Timeout,
+                msg: "upstream timed out (110: Connection timed out) while sending request to upstream"
+                    .into(),
+                write: false,
+            };
+        }
+        let (what, phase) = match e.raw_os_error() {
+            Some(libc::EPIPE) => ("writev() failed", "while sending request to upstream"),
+            _ => (
+                "recv() failed",
+                "while reading response header from upstream",
+            ),
+        };
+        ExchangeError {
+            kind: Failure::Error,
+            msg: format!("{} {} {}", what, errno_text(e), phase),
+            write: false,
+        }
+    }
+
+    /// A failed write to the upstream.
+    fn wrote(e: io::Error) -> ExchangeError {
+        ExchangeError {
+            write: e.kind() != io::ErrorKind::TimedOut,
+            ..ExchangeError::io(&e)
+        }
+    }
+
+    /// The client's body failed while it was streamed upstream.
+    fn client_body(e: &hyper::Error) -> ExchangeError {
+        let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+        while let Some(s) = src {
+            if let Some(io) = s.downcast_ref::<io::Error>() {
+                return ExchangeError::io(io);
+            }
+            src = s.source();
+        }
+        ExchangeError::closed()
+    }
+}
+
+/// How the request body is framed on the wire.
+#[derive(Clone, Copy, PartialEq)]
+enum Out {
+    /// No body bytes (whatever the headers say, as hyper did for an empty body).
+    None,
+    Raw,
+    Chunked,
+}
+
+/// Append `name: value\r\n` lines for `headers`, leaving out `skip` (a header the framing
+/// replaces).
+fn put_headers(buf: &mut Vec<u8>, headers: &HeaderMap, skip: Option<&HeaderName>) {
+    for (n, v) in headers {
+        if skip == Some(n) {
+            continue;
+        }
+        buf.extend_from_slice(n.as_str().as_bytes());
+        buf.extend_from_slice(b": ");
+        buf.extend_from_slice(v.as_bytes());
+        buf.extend_from_slice(b"\r\n");
+    }
+}
+
+/// Write the request: head, then the body as its framing says. Returns whether the request
+/// lets the connection live on (it did not ask the upstream to close).
+async fn write_request(
+    conn: &mut Conn,
+    head: &ReqHead,
+    headers: &HeaderMap,
+    body: UpBody,
+) -> Result<bool, ExchangeError> {
+    let uri = head.uri.as_bytes();
+    if uri.is_empty() || uri.iter().any(|&b| b <= b' ' || b >= 0x7f) {
+        return Err(ExchangeError {
+            kind: Failure::Error,
+            msg: format!("invalid URI \"{}\" for upstream", head.uri),
+            write: false,
+        });
+    }
+    // One pass over the headers rather than a hash lookup per question.
+    let (mut keep, mut has_len, mut has_te) = (true, false, false);
+    for (n, v) in headers {
+        if n == header::CONNECTION {
+            keep &= !v
+                .as_bytes()
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+        } else if n == header::CONTENT_LENGTH {
+            has_len = true;
+        } else if n == header::TRANSFER_ENCODING {
+            has_te = true;
+        }
+    }
+    // hyper's rules, which the tests and users saw so far: an empty body sends nothing; a
+    // known length is declared when the headers do not; HTTP/1.0 never chunks; a body of
+    // unknown length is chunked unless the method hardly ever has one.
+    let known = match &body {
+        UpBody::Empty | UpBody::Full(None) => None,
+        UpBody::Full(Some(b)) => Some(b.len() as u64),
+        UpBody::Stream(i) => i.size_hint().exact(),
+    };
+    let ended = body.is_end_stream() && !matches!(body, UpBody::Full(Some(_)));
+    let mut extra: Option<String> = None;
+    let mut skip = None;
+    let out = if ended {
+        skip = Some(&header::TRANSFER_ENCODING);
+        Out::None
+    } else if !head.http11 {
+        skip = Some(&header::TRANSFER_ENCODING);
+        match (has_len, known) {
+            (true, _) => Out::Raw,
+            (false, Some(n)) => {
+                extra = Some(format!("content-length: {}\r\n", n));
+                Out::Raw
+            }
+            (false, None) => Out::None,
+        }
+    } else if has_te {
+        Out::Chunked
+    } else if has_len {
+        Out::Raw
+    } else if let Some(n) = known {
+        extra = Some(format!("content-length: {}\r\n", n));
+        Out::Raw
+    } else if matches!(head.method, Method::GET | Method::HEAD | Method::CONNECT) {
+        Out::None
+    } else {
+        extra = Some("transfer-encoding: chunked\r\n".into());
+        Out::Chunked
+    };
+    let mut buf = Vec::with_capacity(256 + headers.len() * 48);
+    buf.extend_from_slice(head.method.as_str().as_bytes());
+    buf.push(b' ');
+    buf.extend_from_slice(uri);
+    buf.extend_from_slice(if head.http11 {
+        b" HTTP/1.1\r\n"
+    } else {
+        b" HTTP/1.0\r\n"
+    });
+    put_headers(&mut buf, headers, skip);
+    if let Some(e) = &extra {
+        buf.extend_from_slice(e.as_bytes());
+    }
+    buf.extend_from_slice(b"\r\n");
+    let io = &mut conn.io;
+    let w = ExchangeError::wrote;
+    match (out, body) {
+        (Out::None, _) => io.write_all(&buf).await.map_err(w)?,
+        (_, UpBody::Full(Some(b))) => {
+            let chunked = out == Out::Chunked && !b.is_empty();
+            if chunked {
+                buf.extend_from_slice(format!("{:x}\r\n", b.len()).as_bytes());
+            }
+            if b.len() <= COALESCE {
+                buf.extend_from_slice(&b);
+            } else {
+                io.write_all(&buf).await.map_err(w)?;
+                buf.clear();
+                io.write_all(&b).await.map_err(w)?;
+            }
+            if chunked {
+                buf.extend_from_slice(b"\r\n");
+            }
+            if out == Out::Chunked {
+                buf.extend_from_slice(b"0\r\n\r\n");
+            }
+            io.write_all(&buf).await.map_err(w)?;
+        }
+        (_, UpBody::Stream(mut inc)) => {
+            io.write_all(&buf).await.map_err(w)?;
+            // Trailers are not forwarded (nginx drops request trailers too).
+            while let Some(f) = inc.frame().await {
+                let f = f.map_err(|e| ExchangeError::client_body(&e))?;
+                let Ok(d) = f.into_data() else { continue };
+                if d.is_empty() {
+                    continue;
+                }
+                if out == Out::Chunked {
+                    buf.clear();
+                    buf.extend_from_slice(format!("{:x}\r\n", d.len()).as_bytes());
+                    buf.extend_from_slice(&d);
+                    buf.extend_from_slice(b"\r\n");
+                    io.write_all(&buf).await.map_err(w)?;
+                } else {
+                    io.write_all(&d).await.map_err(w)?;
+                }
+            }
+            if out == Out::Chunked {
+                io.write_all(b"0\r\n\r\n").await.map_err(w)?;
+            }
+        }
+        (_, _) => io.write_all(&buf).await.map_err(w)?,
+    }
+    Ok(keep)
+}
+
+/// An accepted response head and its body.
+pub struct Response {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Body,
+}
+
+/// Send the request and read the response head (1xx other than 101 skipped).
+pub async fn exchange(
+    mut conn: Conn,
+    head: &ReqHead,
+    headers: &HeaderMap,
+    body: UpBody,
+    pool: Option<(Key, Limits)>,
+) -> Result<Response, ExchangeError> {
+    // An upstream that answers before taking the whole body (a 413, say) and closes: its
+    // answer is what the client gets, as hyper's client gave it.
+    let (keep, failed) = match write_request(&mut conn, head, headers, body).await {
+        Ok(keep) => (keep, None),
+        Err(e) if e.write => (false, Some(e)),
+        Err(e) => return Err(e),
+    };
+    let mut buf = BytesMut::with_capacity(READ_SIZE);
+    loop {
+        let parsed = parse_head(&mut buf, head.method == Method::HEAD, keep)?;
+        let Some(h) = parsed else {
+            if buf.len() >= HEAD_LIMIT {
+                return Err(ExchangeError {
+                    kind: Failure::InvalidHeader,
+                    msg: "upstream sent too big header while reading response header from upstream"
+                        .into(),
+                    write: false,
+                });
+            }
+            buf.reserve(READ_SIZE.min(HEAD_LIMIT - buf.len()));
+            let n = match conn.io.read_buf(&mut buf).await {
+                Ok(n) => n,
+                Err(e) => return Err(failed.unwrap_or_else(|| ExchangeError::io(&e))),
+            };
+            if n == 0 {
+                return Err(failed.unwrap_or_else(ExchangeError::closed));
+            }
+            continue;
+        };
+        if (100..200).contains(&h.status) && h.status != 101 {
+            buf = BytesMut::from(h.rest);
+            continue;
+        }
+        let Head {
+            status,
+            headers,
+            framing,
+            reusable,
+            rest,
+        } = h;
+        // A known length takes its bytes from what came with the head as they are; the other
+        // decoders scan a buffer of their own.
+        let (first, buf) = match framing {
+            Framing::Length(_) => (rest, buf),
+            _ => (Bytes::new(), BytesMut::from(rest)),
+        };
+        let mut body = Body {
+            conn: Some(conn),
+            first,
+            buf,
+            framing,
+            reusable,
+            pool,
+        };
+        if status == 101 {
+            body.framing = Framing::Upgrade;
+        } else if body.framing == Framing::Done {
+            body.release();
+        }
+        return Ok(Response {
+            status,
+            headers,
+            body,
+        });
+    }
+}
+
+/// A parsed response head.
+struct Head {
+    status: u16,
+    headers: HeaderMap,
+    framing: Framing,
+    /// Keep-alive holds on both sides.
+    reusable: bool,
+    /// What was read past the head.
+    rest: Bytes,
+}
+
+/// Header lines tried on the stack first; a head with more is parsed again with the limit.
+const FEW_HEADERS: usize = 24;
+
+/// Parse a response head at the start of `buf`: `None` (with `buf` as it was) when more bytes
+/// are needed. Header values share the bytes read (no copy per header).
+fn parse_head(
+    buf: &mut BytesMut,
+    head_req: bool,
+    keep: bool,
+) -> Result<Option<Head>, ExchangeError> {
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    let whole = std::mem::take(buf).freeze();
+    let mut few = [httparse::EMPTY_HEADER; FEW_HEADERS];
+    let mut many;
+    let mut r = httparse::Response::new(&mut few);
+    let mut parsed = r.parse(&whole);
+    if let Err(httparse::Error::TooManyHeaders) = parsed {
+        many = vec![httparse::EMPTY_HEADER; MAX_HEADERS];
+        r = httparse::Response::new(&mut many);
+        parsed = r.parse(&whole);
+    }
+    let len = match parsed {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => {
+            *buf = BytesMut::from(whole);
+            return Ok(None);
+        }
+        Err(_) => return Err(ExchangeError::invalid()),
+    };
+    let status = r.code.unwrap_or(0);
+    let http11 = r.version == Some(1);
+    let mut headers = HeaderMap::with_capacity(r.headers.len());
+    // What framing and keep-alive depend on, noted on the way.
+    let (mut close, mut keep_alive) = (false, false);
+    let mut te_chunked = None;
+    let mut length: Option<u64> = None;
+    for h in r.headers.iter() {
+        let name =
+            HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| ExchangeError::invalid())?;
+        let value = HeaderValue::from_maybe_shared(whole.slice_ref(h.value))
+            .map_err(|_| ExchangeError::invalid())?;
+        if name == header::CONNECTION {
+            for t in h.value.split(|&b| b == b',') {
+                let t = t.trim_ascii();
+                close |= t.eq_ignore_ascii_case(b"close");
+                keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
+            }
+        } else if name == header::TRANSFER_ENCODING {
+            let last = h.value.rsplit(|&b| b == b',').next().unwrap_or(b"");
+            te_chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name == header::CONTENT_LENGTH {
+            for part in h.value.split(|&b| b == b',') {
+                let part = part.trim_ascii();
+                if part.is_empty() || part.len() > 19 || !part.iter().all(|b| b.is_ascii_digit()) {
+                    return Err(ExchangeError::invalid());
+                }
+                let n = part.iter().fold(0u64, |n, &b| n * 10 + (b - b'0') as u64);
+                if length.is_some_and(|l| l != n) {
+                    return Err(ExchangeError::invalid());
+                }
+                length = Some(n);
+            }
+        }
+        headers.append(name, value);
+    }
+    let mut reusable = keep && if http11 { !close } else { keep_alive };
+    let framing = if head_req || status == 204 || status == 304 || (100..200).contains(&status) {
+        Framing::Done
+    } else if let Some(chunked) = te_chunked {
+        if chunked && http11 {
+            Framing::Chunked(Chunk::Size)
+        } else {
+            reusable = false;
+            Framing::Close
+        }
+    } else {
+        match length {
+            Some(0) => Framing::Done,
+            Some(n) => Framing::Length(n),
+            None => {
+                reusable = false;
+                Framing::Close
+            }
+        }
+    };
+    Ok(Some(Head {
+        status,
+        headers,
+        framing,
+        reusable,
+        rest: whole.slice(len..),
+    }))
+}
+
+/// Where the chunked decoder is.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Chunk {
+    /// Expecting a size line.
+    Size,
+    /// Inside a chunk's data, this much left.
+    Data(u64),
+    /// Expecting the CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk: trailer lines until an empty one.
+    Trailers,
+}
+
+/// How the response body ends.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Framing {
+    Length(u64),
+    Chunked(Chunk),
+    /// Until the upstream closes (the connection is not reused).
+    Close,
+    /// A 101: the connection now belongs to the tunnel.
+    Upgrade,
+    Done,
+}
+
+/// A response body being read; it owns the connection until the body ends.
+pub struct Body {
+    conn: Option<Conn>,
+    /// Body bytes that came with the head (Content-Length bodies), handed out before `buf`.
+    first: Bytes,
+    /// Bytes read past what was handed out.
+    buf: BytesMut,
+    framing: Framing,
+    /// Keep-alive holds on both sides.
+    reusable: bool,
+    /// Where the connection goes when the body ends (keep-alive configured).
+    pool: Option<(Key, Limits)>,
+}
+
+/// A body read failure (the connection is dropped).
+pub struct BodyError;
+
+impl Body {
+    /// Whether the whole body was read.
+    pub fn is_end(&self) -> bool {
+        self.framing == Framing::Done
+    }
+
+    /// The exact length still to come, when known.
+    pub fn remaining(&self) -> Option<u64> {
+        match self.framing {
+            Framing::Length(n) => Some(n),
+            Framing::Done => Some(0),
+            _ => None,
+        }
+    }
+
+    /// The upgraded connection after a 101, with bytes already read past the head.
+    pub fn into_upgraded(mut self) -> Option<(Conn, Bytes)> {
+        if self.framing != Framing::Upgrade {
+            return None;
+        }
+        let conn = self.conn.take()?;
+        Some((conn, std::mem::take(&mut self.buf).freeze()))
+    }
+
+    /// The body ended: the connection goes back to the pool at once if it can.
+    fn release(&mut self) {
+        self.framing = Framing::Done;
+        let Some(conn) = self.conn.take() else { return };
+        // Bytes beyond the response mean the two sides disagree on framing: not reusable.
+        if !self.reusable || !self.buf.is_empty() || !self.first.is_empty() {
+            return;
+        }
+        if let Some((key, limits)) = self.pool.take() {
+            pool::release(key, conn, limits);
+        }
+    }
+
+    /// Take the next piece of body out of the buffer, if one is there.
+    fn decode(&mut self) -> Result<Option<Bytes>, BodyError> {
+        loop {
+            match self.framing {
+                Framing::Done | Framing::Upgrade => return Ok(None),
+                Framing::Close => {
+                    if self.buf.is_empty() {
+                        return Ok(None);
+                    }
+                    return Ok(Some(self.buf.split().freeze()));
+                }
+                Framing::Length(n) => {
+                    let d = if !self.first.is_empty() {
+                        let take = (self.first.len() as u64).min(n) as usize;
+                        self.first.split_to(take)
+                    } else if !self.buf.is_empty() {
+                        let take = (self.buf.len() as u64).min(n) as usize;
+                        self.buf.split_to(take).freeze()
+                    } else {
+                        return Ok(None);
+                    };
+                    let take = d.len();
+                    if take as u64 == n {
+                        self.release();
+                    } else {
+                        self.framing = Framing::Length(n - take as u64);
+                    }
+                    return Ok(Some(d));
+                }
+                Framing::Chunked(Chunk::Data(n)) => {
+                    if self.buf.is_empty() {
+                        return Ok(None);
+                    }
+                    let take = (self.buf.len() as u64).min(n) as usize;
+                    let d = self.buf.split_to(take).freeze();
+                    self.framing = Framing::Chunked(if take as u64 == n {
+                        Chunk::DataEnd
+                    } else {
+                        Chunk::Data(n - take as u64)
+                    });
+                    return Ok(Some(d));
+                }
+                Framing::Chunked(Chunk::DataEnd) => {
+                    if self.buf.starts_with(b"\r\n") {
+                        self.buf.advance(2);
+                    } else if self.buf.starts_with(b"\n") {
+                        self.buf.advance(1);
+                    } else if self.buf.len() < 2 {
+                        return Ok(None);
+                    } else {
+                        return Err(BodyError);
+                    }
+                    self.framing = Framing::Chunked(Chunk::Size);
+                }
+                Framing::Chunked(state) => {
+                    let Some(eol) = self.buf.iter().position(|&b| b == b'\n') else {
+                        if self.buf.len() > 4096 {
+                            return Err(BodyError);
+                        }
+                        return Ok(None);
+                    };
+                    let line = &self.buf[..eol];
+                    let line = line.strip_suffix(b"\r").unwrap_or(line);
+                    if state == Chunk::Trailers {
+                        let last = line.is_empty();
+                        self.buf.advance(eol + 1);
+                        if last {
+                            self.release();
+                            return Ok(None);
+                        }
+                        continue;
+                    }
+                    let size = chunk_size(line).ok_or(BodyError)?;
+                    self.buf.advance(eol + 1);
+                    self.framing = Framing::Chunked(if size == 0 {
+                        Chunk::Trailers
+                    } else {
+                        Chunk::Data(size)
+                    });
+                }
+            }
+        }
+    }
+
+    /// The next piece of body, `None` at its end. Cancel-safe: state lives in `self`.
+    pub async fn chunk(&mut self) -> Result<Option<Bytes>, BodyError> {
+        loop {
+            if let Some(d) = self.decode()? {
+                return Ok(Some(d));
+            }
+            if matches!(self.framing, Framing::Done | Framing::Upgrade) {
+                return Ok(None);
+            }
+            let Some(conn) = self.conn.as_mut() else {
+                return Err(BodyError);
+            };
+            let want = match self.framing {
+                Framing::Length(n) => (n as usize).clamp(1, 64 * 1024),
+                _ => READ_SIZE,
+            };
+            self.buf.reserve(want);
+            match conn.io.read_buf(&mut self.buf).await {
+                Ok(0) if self.framing == Framing::Close => {
+                    self.framing = Framing::Done;
+                    self.conn = None;
+                    return Ok(None);
+                }
+                Ok(0) | Err(_) => {
+                    self.conn = None;
+                    return Err(BodyError);
+                }
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
+/// A chunk-size line: hex digits, then optional extensions after `;`.
+fn chunk_size(line: &[u8]) -> Option<u64> {
+    let digits = line.split(|&b| b == b';').next()?;
+    let digits = digits.trim_ascii();
+    if digits.is_empty() || digits.len() > 15 {
+        return None;
+    }
+    let mut n = 0u64;
+    for &b in digits {
+        n = n * 16 + (b as char).to_digit(16)? as u64;
+    }
+    Some(n)
+}
+
+/// The most of an upstream body read on after the client went away, so that the connection
+/// survives for the next request. nginx (proxy_buffering on) has usually read a response of
+/// this size into its buffers before a client aborts, and keeps the connection then.
+const DRAIN_LIMIT: u64 = 1024 * 1024;
+
+/// After the client went away mid-response: read the rest of a not too large body of known
+/// length in the background (each read within proxy_read_timeout); its end pools the
+/// connection. Anything else closes it.
+pub fn drain(mut body: Body, read: Duration) {
+    if body.pool.is_none() || !body.reusable || body.remaining().is_none_or(|n| n > DRAIN_LIMIT) {
+        return;
+    }
+    tokio::task::spawn_local(async move {
+        while !body.is_end() {
+            match tokio::time::timeout(read, body.chunk()).await {
+                Ok(Ok(Some(_))) => {}
+                _ => return,
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(framing: Framing, bytes: &[u8]) -> Body {
+        Body {
+            conn: None,
+            first: Bytes::new(),
+            buf: BytesMut::from(bytes),
+            framing,
+            reusable: true,
+            pool: None,
+        }
+    }
+
+    fn decode_all(b: &mut Body) -> Result<Vec<u8>, ()> {
+        let mut out = Vec::new();
+        while let Some(d) = b.decode().map_err(|_| ())? {
+            out.extend_from_slice(&d);
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn chunked_bodies_decode_and_end_after_trailers() {
+        let mut b = body(
+            Framing::Chunked(Chunk::Size),
+            b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n",
+        );
+        assert_eq!(decode_all(&mut b).unwrap(), b"hello world");
+        assert!(b.is_end());
+        let mut b = body(Framing::Chunked(Chunk::Size), b"zz\r\nhello\r\n");
+        assert!(decode_all(&mut b).is_err());
+        let mut b = body(Framing::Chunked(Chunk::Size), b"5\r\nhel");
+        assert_eq!(decode_all(&mut b).unwrap(), b"hel");
+        assert!(!b.is_end());
+    }
+
+    #[test]
+    fn heads_frame_bodies_as_hyper_did() {
+        let parse = |raw: &[u8], head: bool| {
+            let mut buf = BytesMut::from(raw);
+            parse_head(&mut buf, head, true)
+                .map(|r| r.map(|h| (h.status, h.framing, h.reusable, h.rest.len())))
+        };
+        let r = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc", false);
+        assert_eq!(r.ok().flatten(), Some((200, Framing::Length(3), true, 3)));
+        let r = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", true);
+        assert_eq!(r.ok().flatten(), Some((200, Framing::Done, true, 0)));
+        let r = parse(b"HTTP/1.0 200 OK\r\n\r\nabc", false);
+        assert_eq!(r.ok().flatten(), Some((200, Framing::Close, false, 3)));
+        let r = parse(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n",
+            false,
+        );
+        assert_eq!(
+            r.ok().flatten(),
+            Some((200, Framing::Chunked(Chunk::Size), false, 0))
+        );
+        assert!(parse(b"HTTP/1.1 200 OK\r\nContent-Length: 3, 4\r\n\r\n", false).is_err());
+        assert!(parse(b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", false).is_err());
+        assert!(parse(b"HTTX/1.1 200 OK\r\n\r\n", false).is_err());
+        assert!(matches!(parse(b"HTTP/1.1 200 OK\r\nA: b", false), Ok(None)));
+        let mut many = String::from("HTTP/1.1 200 OK\r\n");
+        for i in 0..60 {
+            many.push_str(&format!("X-{}: {}\r\n", i, i));
+        }
+        many.push_str("Content-Length: 1\r\n\r\nx");
+        let r = parse(many.as_bytes(), false);
+        assert_eq!(r.ok().flatten(), Some((200, Framing::Length(1), true, 1)));
+    }
+}
