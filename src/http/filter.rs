@@ -41,9 +41,9 @@ async fn send_with(rc: &Rc<ReqCtx>, extra: Option<Bytes>, eof: bool) -> Result<(
             Some(b) if st.out.is_empty() => b,
             Some(b) => {
                 st.out.extend_from_slice(&b);
-                st.out.split().freeze()
+                take_out(&mut st.out, eof)
             }
-            None => st.out.split().freeze(),
+            None => take_out(&mut st.out, eof),
         }
     };
     let (chunk, eof) = body_filter(rc, chunk, eof).await;
@@ -102,6 +102,16 @@ async fn send_with(rc: &Rc<ReqCtx>, extra: Option<Bytes>, eof: bool) -> Result<(
         }
     }
     Ok(())
+}
+
+/// The buffered output as one chunk. The last one takes the buffer whole (freezing it costs
+/// nothing); an earlier one splits it off, so that later output reuses the rest of its room.
+fn take_out(out: &mut bytes::BytesMut, eof: bool) -> Bytes {
+    if eof {
+        std::mem::take(out).freeze()
+    } else {
+        out.split().freeze()
+    }
 }
 
 /// Cut a streamed response off (its source failed mid-body): the client connection is closed

@@ -11,8 +11,6 @@
 //! map's regex does not overwrite the request's `$1`..`$9` (nginx's lazy evaluation makes that
 //! depend on when a variable happens to be read first).
 
-use std::collections::HashMap;
-
 use bytes::Bytes;
 
 use super::request::{ReqCtx, ReqState};
@@ -22,12 +20,14 @@ use crate::conf::template::{Part, Template};
 
 /// Per-request map state.
 #[derive(Debug, Default)]
+/// Vectors, not hash maps: a request evaluates a handful of maps at most, and every request
+/// makes one of these (empty vectors cost nothing to make).
 pub struct Cache {
-    values: HashMap<usize, Bytes>,
+    values: Vec<(usize, Bytes)>,
     /// Maps being evaluated now: a map that needs itself is a cycle, not a stack overflow.
     busy: Vec<usize>,
     /// Named captures of the map regexes that matched.
-    named: HashMap<String, Bytes>,
+    named: Vec<(String, Bytes)>,
 }
 
 /// `Some(value)` when `name` is a map variable (`Some(None)` after a cycle); `None` otherwise.
@@ -43,7 +43,10 @@ pub fn get(rc: &ReqCtx, st: &ReqState, name: &str) -> Option<Option<Vec<u8>>> {
     if c.named.is_empty() {
         return None;
     }
-    c.named.get(name).map(|v| Some(v.to_vec()))
+    c.named
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| Some(v.to_vec()))
 }
 
 fn value(rc: &ReqCtx, st: &ReqState, idx: usize) -> Option<Vec<u8>> {
@@ -51,7 +54,7 @@ fn value(rc: &ReqCtx, st: &ReqState, idx: usize) -> Option<Vec<u8>> {
     {
         let mut c = st.map_cache.borrow_mut();
         if !m.volatile {
-            if let Some(v) = c.values.get(&idx) {
+            if let Some((_, v)) = c.values.iter().find(|(i, _)| *i == idx) {
                 return Some(v.to_vec());
             }
         }
@@ -71,7 +74,11 @@ fn value(rc: &ReqCtx, st: &ReqState, idx: usize) -> Option<Vec<u8>> {
     let mut c = st.map_cache.borrow_mut();
     c.busy.retain(|i| *i != idx);
     if !m.volatile {
-        c.values.insert(idx, Bytes::copy_from_slice(&v));
+        let b = Bytes::copy_from_slice(&v);
+        match c.values.iter_mut().find(|(i, _)| *i == idx) {
+            Some(slot) => slot.1 = b,
+            None => c.values.push((idx, b)),
+        }
     }
     Some(v)
 }
@@ -142,7 +149,11 @@ fn lookup(rc: &ReqCtx, st: &ReqState, m: &MapDef, src: &[u8]) -> Vec<u8> {
                 let mut c = st.map_cache.borrow_mut();
                 for (name, i) in &r.names {
                     let v = mt.group(*i).unwrap_or_default();
-                    c.named.insert(name.clone(), Bytes::copy_from_slice(v));
+                    let v = Bytes::copy_from_slice(v);
+                    match c.named.iter_mut().find(|(n, _)| n == name) {
+                        Some(slot) => slot.1 = v,
+                        None => c.named.push((name.clone(), v)),
+                    }
                 }
             }
             return eval_value(rc, st, &r.value, Some(&mt));
