@@ -365,6 +365,12 @@ fn redis_pipeline() {
         red:set("dog", "x")
         red:cancel_pipeline()
         ngx.say("cancelled: ", red:get("dog") == ngx.null)
+        -- A bad argument caught by pcall leaves nothing of its command in the pipeline.
+        red:init_pipeline()
+        red:set("p1", "a")
+        ngx.say("bad arg: ", (pcall(red.set, red, "p2", "x", {})))
+        red:get("p1")
+        ngx.say("after bad arg: ", cjson.encode((red:commit_pipeline())))
         ngx.say("keepalive: ", red:set_keepalive(1000, 10))
         "#
         .replace("RPORT", &r.port.to_string()),
@@ -379,6 +385,8 @@ fn redis_pipeline() {
         out
     );
     assert!(out.contains("cancelled: true"), "{}", out);
+    assert!(out.contains("bad arg: false"), "{}", out);
+    assert!(out.contains(r#"after bad arg: ["OK","a"]"#), "{}", out);
     assert!(out.contains("keepalive: 1"), "{}", out);
 }
 

@@ -1261,8 +1261,16 @@ pub fn natives(lua: &Lua) -> mlua::Result<Table> {
                 }
                 // Queued in a pipeline: nothing to wait for.
                 if let Some((buf, effs)) = core.pipeline.borrow_mut().as_mut() {
-                    let eff = encode_values(buf, &args)?;
-                    effs.push(eff);
+                    // A bad argument (caught by the caller's pcall) must leave no half a
+                    // command in the pipeline.
+                    let len = buf.len();
+                    match encode_values(buf, &args) {
+                        Ok(eff) => effs.push(eff),
+                        Err(e) => {
+                            buf.truncate(len);
+                            return Err(e);
+                        }
+                    }
                     return Ok(None);
                 }
                 let mut enc = Vec::with_capacity(64);
