@@ -691,3 +691,56 @@ fn keepalive_timeout_runs_only_while_idle() {
     );
     assert_alive(&s);
 }
+
+#[test]
+fn a_slow_download_outlives_keepalive_timeout() {
+    // The keepalive clock starts when the last byte of a response was written, not when
+    // hyper took the body: a client reading an 8 MB body slowly for ~3 s (three timeouts)
+    // gets all of it. (Once the rest fits in the kernel's buffers the clock runs, as in
+    // nginx, so the connection may close before the client drained them.)
+    let s = hostile_server(
+        "keepalive_timeout 1s;\n        location = /big { content_by_lua_block { ngx.print(string.rep('a', 8 * 1024 * 1024)) } }",
+    );
+    let mut c = TcpStream::connect(s.addr()).expect("connect");
+    c.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    c.write_all(b"GET /big HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .expect("write");
+    let want = 8 * 1024 * 1024;
+    let (t0, mut got, mut buf) = (Instant::now(), 0usize, vec![0u8; 64 * 1024]);
+    let mut head = Vec::new();
+    while t0.elapsed() < Duration::from_secs(20) {
+        match c.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if head.len() < 4096 {
+                    head.extend_from_slice(&buf[..n.min(4096)]);
+                }
+                got += n;
+            }
+        }
+        let body = got.saturating_sub(head_len(&head));
+        if body >= want {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let body = got.saturating_sub(head_len(&head));
+    assert!(
+        body >= want,
+        "connection cut after {:?} with {} body bytes read",
+        t0.elapsed(),
+        body
+    );
+    assert!(
+        t0.elapsed() > Duration::from_millis(1500),
+        "the client read too fast to test"
+    );
+    assert_alive(&s);
+}
+
+fn head_len(b: &[u8]) -> usize {
+    b.windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(usize::MAX, |p| p + 4)
+}

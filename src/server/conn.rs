@@ -6,15 +6,20 @@
 //! beside the connection polls that channel at every wake-up of the connection. Here a
 //! watchdog task per connection owns one timer that moves only when it fires (at most once
 //! per timeout, not once per request), and a request only flips two cells. The rules are
-//! those of hyper's timer: the clock runs from the accept, or from the moment hyper has taken
-//! the last frame of a response, until the next request head is parsed; it never runs while a
+//! those of hyper's timer: the clock runs from the accept, or from the moment the last byte of
+//! a response was written, until the next request head is parsed; it never runs while a
 //! request is being served. When it runs out the connection is dropped (closed), as when
-//! hyper's header timeout fires.
+//! hyper's header timeout fires. hyper takes a response's last frame before it has written it
+//! to a slow client, so the socket is wrapped ([`Tracked`]) to learn when writing last made
+//! progress: a download that outlives keepalive_timeout is not cut (nginx starts the keepalive
+//! timer only after the response was sent).
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -33,6 +38,10 @@ pub struct ConnState {
     busy: Cell<bool>,
     /// When the connection last became idle (accepted, or a response finished).
     idle_since: Cell<Instant>,
+    /// When a write to the client last made progress, in nanoseconds after `born`; shared
+    /// with the socket wrapper, which hyper requires to be `Send` for upgrades.
+    last_write: Arc<AtomicU64>,
+    born: Instant,
     /// The timeout ran out: close now.
     expired: Cell<bool>,
     /// The worker is shutting down: finish the current request, then close.
@@ -45,6 +54,8 @@ impl ConnState {
         Rc::new(ConnState {
             busy: Cell::new(false),
             idle_since: Cell::new(Instant::now()),
+            last_write: Arc::new(AtomicU64::new(0)),
+            born: Instant::now(),
             expired: Cell::new(false),
             shutdown: Cell::new(false),
             waker: RefCell::new(None),
@@ -65,6 +76,78 @@ impl ConnState {
         if let Some(w) = self.waker.borrow().as_ref() {
             w.wake_by_ref();
         }
+    }
+}
+
+/// The client socket: records when a write last made progress (see the module doc).
+pub struct Tracked<S> {
+    io: S,
+    last_write: Arc<AtomicU64>,
+    born: Instant,
+}
+
+impl<S> Tracked<S> {
+    pub fn new(io: S, state: &ConnState) -> Tracked<S> {
+        Tracked {
+            io,
+            last_write: state.last_write.clone(),
+            born: state.born,
+        }
+    }
+
+    fn wrote(&self) {
+        let ns = self.born.elapsed().as_nanos().min(u64::MAX as u128) as u64;
+        self.last_write.store(ns, Ordering::Relaxed);
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Tracked<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Tracked<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.wrote();
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.wrote();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
@@ -174,7 +257,9 @@ pub async fn watchdog(
                 let next = if state.busy.get() {
                     now + timeout
                 } else {
-                    let due = state.idle_since.get() + timeout;
+                    let wrote = state.born
+                        + Duration::from_nanos(state.last_write.load(Ordering::Relaxed));
+                    let due = state.idle_since.get().max(wrote) + timeout;
                     if due <= now {
                         state.expired.set(true);
                         state.wake();
@@ -192,6 +277,16 @@ pub async fn watchdog(
                 }
             }
         }
+    }
+}
+
+/// Stops the watchdog when the connection's future ends or is dropped (a worker dropping its
+/// tasks), so the timer never outlives its connection.
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -269,11 +269,11 @@ async fn serve_conn(w: &Rc<Worker>, conn: Rc<ConnInfo>, stream: tokio::net::TcpS
     let header_timeout = Duration::from_millis(keepalive_ms.max(1000));
     let keepalive = keepalive_ms > 0;
     let state = ConnState::new();
-    let watchdog = tokio::task::spawn_local(conn::watchdog(
+    let _watchdog = conn::AbortOnDrop(tokio::task::spawn_local(conn::watchdog(
         state.clone(),
         header_timeout,
         w.shutdown.subscribe(),
-    ));
+    )));
     let w2 = w.clone();
     let c2 = conn.clone();
     let s2 = state.clone();
@@ -299,11 +299,10 @@ async fn serve_conn(w: &Rc<Worker>, conn: Rc<ConnInfo>, stream: tokio::net::TcpS
         .max_buf_size(32 * 1024);
     // with_upgrades: the proxy tunnels WebSocket connections after a 101.
     let c = builder
-        .serve_connection(TokioIo::new(stream), svc)
+        .serve_connection(TokioIo::new(conn::Tracked::new(stream, &state)), svc)
         .with_upgrades();
     tokio::pin!(c);
     let end = conn::Watched::new(c, &state, |c| c.graceful_shutdown()).await;
-    watchdog.abort();
     if let conn::End::Done(Err(e)) = end {
         tracing::debug!(conn = conn.id, "connection error: {}", e);
     }
