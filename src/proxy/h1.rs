@@ -427,6 +427,11 @@ fn parse_head(
     let framing = if head_req || status == 204 || status == 304 || (100..200).contains(&status) {
         Framing::Done
     } else if let Some(chunked) = te_chunked {
+        // With a Content-Length too, the two ends may disagree on where the body ends
+        // (RFC 9112 6.3): read it as chunked, then close.
+        if length.is_some() {
+            reusable = false;
+        }
         if chunked && http11 {
             Framing::Chunked(Chunk::Size)
         } else {
@@ -737,6 +742,14 @@ mod tests {
         assert_eq!(r.ok().flatten(), Some((200, Framing::Close, false, 3)));
         let r = parse(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n",
+            false,
+        );
+        assert_eq!(
+            r.ok().flatten(),
+            Some((200, Framing::Chunked(Chunk::Size), false, 0))
+        );
+        let r = parse(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
             false,
         );
         assert_eq!(

@@ -53,8 +53,53 @@ struct Idle {
     requests: u64,
 }
 
+/// Pool keys are few per worker and come from the configuration or the resolver: a
+/// multiply-rotate hash is enough, where SipHash cost more than the rest of take + release.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl KeyHasher {
+    fn add(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+}
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.add(u64::from_le_bytes(w));
+        }
+        for &b in chunks.remainder() {
+            self.add(b as u64);
+        }
+    }
+    fn write_u8(&mut self, v: u8) {
+        self.add(v as u64);
+    }
+    fn write_u16(&mut self, v: u16) {
+        self.add(v as u64);
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.add(v as u64);
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.add(v);
+    }
+    fn write_usize(&mut self, v: usize) {
+        self.add(v as u64);
+    }
+}
+
+type Map = HashMap<Key, VecDeque<Idle>, std::hash::BuildHasherDefault<KeyHasher>>;
+
 thread_local! {
-    static POOL: RefCell<HashMap<Key, VecDeque<Idle>>> = RefCell::new(HashMap::new());
+    static POOL: RefCell<Map> = RefCell::new(Map::default());
     static SWEEPER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
