@@ -200,3 +200,99 @@ fn mutual_tls_to_upstream() {
     assert_eq!(r.status, 200, "{}", s.error_log());
     assert_eq!(r.text(), "sni=None client=true");
 }
+
+/// An https origin that pauses before reading each request body (a busy upstream), then
+/// answers with the number of body bytes it got.
+fn pausing_tls_origin(p: &Pki) -> u16 {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(p.server_key.clone()));
+    let cfg = Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(p.server_chain.clone(), key)
+            .expect("server config"),
+    );
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { continue };
+            let cfg = cfg.clone();
+            std::thread::spawn(move || {
+                let Ok(conn) = rustls::ServerConnection::new(cfg) else {
+                    return;
+                };
+                let mut tls = rustls::StreamOwned::new(conn, s);
+                let mut buf = Vec::new();
+                let mut tmp = vec![0u8; 64 * 1024];
+                let end = loop {
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                    match tls.read(&mut tmp) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                let want: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                std::thread::sleep(std::time::Duration::from_millis(150));
+                let mut got = buf.len() - end;
+                while got < want {
+                    match tls.read(&mut tmp) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got += n,
+                    }
+                }
+                let body = format!("got {}", got);
+                let _ = tls.write_all(
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+                        body.len(),
+                        body
+                    )
+                    .as_bytes(),
+                );
+                tls.conn.send_close_notify();
+                let _ = tls.flush();
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn bodies_to_a_briefly_busy_https_upstream_are_sent_whole() {
+    // tokio-rustls accepts bytes into its buffer when the socket is full; unless the request
+    // is flushed, its tail stays there while the upstream waits for it (504 after
+    // proxy_read_timeout). Sizes around the loopback socket buffers hit that.
+    let p = pki();
+    let port = pausing_tls_origin(&p);
+    let s = start(
+        &p,
+        &format!(
+            "location / {{ client_max_body_size 64m; proxy_read_timeout 2s; proxy_ssl_verify off; proxy_pass https://127.0.0.1:{port}; }}"
+        ),
+    );
+    let mut bad = Vec::new();
+    let mut n = 3 * 1024 * 1024 + 512 * 1024;
+    while n <= 8 * 1024 * 1024 {
+        let mut raw = format!(
+            "POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n"
+        )
+        .into_bytes();
+        raw.extend(std::iter::repeat_n(b'a', n));
+        let r = s.request_bytes(&raw);
+        if r.status != 200 || r.text() != format!("got {n}") {
+            bad.push((n, r.status));
+        }
+        n += 256 * 1024 + 4096;
+    }
+    assert!(bad.is_empty(), "{:?}\n{}", bad, s.error_log());
+}

@@ -351,3 +351,38 @@ fn response_framing_decides_reuse() {
         log
     );
 }
+
+#[test]
+fn a_status_below_100_is_an_invalid_upstream_response() {
+    let o = Origin::start(|_r, s| {
+        let _ = s.write_all(b"HTTP/1.1 042 Odd\r\nContent-Length: 2\r\n\r\nok");
+        Next::Close
+    });
+    let s = server(
+        &format!("upstream backend {{ server 127.0.0.1:{}; }}", o.port()),
+        "location / { proxy_pass http://backend; }",
+    );
+    assert_eq!(s.get("/").status, 502);
+    assert!(s
+        .error_log()
+        .contains("upstream sent invalid header while reading response header from upstream"));
+}
+
+#[test]
+fn a_chunked_body_to_an_http10_upstream_is_buffered_and_sent_with_its_length() {
+    // nginx buffers such a body whatever proxy_request_buffering says: HTTP/1.0 has no
+    // chunked encoding, so the length must be known first.
+    let o = Origin::echo();
+    let s = server(
+        &format!("upstream backend {{ server 127.0.0.1:{}; }}", o.port()),
+        "location / { proxy_http_version 1.0; proxy_request_buffering off; proxy_pass http://backend; }",
+    );
+    let r = s.request_bytes(
+        b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+    );
+    assert_eq!(r.status, 200, "{}", s.error_log());
+    let req = o.last();
+    assert_eq!(req.body, b"hello world");
+    assert_eq!(req.header("content-length"), Some("11"));
+    assert!(!req.has("transfer-encoding"));
+}

@@ -163,6 +163,19 @@ async fn write_request(
     // hyper's rules, which the tests and users saw so far: an empty body sends nothing; a
     // known length is declared when the headers do not; HTTP/1.0 never chunks; a body of
     // unknown length is chunked unless the method hardly ever has one.
+    // nginx buffers a body of unknown length for an HTTP/1.0 upstream (it cannot be chunked
+    // and has no length to declare) whatever proxy_request_buffering says.
+    let body = match body {
+        UpBody::Stream(inc)
+            if !head.http11
+                && !has_len
+                && !inc.is_end_stream()
+                && inc.size_hint().exact().is_none() =>
+        {
+            UpBody::Full(Some(collect(inc).await?))
+        }
+        other => other,
+    };
     let known = match &body {
         UpBody::Empty | UpBody::Full(None) => None,
         UpBody::Full(Some(b)) => Some(b.len() as u64),
@@ -253,6 +266,9 @@ async fn write_request(
                 } else {
                     io.write_all(&d).await.map_err(w)?;
                 }
+                // Before waiting for the client's next piece: on TLS the bytes may still sit
+                // in the TLS buffer, and the upstream would wait for them.
+                io.flush().await.map_err(w)?;
             }
             if out == Out::Chunked {
                 io.write_all(b"0\r\n\r\n").await.map_err(w)?;
@@ -260,6 +276,9 @@ async fn write_request(
         }
         (_, _) => io.write_all(&buf).await.map_err(w)?,
     }
+    // A TLS stream may keep what it could not write yet in its buffer (write_all returns
+    // once the bytes are accepted); the response is read only after all of it went out.
+    io.flush().await.map_err(w)?;
     Ok(keep)
 }
 
@@ -361,6 +380,18 @@ const FEW_HEADERS: usize = 24;
 
 /// Parse a response head at the start of `buf`: `None` (with `buf` as it was) when more bytes
 /// are needed. Header values share the bytes read (no copy per header).
+/// The whole client body, for an upstream that needs its length first.
+async fn collect(mut inc: hyper::body::Incoming) -> Result<Bytes, ExchangeError> {
+    let mut all = BytesMut::new();
+    while let Some(f) = inc.frame().await {
+        let f = f.map_err(|e| ExchangeError::client_body(&e))?;
+        if let Ok(d) = f.into_data() {
+            all.extend_from_slice(&d);
+        }
+    }
+    Ok(all.freeze())
+}
+
 fn parse_head(
     buf: &mut BytesMut,
     head_req: bool,
@@ -388,6 +419,9 @@ fn parse_head(
         Err(_) => return Err(ExchangeError::invalid()),
     };
     let status = r.code.unwrap_or(0);
+    if status < 100 {
+        return Err(ExchangeError::invalid());
+    }
     let http11 = r.version == Some(1);
     let mut headers = HeaderMap::with_capacity(r.headers.len());
     // What framing and keep-alive depend on, noted on the way.

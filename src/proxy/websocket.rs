@@ -30,7 +30,9 @@ async fn join(c: Upgraded, u: Timed, early: Bytes, idle: Duration) -> Result<(u6
     let (mut ur, mut uw) = tokio::io::split(u);
     let mut up = 0u64;
     let mut down = early.len() as u64;
-    if !early.is_empty() && cw.write_all(&early).await.is_err() {
+    // Every write is flushed: on a TLS stream the bytes may otherwise stay in the TLS
+    // buffer while both sides wait for each other.
+    if !early.is_empty() && (cw.write_all(&early).await.is_err() || cw.flush().await.is_err()) {
         return Ok((up, down));
     }
     let mut cbuf = vec![0u8; 16 * 1024];
@@ -40,11 +42,17 @@ async fn join(c: Upgraded, u: Timed, early: Bytes, idle: Duration) -> Result<(u6
         tokio::select! {
             r = cr.read(&mut cbuf), if c_open => match r {
                 Ok(0) | Err(_) => { c_open = false; let _ = uw.shutdown().await; }
-                Ok(n) => { if uw.write_all(&cbuf[..n]).await.is_err() { break; } up += n as u64; }
+                Ok(n) => {
+                    if uw.write_all(&cbuf[..n]).await.is_err() || uw.flush().await.is_err() { break; }
+                    up += n as u64;
+                }
             },
             r = ur.read(&mut ubuf), if u_open => match r {
                 Ok(0) | Err(_) => { u_open = false; let _ = cw.shutdown().await; }
-                Ok(n) => { if cw.write_all(&ubuf[..n]).await.is_err() { break; } down += n as u64; }
+                Ok(n) => {
+                    if cw.write_all(&ubuf[..n]).await.is_err() || cw.flush().await.is_err() { break; }
+                    down += n as u64;
+                }
             },
             _ = tokio::time::sleep(idle) => break,
         }
