@@ -386,3 +386,21 @@ fn a_chunked_body_to_an_http10_upstream_is_buffered_and_sent_with_its_length() {
     assert_eq!(req.header("content-length"), Some("11"));
     assert!(!req.has("transfer-encoding"));
 }
+
+#[test]
+fn content_length_with_transfer_encoding_from_upstream_is_a_502() {
+    let o = Origin::start(|_r, s| {
+        let _ = s.write_all(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        );
+        Next::Close
+    });
+    let s = server(
+        &format!("upstream backend {{ server 127.0.0.1:{}; }}", o.port()),
+        "location / { proxy_pass http://backend; }",
+    );
+    assert_eq!(s.get("/").status, 502);
+    assert!(s.error_log().contains(
+        "upstream sent \"Content-Length\" and \"Transfer-Encoding\" headers at the same time"
+    ));
+}
