@@ -105,20 +105,28 @@ fn tls_origin(p: &Pki, require_client_cert: bool) -> (u16, Seen) {
                     }
                 }
                 let body = format!("sni={:?} client={}", sni, client);
-                let _ = tls.write_all(
-                    format!(
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
-                        body.len(),
-                        body
-                    )
-                    .as_bytes(),
-                );
-                tls.conn.send_close_notify();
-                let _ = tls.flush();
+                answer_and_close(&mut tls, &body);
             });
         }
     });
     (port, seen)
+}
+
+/// A 200 with `body`, then the TLS close.
+fn answer_and_close(
+    tls: &mut rustls::StreamOwned<rustls::ServerConnection, std::net::TcpStream>,
+    body: &str,
+) {
+    let _ = tls.write_all(
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+            body.len(),
+            body
+        )
+        .as_bytes(),
+    );
+    tls.conn.send_close_notify();
+    let _ = tls.flush();
 }
 
 fn start(p: &Pki, locations: &str) -> Server {
@@ -251,16 +259,7 @@ fn pausing_tls_origin(p: &Pki) -> u16 {
                     }
                 }
                 let body = format!("got {}", got);
-                let _ = tls.write_all(
-                    format!(
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
-                        body.len(),
-                        body
-                    )
-                    .as_bytes(),
-                );
-                tls.conn.send_close_notify();
-                let _ = tls.flush();
+                answer_and_close(&mut tls, &body);
             });
         }
     });
