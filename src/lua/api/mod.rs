@@ -3,6 +3,7 @@
 
 pub mod balancer;
 pub mod cjson;
+pub mod client_core;
 pub mod consts;
 pub mod coroutine;
 pub mod ctx;

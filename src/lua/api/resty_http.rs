@@ -9,6 +9,7 @@
 //! `pool` option), at most `pool_size` idle per worker (least recently used closed first), each
 //! with its own idle timeout and reuse count. A plain per-thread map: no locks.
 
+use super::client_core::{Busy, Client, Handle};
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
@@ -20,7 +21,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-use mlua::{AnyUserData, Lua, MultiValue, Table, UserData, Value};
+use mlua::{AnyUserData, Lua, MultiValue, Table, Value};
 use tokio::net::{TcpStream, UnixStream};
 
 use super::resty_redis::io_text;
@@ -99,26 +100,14 @@ struct Core {
     pool_defaults: Cell<(u64, usize)>,
 }
 
-struct Handle(Rc<Core>);
-impl UserData for Handle {}
+impl Client for Core {
+    fn busy(&self) -> &Cell<bool> {
+        &self.busy
+    }
+}
 
 fn core_of(ud: &AnyUserData) -> mlua::Result<Rc<Core>> {
-    Ok(ud.borrow::<Handle>()?.0.clone())
-}
-
-struct Busy(Rc<Core>);
-impl Busy {
-    fn take(core: &Rc<Core>) -> Option<Busy> {
-        if core.busy.replace(true) {
-            return None;
-        }
-        Some(Busy(core.clone()))
-    }
-}
-impl Drop for Busy {
-    fn drop(&mut self) {
-        self.0.busy.set(false);
-    }
+    super::client_core::core_of(ud)
 }
 
 fn fail(lua: &Lua, msg: &str) -> mlua::Result<MultiValue> {

@@ -18,6 +18,7 @@
 //! connection unpooled. Authentication itself is kept, as with OpenResty's pool: use the `pool`
 //! connect option to keep connections of different credentials apart.
 
+use super::client_core::{Busy, Client, Handle};
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -25,7 +26,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
-use mlua::{AnyUserData, Lua, MultiValue, Table, UserData, UserDataRef, Value};
+use mlua::{AnyUserData, Lua, MultiValue, Table, UserDataRef, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
@@ -779,28 +780,14 @@ async fn own_conn(core: &Core, mux: &Mux) -> Result<(), String> {
     Ok(())
 }
 
-struct Handle(Rc<Core>);
-impl UserData for Handle {}
+impl Client for Core {
+    fn busy(&self) -> &Cell<bool> {
+        &self.busy
+    }
+}
 
 fn core_of(ud: &AnyUserData) -> mlua::Result<Rc<Core>> {
-    Ok(ud.borrow::<Handle>()?.0.clone())
-}
-
-/// Marks the object busy for the duration of an operation (one operation at a time, as a
-/// cosocket allows one reader and one writer).
-struct Busy(Rc<Core>);
-impl Busy {
-    fn take(core: &Rc<Core>) -> Option<Busy> {
-        if core.busy.replace(true) {
-            return None;
-        }
-        Some(Busy(core.clone()))
-    }
-}
-impl Drop for Busy {
-    fn drop(&mut self) {
-        self.0.busy.set(false);
-    }
+    super::client_core::core_of(ud)
 }
 
 fn hash_bytes(b: &[u8]) -> u64 {
@@ -1252,7 +1239,7 @@ pub fn natives(lua: &Lua) -> mlua::Result<Table> {
     )?;
     t.set(
         "cmd",
-        lua.create_async_function(|lua, (ud, args): (UserDataRef<Handle>, MultiValue)| {
+        lua.create_async_function(|lua, (ud, args): (UserDataRef<Handle<Core>>, MultiValue)| {
             let core = ud.0.clone();
             drop(ud);
             let prep = (|| {
