@@ -38,7 +38,7 @@ pub struct Http {
     pub log_formats: HashMap<String, Arc<Template>>,
     /// `map` blocks, and the variable each defines -> its index in `maps`.
     pub maps: Vec<MapDef>,
-    pub map_vars: HashMap<String, usize>,
+    pub map_vars: crate::NameMap<String, usize>,
     /// Every `max_in_flight` scope, for metrics (`current()`, `rejected()`).
     pub in_flight: Vec<Arc<crate::http::limits::InFlight>>,
     /// The http-level settings, for Lua code that runs without a request (timers).

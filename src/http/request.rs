@@ -22,7 +22,7 @@ pub struct Env {
     pub vm: Rc<LuaVm>,
     pub worker_id: usize,
     /// Declared variable names (`set $x`), for `ngx.var.x = v` checks.
-    pub declared: std::collections::HashSet<String>,
+    pub declared: crate::NameSet<String>,
     /// The `upstream {}` groups, shared by all workers.
     pub upstreams: Arc<crate::proxy::upstream::UpstreamSet>,
     /// Some location has `lua_check_client_abort on`: hyper must notice a client's EOF while a
@@ -176,7 +176,7 @@ impl ReqState {
 /// subrequest made with `share_all_vars` shares its parent's map, as nginx shares the variable
 /// array. Made on first write: most requests set no variable.
 #[derive(Default)]
-pub struct Vars(Option<Rc<RefCell<HashMap<String, Bytes>>>>);
+pub struct Vars(Option<Rc<RefCell<crate::NameMap<String, Bytes>>>>);
 
 impl Vars {
     pub fn get(&self, name: &str) -> Option<Bytes> {

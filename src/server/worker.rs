@@ -2,7 +2,7 @@
 //! Connections are served with `spawn_local` because the Lua state is not `Send`.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -79,7 +79,7 @@ async fn build_env(
             );
         }
     }
-    let declared: HashSet<String> = cfg.http.declared_vars.iter().cloned().collect();
+    let declared: crate::NameSet<String> = cfg.http.declared_vars.iter().cloned().collect();
     let watch_client_abort = super::conn::watches_client_abort(&cfg);
     Ok(Rc::new(Env {
         watch_client_abort,

@@ -31,7 +31,6 @@ pub mod balance;
 pub mod breaker;
 pub mod health;
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -62,7 +61,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Every upstream of a configuration, by name.
 #[derive(Default, Debug)]
 pub struct UpstreamSet {
-    map: HashMap<String, Arc<Upstream>>,
+    map: crate::NameMap<String, Arc<Upstream>>,
 }
 
 impl UpstreamSet {
@@ -84,7 +83,7 @@ impl UpstreamSet {
 
     /// Build the set for `cfg`, carrying over the state of `old` (see the module doc).
     pub fn build(cfg: &Config, old: Option<&UpstreamSet>) -> Arc<UpstreamSet> {
-        let mut map = HashMap::new();
+        let mut map = crate::NameMap::default();
         for uc in &cfg.http.upstreams {
             let prev = old.and_then(|o| o.map.get(&uc.name));
             let up = match prev {
