@@ -89,8 +89,8 @@ unsafe extern "C-unwind" fn newindex_fast(l: *mut ffi::lua_State) -> c_int {
         if !SET_PHASES.contains(&st.phase) || (st.headers_sent && st.phase != Phase::HeaderFilter) {
             return None;
         }
-        st.resp_headers.remove(&name);
-        st.resp_headers.append(name, value);
+        // `insert` drops every earlier value of the name, as the slow path's remove + append.
+        st.resp_headers.insert(name, value);
         Some(())
     })();
     match done {
