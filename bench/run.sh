@@ -159,4 +159,23 @@ for sc in $SCENARIOS; do
                      printf "| %s | %d | %.0f | %.0f | %.2f | %.2f | %.2f | %.1f | %.1f | %.2f | %s | %s |\n", sc, r, nr, tr, tr/nr, np, tp, nc, tc, tc/nc, nu, tu }' | tee -a "$OUT"
     done
 done
+# One line per scenario: medians over the rounds (a single round on these shared machines swings
+# 20-40%; the median of alternated rounds is the number to compare).
+{
+echo
+echo "| scenario | rounds | median ratio req/s | min-max ratio req/s | median ratio p99 (tidegate/nginx) | median ratio CPU/req |"
+echo "|---|---:|---:|---:|---:|---:|"
+awk -F'|' 'NR > 2 && $3 ~ /^ *[0-9]+ *$/ {
+        sc = $2; gsub(/ /, "", sc); n[sc]++; if (!(sc in order)) { order[sc] = ++k; name[k] = sc }
+        r[sc, n[sc]] = $6 + 0; p[sc, n[sc]] = ($8 + 0) / (($7 + 0) > 0 ? $7 : 1); c[sc, n[sc]] = $11 + 0 }
+    function med(a, sc, m,    i, j, t, v) {
+        for (i = 1; i <= m; i++) v[i] = a[sc, i]
+        for (i = 1; i <= m; i++) for (j = i + 1; j <= m; j++) if (v[j] < v[i]) { t = v[i]; v[i] = v[j]; v[j] = t }
+        return m % 2 ? v[(m + 1) / 2] : (v[m / 2] + v[m / 2 + 1]) / 2 }
+    function lo(a, sc, m,    i, x) { x = a[sc, 1]; for (i = 2; i <= m; i++) if (a[sc, i] < x) x = a[sc, i]; return x }
+    function hi(a, sc, m,    i, x) { x = a[sc, 1]; for (i = 2; i <= m; i++) if (a[sc, i] > x) x = a[sc, i]; return x }
+    END { for (i = 1; i <= k; i++) { sc = name[i]; m = n[sc]
+            printf "| %s | %d | %.2f | %.2f-%.2f | %.2f | %.2f |\n", sc, m, med(r, sc, m), lo(r, sc, m), hi(r, sc, m), med(p, sc, m), med(c, sc, m) } }' "$OUT"
+} | tee -a "$OUT.summary"
+cat "$OUT.summary" >> "$OUT" && rm -f "$OUT.summary"
 echo "results: $OUT"
