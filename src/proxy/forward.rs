@@ -28,6 +28,8 @@ pub struct ReqHead {
 
 /// Where a try goes beyond its address.
 pub struct Dest<'a> {
+    /// The location's proxy configuration (which response headers pass).
+    pub pc: &'a ProxyConf,
     pub https: bool,
     pub ssl: &'a std::sync::Arc<super::conf::ProxySsl>,
     pub tls_name: Option<&'a str>,
@@ -161,7 +163,7 @@ pub async fn attempt(
     if streamed {
         wait += tmo.send;
     }
-    let exchange = h1::exchange(conn, head, headers, body, pool);
+    let exchange = h1::exchange(conn, dest.pc, head, headers, body, pool);
     let resp = match tokio::time::timeout(wait, exchange).await {
         Err(_) => {
             return Err(Failed {

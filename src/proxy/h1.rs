@@ -19,8 +19,10 @@ use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::body::UpBody;
+use super::conf::ProxyConf;
 use super::connect::errno_text;
 use super::forward::ReqHead;
+use super::headers;
 use super::pool::{self, Conn, Key, Limits};
 use super::retry::Failure;
 
@@ -28,7 +30,7 @@ use super::retry::Failure;
 /// more, as the hyper client we replaced did).
 pub const HEAD_LIMIT: usize = 64 * 1024;
 /// The most header lines in a response head.
-const MAX_HEADERS: usize = 100;
+pub const MAX_HEADERS: usize = 100;
 /// Kept bodies up to this size share the head's write.
 const COALESCE: usize = 64 * 1024;
 /// How much a body read asks for at least.
@@ -285,13 +287,20 @@ async fn write_request(
 /// An accepted response head and its body.
 pub struct Response {
     pub status: u16,
+    /// The headers the client gets: those [`headers::passes`] lets through, in the upstream's
+    /// order (a 101 with `Connection: upgrade` added).
     pub headers: HeaderMap,
+    /// The head as the upstream sent it, for `$upstream_http_*` (parsed again only if read).
+    pub raw: Bytes,
+    /// A `Location` or `Refresh` header passed (what proxy_redirect may rewrite).
+    pub relocates: bool,
     pub body: Body,
 }
 
 /// Send the request and read the response head (1xx other than 101 skipped).
 pub async fn exchange(
     mut conn: Conn,
+    pc: &ProxyConf,
     head: &ReqHead,
     headers: &HeaderMap,
     body: UpBody,
@@ -306,7 +315,7 @@ pub async fn exchange(
     };
     let mut buf = BytesMut::with_capacity(READ_SIZE);
     loop {
-        let parsed = parse_head(&mut buf, head.method == Method::HEAD, keep)?;
+        let parsed = parse_head(&mut buf, head.method == Method::HEAD, keep, pc)?;
         let Some(h) = parsed else {
             if buf.len() >= HEAD_LIMIT {
                 return Err(ExchangeError {
@@ -333,6 +342,8 @@ pub async fn exchange(
         let Head {
             status,
             headers,
+            raw,
+            relocates,
             framing,
             reusable,
             rest,
@@ -359,6 +370,8 @@ pub async fn exchange(
         return Ok(Response {
             status,
             headers,
+            raw,
+            relocates,
             body,
         });
     }
@@ -368,6 +381,8 @@ pub async fn exchange(
 struct Head {
     status: u16,
     headers: HeaderMap,
+    raw: Bytes,
+    relocates: bool,
     framing: Framing,
     /// Keep-alive holds on both sides.
     reusable: bool,
@@ -396,6 +411,7 @@ fn parse_head(
     buf: &mut BytesMut,
     head_req: bool,
     keep: bool,
+    pc: &ProxyConf,
 ) -> Result<Option<Head>, ExchangeError> {
     if buf.is_empty() {
         return Ok(None);
@@ -423,7 +439,12 @@ fn parse_head(
         return Err(ExchangeError::invalid());
     }
     let http11 = r.version == Some(1);
+    let upgrade = status == 101;
+    // Only what the client gets goes into the map (one pass, no second map to filter into);
+    // `$upstream_http_*` reads `raw`.
     let mut headers = HeaderMap::with_capacity(r.headers.len());
+    let mut relocates = false;
+    let mut named = false;
     // What framing and keep-alive depend on, noted on the way.
     let (mut close, mut keep_alive) = (false, false);
     let mut te_chunked = None;
@@ -431,14 +452,13 @@ fn parse_head(
     for h in r.headers.iter() {
         let name =
             HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| ExchangeError::invalid())?;
-        let value = HeaderValue::from_maybe_shared(whole.slice_ref(h.value))
-            .map_err(|_| ExchangeError::invalid())?;
         if name == header::CONNECTION {
             for t in h.value.split(|&b| b == b',') {
                 let t = t.trim_ascii();
                 close |= t.eq_ignore_ascii_case(b"close");
                 keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
             }
+            named = named || headers::names_others(h.value);
         } else if name == header::TRANSFER_ENCODING {
             let last = h.value.rsplit(|&b| b == b',').next().unwrap_or(b"");
             te_chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
@@ -455,7 +475,25 @@ fn parse_head(
                 length = Some(n);
             }
         }
-        headers.append(name, value);
+        if headers::passes(pc, &name, upgrade) {
+            let value = HeaderValue::from_maybe_shared(whole.slice_ref(h.value))
+                .map_err(|_| ExchangeError::invalid())?;
+            relocates |= name == header::LOCATION || name == header::REFRESH;
+            headers.append(name, value);
+        } else if !h.value.iter().all(|&b| b >= 32 && b != 127 || b == b'\t') {
+            // What `HeaderValue` refuses, for the headers that do not become one.
+            return Err(ExchangeError::invalid());
+        }
+    }
+    if named {
+        let connection = r
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("connection"));
+        headers::drop_named(&mut headers, connection.map(|h| h.value));
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
     let mut reusable = keep && if http11 { !close } else { keep_alive };
     let framing = if head_req || status == 204 || status == 304 || (100..200).contains(&status) {
@@ -489,6 +527,8 @@ fn parse_head(
     Ok(Some(Head {
         status,
         headers,
+        raw: whole.slice(..len),
+        relocates,
         framing,
         reusable,
         rest: whole.slice(len..),
@@ -769,7 +809,7 @@ mod tests {
     fn heads_frame_bodies_as_hyper_did() {
         let parse = |raw: &[u8], head: bool| {
             let mut buf = BytesMut::from(raw);
-            parse_head(&mut buf, head, true)
+            parse_head(&mut buf, head, true, &ProxyConf::default())
                 .map(|r| r.map(|h| (h.status, h.framing, h.reusable, h.rest.len())))
         };
         let r = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc", false);

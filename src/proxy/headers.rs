@@ -24,12 +24,18 @@ fn hop_by_hop(name: &str) -> bool {
     ) || name.starts_with("proxy-")
 }
 
-/// Header names the `Connection` header lists (they are hop-by-hop too). The usual
-/// `keep-alive` / `close` / `upgrade` name nothing else, so they cost no allocation.
-fn connection_tokens(h: &HeaderMap) -> Vec<String> {
+/// Header names the `Connection` header values list (they are hop-by-hop too). The usual
+/// `keep-alive` / `close` / `upgrade` name nothing else, so they cost no allocation. A value
+/// that is not visible ASCII is skipped whole (as `HeaderValue::to_str` fails on it).
+fn connection_tokens<'a>(values: impl Iterator<Item = &'a [u8]>) -> Vec<String> {
     let mut out = Vec::new();
-    for v in h.get_all(http::header::CONNECTION) {
-        let Ok(v) = v.to_str() else { continue };
+    for v in values {
+        let Ok(v) = std::str::from_utf8(v) else {
+            continue;
+        };
+        if !v.bytes().all(|b| b == b'\t' || (32..127).contains(&b)) {
+            continue;
+        }
         for t in v.split(',') {
             let t = t.trim();
             if t.is_empty()
@@ -43,6 +49,12 @@ fn connection_tokens(h: &HeaderMap) -> Vec<String> {
         }
     }
     out
+}
+
+/// Whether a `Connection` value names a header beyond the usual tokens (the rare case where
+/// [`drop_named`] has work to do).
+pub fn names_others(v: &[u8]) -> bool {
+    !connection_tokens(std::iter::once(v)).is_empty()
 }
 
 /// The request headers for upstream. `content_length` is the body length when known.
@@ -75,7 +87,12 @@ pub fn request(
         }
     }
     if pc.pass_request_headers {
-        let named = connection_tokens(&st.headers);
+        let named = connection_tokens(
+            st.headers
+                .get_all(http::header::CONNECTION)
+                .iter()
+                .map(|v| v.as_bytes()),
+        );
         for (n, v) in &st.headers {
             let s = n.as_str();
             if hop_by_hop(s)
@@ -108,32 +125,36 @@ const HIDDEN: &[&str] = &[
     "x-accel-charset",
 ];
 
-/// The upstream response headers the client will see.
-pub fn response(pc: &ProxyConf, upstream: &HeaderMap, upgrade: bool) -> HeaderMap {
-    let named = connection_tokens(upstream);
-    let mut out = HeaderMap::with_capacity(upstream.len());
-    for (n, v) in upstream {
-        let s = n.as_str();
-        if upgrade && s == "upgrade" {
+/// Whether an upstream response header goes on to the client (`upgrade`: the response is a
+/// 101), decided while the head is parsed. Headers the upstream's `Connection` names are taken
+/// out afterwards by [`drop_named`]; a 101 gets `Connection: upgrade` added.
+pub fn passes(pc: &ProxyConf, name: &HeaderName, upgrade: bool) -> bool {
+    let s = name.as_str();
+    if upgrade && s == "upgrade" {
+        return true;
+    }
+    if hop_by_hop(s) {
+        return false;
+    }
+    let hidden = HIDDEN.contains(&s) || pc.hide_headers.iter().any(|h| h == s);
+    !hidden || pc.pass_headers.iter().any(|h| h == s)
+}
+
+/// Take out of the client's headers those the upstream's `Connection` values name, keeping
+/// the order of the rest (`HeaderMap::remove` would not).
+pub fn drop_named<'a>(h: &mut HeaderMap, connection: impl Iterator<Item = &'a [u8]>) {
+    let named = connection_tokens(connection);
+    if named.is_empty() {
+        return;
+    }
+    let all = std::mem::take(h);
+    let mut out = HeaderMap::with_capacity(all.len());
+    for (n, v) in &all {
+        if !named.iter().any(|t| t == n.as_str()) {
             out.append(n.clone(), v.clone());
-            continue;
         }
-        if hop_by_hop(s) || named.iter().any(|t| t == s) {
-            continue;
-        }
-        let hidden = HIDDEN.contains(&s) || pc.hide_headers.iter().any(|h| h == s);
-        if hidden && !pc.pass_headers.iter().any(|h| h == s) {
-            continue;
-        }
-        out.append(n.clone(), v.clone());
     }
-    if upgrade {
-        out.insert(
-            http::header::CONNECTION,
-            HeaderValue::from_static("upgrade"),
-        );
-    }
-    out
+    *h = out;
 }
 
 /// proxy_redirect: rewrite `Location` and `Refresh`. `default_from` is the proxy_pass URL

@@ -140,6 +140,7 @@ pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
         None
     };
     let dest = Dest {
+        pc: &pc,
         https: target.url.https,
         ssl: &pc.ssl,
         tls_name: tls_name.as_deref(),
@@ -284,7 +285,9 @@ struct Respond<'a> {
 async fn respond(rc: &Rc<ReqCtx>, c: Respond<'_>, got: Got) -> Outcome {
     let h1::Response {
         status,
-        headers: up_headers,
+        headers: out_headers,
+        raw,
+        relocates,
         body,
     } = got.resp;
     if c.pc.intercept_errors && status >= 300 {
@@ -304,11 +307,13 @@ async fn respond(rc: &Rc<ReqCtx>, c: Respond<'_>, got: Got) -> Outcome {
         let mut guard = rc.st.borrow_mut();
         let st = &mut *guard;
         st.status = status;
-        st.resp_headers = headers::response(c.pc, &up_headers, upgrade);
+        st.resp_headers = out_headers;
         if let Some(u) = st.upstream.as_mut() {
-            u.headers = Some(up_headers);
+            u.head = Some(raw);
         }
-        headers::redirect(rc, st, c.pc, c.default_from, c.prefix);
+        if relocates {
+            headers::redirect(rc, st, c.pc, c.default_from, c.prefix);
+        }
     }
     if upgrade {
         let client = rc.st.borrow_mut().on_upgrade.take();

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::HeaderMap;
+use bytes::Bytes;
 
 /// One try.
 struct Try {
@@ -22,8 +22,9 @@ pub struct UpstreamInfo {
     pub proxy_port: u16,
     tries: Vec<Try>,
     pub response_length: u64,
-    /// The accepted response's headers as the upstream sent them (`$upstream_http_*`).
-    pub headers: Option<HeaderMap>,
+    /// The accepted response's head as the upstream sent it (`$upstream_http_*`), parsed
+    /// again when such a variable is read: most requests read none.
+    pub head: Option<Bytes>,
 }
 
 fn secs(d: Option<Duration>) -> String {
@@ -79,7 +80,7 @@ impl UpstreamInfo {
     /// A variable's value, `None` when it is not one of ours (or not known yet).
     pub fn variable(&self, name: &str) -> Option<Vec<u8>> {
         if let Some(h) = name.strip_prefix("upstream_http_") {
-            return upstream_http(self.headers.as_ref()?, h);
+            return upstream_http(self.head.as_ref()?, h);
         }
         let has_tries = !self.tries.is_empty();
         Some(match name {
@@ -98,17 +99,51 @@ impl UpstreamInfo {
     }
 }
 
-/// `$upstream_http_NAME` (name with `_` for `-`, lower-case).
-fn upstream_http(h: &HeaderMap, name: &str) -> Option<Vec<u8>> {
+/// `$upstream_http_NAME` (name with `_` for `-`, lower-case): every header of that name in
+/// the head, joined by ", ". The head was parsed and checked before it was accepted.
+fn upstream_http(head: &[u8], name: &str) -> Option<Vec<u8>> {
     let name = name.replace('_', "-");
-    let vals: Vec<&[u8]> = h
-        .get_all(name.as_str())
+    let mut lines = vec![httparse::EMPTY_HEADER; super::h1::MAX_HEADERS];
+    let mut r = httparse::Response::new(&mut lines);
+    r.parse(head).ok()?;
+    let vals: Vec<&[u8]> = r
+        .headers
         .iter()
-        .map(|v| v.as_bytes())
+        .filter(|h| h.name.eq_ignore_ascii_case(&name))
+        .map(|h| h.value)
         .collect();
     if vals.is_empty() {
         None
     } else {
         Some(vals.join(&b", "[..]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_http_reads_the_raw_head() {
+        let head = Bytes::from_static(
+            b"HTTP/1.1 200 OK\r\nX-App: a\r\nServer: o\r\nx-app: b\r\nContent-Length: 0\r\n\r\n",
+        );
+        let u = UpstreamInfo {
+            head: Some(head),
+            ..Default::default()
+        };
+        assert_eq!(
+            u.variable("upstream_http_x_app").as_deref(),
+            Some(&b"a, b"[..])
+        );
+        assert_eq!(
+            u.variable("upstream_http_server").as_deref(),
+            Some(&b"o"[..])
+        );
+        assert_eq!(
+            u.variable("upstream_http_X_App").as_deref(),
+            Some(&b"a, b"[..])
+        );
+        assert_eq!(u.variable("upstream_http_none"), None);
     }
 }
