@@ -86,7 +86,9 @@ impl Failed {
     }
 }
 
-/// Run one try against `peer`.
+/// Run one try against `peer`; `t0` is when the try started (one clock reading serves the
+/// pool's idle check and the `$upstream_*` times).
+#[allow(clippy::too_many_arguments)]
 pub async fn attempt(
     peer: &Peer,
     dest: &Dest<'_>,
@@ -95,6 +97,7 @@ pub async fn attempt(
     keep_head: bool,
     src: &mut BodySrc,
     use_pool: bool,
+    t0: Instant,
 ) -> Result<Got, Failed> {
     let key = Key {
         addr: peer.addr,
@@ -108,20 +111,23 @@ pub async fn attempt(
     };
     let mut connect_time = None;
     let pooled = if use_pool && dest.keepalive.is_some() {
-        pool::take(&key)
+        pool::take(&key, t0)
     } else {
         None
     };
+    // When the request goes out: the head must come within proxy_read_timeout of it.
+    let mut sent = t0;
     let mut conn = match pooled {
         Some(c) => c,
         None => {
-            let t0 = Instant::now();
             let tls = dest.https.then(|| TlsParams {
                 ssl: dest.ssl,
                 sni: dest.sni,
                 verify_name: dest.tls_name.unwrap_or(""),
             });
-            let io = connect::open(peer.addr, tls, tmo.connect, tmo.send)
+            // Boxed: a TLS handshake's state is large and most requests find a pooled
+            // connection; unboxed it would make every try's future bigger to move.
+            let io = Box::pin(connect::open(peer.addr, tls, tmo.connect, tmo.send))
                 .await
                 .map_err(|e| Failed {
                     kind: if e.timeout {
@@ -134,7 +140,8 @@ pub async fn attempt(
                     stale: false,
                     connect_time: None,
                 })?;
-            connect_time = Some(t0.elapsed());
+            sent = Instant::now();
+            connect_time = Some(sent.saturating_duration_since(t0));
             Conn {
                 io,
                 requests: 1,
@@ -156,15 +163,15 @@ pub async fn attempt(
         &taken
     };
     let pool = dest.keepalive.map(|l| (key, l));
-    let t0 = Instant::now();
     // The head must come within proxy_read_timeout of the request being sent; a streamed
     // body's upload gets proxy_send_timeout on top.
     let mut wait = tmo.read;
     if streamed {
         wait += tmo.send;
     }
+    let deadline = tokio::time::Instant::from_std(sent) + wait;
     let exchange = h1::exchange(conn, dest.pc, head, headers, body, pool);
-    let resp = match tokio::time::timeout(wait, exchange).await {
+    let resp = match tokio::time::timeout_at(deadline, exchange).await {
         Err(_) => {
             return Err(Failed {
                 kind: Failure::Timeout,
@@ -188,6 +195,7 @@ pub async fn attempt(
     Ok(Got {
         resp,
         connect_time,
+        // From the try's start, connecting included, as nginx counts $upstream_header_time.
         header_time: t0.elapsed(),
     })
 }

@@ -86,7 +86,13 @@ pub fn content<'a>(
 /// Serve the request by proxying it (the content phase of a `proxy_pass` location).
 pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
     let pc = rc.st.borrow().conf.proxy.clone();
-    let target = match resolve(rc, pass).await {
+    // A fixed target needs no waiting; the resolver's larger future is boxed away from the
+    // common case (every future here is moved as a whole when it starts).
+    let target = match &pass.target {
+        Target::Fixed(u) => fixed(rc, pass, u),
+        Target::Dynamic(_) => Box::pin(resolve(rc, pass)).await,
+    };
+    let target = match target {
         Ok(t) => t,
         Err(code) => return Outcome::Status(code),
     };
@@ -103,7 +109,11 @@ pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
         None => Peers::Addrs(Selector::new(&target.peers, target.start)),
     };
     let retries = pc.next_upstream != 0 && peers.has_more(1);
-    let mut src = match body_source(rc, &pc, retries).await {
+    let src = match body_source(rc, &pc, retries) {
+        Some(s) => s,
+        None => Box::pin(read_kept(rc)).await,
+    };
+    let mut src = match src {
         Ok(s) => s,
         Err(code) => return Outcome::Status(code),
     };
@@ -162,7 +172,7 @@ pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
         }),
     };
     let scheme = if target.url.https { "https" } else { "http" };
-    let mut budget = Budget::new(&head.method);
+    let mut budget = Budget::new(&head.method, &pc);
     loop {
         let peer = match peers.next(rc).await {
             Ok(p) => p,
@@ -191,8 +201,10 @@ pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
                 head.headers = headers::request(rc, &st, &pc, &target.proxy_host, len);
             }
             let keep_head = peers.has_more(budget.tries);
-            let r = forward::attempt(&peer, &dest, &tmo, &mut head, keep_head, &mut src, use_pool)
-                .await;
+            let r = forward::attempt(
+                &peer, &dest, &tmo, &mut head, keep_head, &mut src, use_pool, t0,
+            )
+            .await;
             match r {
                 // A kept-alive connection the upstream had closed: once more on a fresh one,
                 // not counted as a try (nginx does the same for cached connections).
@@ -214,8 +226,8 @@ pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
             }
             Ok(got) => {
                 let status = got.resp.status;
-                // One clock read serves the record and the balancer's report.
-                let elapsed = t0.elapsed();
+                // The head's arrival serves the record and the balancer's report.
+                let elapsed = got.header_time;
                 record(
                     rc,
                     &peer.name,
@@ -349,35 +361,38 @@ async fn respond(rc: &Rc<ReqCtx>, c: Respond<'_>, got: Got) -> Outcome {
     Outcome::Done
 }
 
+/// A proxy_pass URL without variables: its upstream block or the addresses found at load.
+fn fixed<'a>(rc: &ReqCtx, pass: &'a ProxyPass, u: &'a Url) -> Result<Resolved<'a>, u16> {
+    let group = if u.addrs.is_empty() {
+        // Checked at load: the host names an upstream block.
+        match rc.env.upstreams.get(&u.host) {
+            Some(g) => Some(g),
+            None => {
+                crate::log::request_error(
+                    rc,
+                    crate::log::Level::Error,
+                    &format!("no upstream \"{}\"", u.host),
+                );
+                return Err(502);
+            }
+        }
+    } else {
+        None
+    };
+    Ok(Resolved {
+        group,
+        url: Cow::Borrowed(u),
+        peers: Cow::Borrowed(&pass.peers),
+        proxy_host: Cow::Borrowed(&pass.proxy_host),
+        dynamic: false,
+        start: pass.rr.fetch_add(1, Ordering::Relaxed),
+    })
+}
+
 /// The target URL of this request, with the addresses to try.
 async fn resolve<'a>(rc: &Rc<ReqCtx>, pass: &'a ProxyPass) -> Result<Resolved<'a>, u16> {
     let url = match &pass.target {
-        Target::Fixed(u) => {
-            let group = if u.addrs.is_empty() {
-                // Checked at load: the host names an upstream block.
-                match rc.env.upstreams.get(&u.host) {
-                    Some(g) => Some(g),
-                    None => {
-                        crate::log::request_error(
-                            rc,
-                            crate::log::Level::Error,
-                            &format!("no upstream \"{}\"", u.host),
-                        );
-                        return Err(502);
-                    }
-                }
-            } else {
-                None
-            };
-            return Ok(Resolved {
-                group,
-                url: Cow::Borrowed(u),
-                peers: Cow::Borrowed(&pass.peers),
-                proxy_host: Cow::Borrowed(&pass.proxy_host),
-                dynamic: false,
-                start: pass.rr.fetch_add(1, Ordering::Relaxed),
-            });
-        }
+        Target::Fixed(u) => return fixed(rc, pass, u),
         Target::Dynamic(t) => {
             let s = {
                 let st = rc.st.borrow();
@@ -439,41 +454,47 @@ fn client_length(st: &ReqState) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// Decide how the body goes upstream: kept in memory (replayable) or streamed.
-async fn body_source(rc: &Rc<ReqCtx>, pc: &ProxyConf, retries: bool) -> Result<BodySrc, u16> {
+/// Decide how the body goes upstream: kept in memory (replayable) or streamed. `None`: it is
+/// to be kept and must be read first ([`read_kept`]).
+fn body_source(rc: &ReqCtx, pc: &ProxyConf, retries: bool) -> Option<Result<BodySrc, u16>> {
     if !pc.pass_request_body {
-        return Ok(BodySrc::Empty);
+        return Some(Ok(BodySrc::Empty));
     }
     let (len, end) = {
         let st = rc.st.borrow();
         match &st.body {
-            ReqBody::Read(b) => return Ok(BodySrc::Kept(b.clone())),
-            ReqBody::Discarded => return Ok(BodySrc::Empty),
+            ReqBody::Read(b) => return Some(Ok(BodySrc::Kept(b.clone()))),
+            ReqBody::Discarded => return Some(Ok(BodySrc::Empty)),
             ReqBody::Unread(i) => (client_length(&st), http_body::Body::is_end_stream(i)),
         }
     };
     if end {
-        return Ok(BodySrc::Empty);
+        return Some(Ok(BodySrc::Empty));
     }
     let keep = pc.request_buffering
         // HTTP/1.0 has no chunked encoding: the length must be known.
         || (!pc.http11 && len.is_none())
         || (retries && len.is_some_and(|l| l <= pc.client_body_buffer_size));
     if keep {
-        crate::http::engine::read_body(rc).await?;
-        return Ok(match &rc.st.borrow().body {
-            ReqBody::Read(b) => BodySrc::Kept(b.clone()),
-            _ => BodySrc::Empty,
-        });
+        return None;
     }
     let mut st = rc.st.borrow_mut();
-    match std::mem::replace(&mut st.body, ReqBody::Discarded) {
+    Some(match std::mem::replace(&mut st.body, ReqBody::Discarded) {
         ReqBody::Unread(i) => Ok(BodySrc::Stream(Some(i))),
         other => {
             st.body = other;
             Ok(BodySrc::Empty)
         }
-    }
+    })
+}
+
+/// Read the client's body whole, to be kept for every try.
+async fn read_kept(rc: &Rc<ReqCtx>) -> Result<BodySrc, u16> {
+    crate::http::engine::read_body(rc).await?;
+    Ok(match &rc.st.borrow().body {
+        ReqBody::Read(b) => BodySrc::Kept(b.clone()),
+        _ => BodySrc::Empty,
+    })
 }
 
 /// The location's literal prefix (what a URI part replaces).
