@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::FutureExt;
-use http::{HeaderMap, Method};
+use http::Method;
 
 use super::body::{BodySrc, UpBody};
 use super::conf::ProxyConf;
@@ -22,7 +22,7 @@ pub struct ReqHead {
     pub method: Method,
     /// The request target sent upstream (`/path?args`).
     pub uri: String,
-    pub headers: HeaderMap,
+    pub headers: super::headers::ReqHeaders,
     pub http11: bool,
 }
 
@@ -88,13 +88,11 @@ impl Failed {
 
 /// Run one try against `peer`; `t0` is when the try started (one clock reading serves the
 /// pool's idle check and the `$upstream_*` times).
-#[allow(clippy::too_many_arguments)]
 pub async fn attempt(
     peer: &Peer,
     dest: &Dest<'_>,
     tmo: &Timeouts,
-    head: &mut ReqHead,
-    keep_head: bool,
+    head: &ReqHead,
     src: &mut BodySrc,
     use_pool: bool,
     t0: Instant,
@@ -155,13 +153,6 @@ pub async fn attempt(
     // Taken only now: a connect failure leaves a streamed body unread for the next try.
     let body = src.take();
     let streamed = matches!(body, UpBody::Stream(_));
-    let taken;
-    let headers = if keep_head {
-        &head.headers
-    } else {
-        taken = std::mem::take(&mut head.headers);
-        &taken
-    };
     let pool = dest.keepalive.map(|l| (key, l));
     // The head must come within proxy_read_timeout of the request being sent; a streamed
     // body's upload gets proxy_send_timeout on top.
@@ -170,7 +161,7 @@ pub async fn attempt(
         wait += tmo.send;
     }
     let deadline = tokio::time::Instant::from_std(sent) + wait;
-    let exchange = h1::exchange(conn, dest.pc, head, headers, body, pool);
+    let exchange = h1::exchange(conn, dest.pc, head, body, pool);
     let resp = match tokio::time::timeout_at(deadline, exchange).await {
         Err(_) => {
             return Err(Failed {

@@ -118,28 +118,14 @@ enum Out {
     Chunked,
 }
 
-/// Append `name: value\r\n` lines for `headers`, leaving out `skip` (a header the framing
-/// replaces).
-fn put_headers(buf: &mut Vec<u8>, headers: &HeaderMap, skip: Option<&HeaderName>) {
-    for (n, v) in headers {
-        if skip == Some(n) {
-            continue;
-        }
-        buf.extend_from_slice(n.as_str().as_bytes());
-        buf.extend_from_slice(b": ");
-        buf.extend_from_slice(v.as_bytes());
-        buf.extend_from_slice(b"\r\n");
-    }
-}
-
 /// Write the request: head, then the body as its framing says. Returns whether the request
 /// lets the connection live on (it did not ask the upstream to close).
 async fn write_request(
     conn: &mut Conn,
     head: &ReqHead,
-    headers: &HeaderMap,
     body: UpBody,
 ) -> Result<bool, ExchangeError> {
+    let headers = &head.headers;
     let uri = head.uri.as_bytes();
     if uri.is_empty() || uri.iter().any(|&b| b <= b' ' || b >= 0x7f) {
         return Err(ExchangeError {
@@ -148,20 +134,7 @@ async fn write_request(
             write: false,
         });
     }
-    // One pass over the headers rather than a hash lookup per question.
-    let (mut keep, mut has_len, mut has_te) = (true, false, false);
-    for (n, v) in headers {
-        if n == header::CONNECTION {
-            keep &= !v
-                .as_bytes()
-                .split(|&b| b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
-        } else if n == header::CONTENT_LENGTH {
-            has_len = true;
-        } else if n == header::TRANSFER_ENCODING {
-            has_te = true;
-        }
-    }
+    let (keep, has_len, has_te) = (!headers.close, headers.has_len, headers.te.is_some());
     // hyper's rules, which the tests and users saw so far: an empty body sends nothing; a
     // known length is declared when the headers do not; HTTP/1.0 never chunks; a body of
     // unknown length is chunked unless the method hardly ever has one.
@@ -185,12 +158,12 @@ async fn write_request(
     };
     let ended = body.is_end_stream() && !matches!(body, UpBody::Full(Some(_)));
     let mut extra: Option<String> = None;
-    let mut skip = None;
+    let mut skip_te = false;
     let out = if ended {
-        skip = Some(&header::TRANSFER_ENCODING);
+        skip_te = true;
         Out::None
     } else if !head.http11 {
-        skip = Some(&header::TRANSFER_ENCODING);
+        skip_te = true;
         match (has_len, known) {
             (true, _) => Out::Raw,
             (false, Some(n)) => {
@@ -212,7 +185,7 @@ async fn write_request(
         extra = Some("transfer-encoding: chunked\r\n".into());
         Out::Chunked
     };
-    let mut buf = Vec::with_capacity(256 + headers.len() * 48);
+    let mut buf = Vec::with_capacity(64 + uri.len() + headers.lines.len());
     buf.extend_from_slice(head.method.as_str().as_bytes());
     buf.push(b' ');
     buf.extend_from_slice(uri);
@@ -221,7 +194,13 @@ async fn write_request(
     } else {
         b" HTTP/1.0\r\n"
     });
-    put_headers(&mut buf, headers, skip);
+    match headers.te.clone().filter(|_| skip_te) {
+        Some(te) => {
+            buf.extend_from_slice(&headers.lines[..te.start]);
+            buf.extend_from_slice(&headers.lines[te.end..]);
+        }
+        None => buf.extend_from_slice(&headers.lines),
+    }
     if let Some(e) = &extra {
         buf.extend_from_slice(e.as_bytes());
     }
@@ -302,13 +281,12 @@ pub async fn exchange(
     mut conn: Conn,
     pc: &ProxyConf,
     head: &ReqHead,
-    headers: &HeaderMap,
     body: UpBody,
     pool: Option<(Key, Limits)>,
 ) -> Result<Response, ExchangeError> {
     // An upstream that answers before taking the whole body (a 413, say) and closes: its
     // answer is what the client gets, as hyper's client gave it.
-    let (keep, failed) = match write_request(&mut conn, head, headers, body).await {
+    let (keep, failed) = match write_request(&mut conn, head, body).await {
         Ok(keep) => (keep, None),
         Err(e) if e.write => (false, Some(e)),
         Err(e) => return Err(e),

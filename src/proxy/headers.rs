@@ -57,6 +57,46 @@ pub fn names_others(v: &[u8]) -> bool {
     !connection_tokens(std::iter::once(v)).is_empty()
 }
 
+/// The request's header lines for upstream, rendered once per request: every try sends the
+/// same, and they go to the wire with no map in between.
+#[derive(Default)]
+pub struct ReqHeaders {
+    /// `name: value\r\n` lines, in the order a `HeaderMap` built the same way would give
+    /// them (values of one name together, where the name first came).
+    pub lines: Vec<u8>,
+    /// `Connection` asks the upstream to close.
+    pub close: bool,
+    pub has_len: bool,
+    /// Where the `Transfer-Encoding` lines are (only proxy_set_header makes them: the client's
+    /// is hop-by-hop), for a request whose framing leaves them out.
+    pub te: Option<std::ops::Range<usize>>,
+}
+
+impl ReqHeaders {
+    fn line(&mut self, name: &HeaderName, value: &[u8]) {
+        if *name == http::header::CONNECTION {
+            self.close |= value
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+        } else if *name == http::header::CONTENT_LENGTH {
+            self.has_len = true;
+        }
+        let start = self.lines.len();
+        self.lines.extend_from_slice(name.as_str().as_bytes());
+        self.lines.extend_from_slice(b": ");
+        self.lines.extend_from_slice(value);
+        self.lines.extend_from_slice(b"\r\n");
+        if *name == http::header::TRANSFER_ENCODING {
+            self.te.get_or_insert(start..start).end = self.lines.len();
+        }
+    }
+}
+
+/// What `HeaderValue` accepts.
+fn valid_value(v: &[u8]) -> bool {
+    v.iter().all(|&b| b >= 32 && b != 127 || b == b'\t')
+}
+
 /// The request headers for upstream. `content_length` is the body length when known.
 pub fn request(
     rc: &ReqCtx,
@@ -64,51 +104,68 @@ pub fn request(
     pc: &ProxyConf,
     proxy_host: &str,
     content_length: Option<u64>,
-) -> HeaderMap {
-    let mut out = HeaderMap::with_capacity(st.headers.len() + 4);
+) -> ReqHeaders {
+    let mut out = ReqHeaders {
+        lines: Vec::with_capacity(64 + st.headers.len() * 40),
+        ..Default::default()
+    };
     // nginx's defaults (`Host $proxy_host`, `Connection close`) unless the configuration
     // names them.
-    let named = |n: &HeaderName| pc.set_headers.iter().any(|(m, _)| m == n);
-    if !named(&http::header::HOST) {
-        if let Ok(v) = HeaderValue::from_str(proxy_host) {
-            out.insert(http::header::HOST, v);
-        }
+    let set = &pc.set_headers;
+    let named = |n: &HeaderName| set.iter().any(|(m, _)| m == n);
+    if !named(&http::header::HOST) && valid_value(proxy_host.as_bytes()) {
+        out.line(&http::header::HOST, proxy_host.as_bytes());
     }
     if !named(&http::header::CONNECTION) {
-        out.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        out.line(&http::header::CONNECTION, b"close");
     }
-    for (n, t) in &pc.set_headers {
-        let v = variables::eval(rc, st, t);
-        if v.is_empty() {
+    // The body's own length replaces a configured Content-Length (where that one would be).
+    let mut length = content_length.map(|l| l.to_string());
+    for (i, (n, _)) in set.iter().enumerate() {
+        // A name given twice sends its values together, where it first came.
+        if set[..i].iter().any(|(m, _)| m == n) {
             continue;
         }
-        if let Ok(v) = HeaderValue::from_bytes(&v) {
-            out.append(n.clone(), v);
+        for (_, t) in set[i..].iter().filter(|(m, _)| m == n) {
+            let v = variables::eval(rc, st, t);
+            if v.is_empty() || !valid_value(&v) {
+                continue;
+            }
+            if *n == http::header::CONTENT_LENGTH && content_length.is_some() {
+                if let Some(l) = length.take() {
+                    out.line(n, l.as_bytes());
+                }
+                continue;
+            }
+            out.line(n, &v);
         }
     }
     if pc.pass_request_headers {
-        let named = connection_tokens(
-            st.headers
-                .get_all(http::header::CONNECTION)
-                .iter()
-                .map(|v| v.as_bytes()),
-        );
+        let named = match st.headers.contains_key(http::header::CONNECTION) {
+            true => connection_tokens(
+                st.headers
+                    .get_all(http::header::CONNECTION)
+                    .iter()
+                    .map(|v| v.as_bytes()),
+            ),
+            false => Vec::new(),
+        };
         for (n, v) in &st.headers {
             let s = n.as_str();
             if hop_by_hop(s)
                 || s == "expect"
                 || s == "content-length"
                 || named.iter().any(|t| t == s)
-                || pc.set_headers.iter().any(|(m, _)| m == n)
+                || set.iter().any(|(m, _)| m == n)
                 || s == "host"
             {
                 continue;
             }
-            out.append(n.clone(), v.clone());
+            out.line(n, v.as_bytes());
         }
     }
-    if let Some(len) = content_length {
-        out.insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
+    if let Some(l) = length {
+        out.line(&http::header::CONTENT_LENGTH, l.as_bytes());
     }
     out
 }

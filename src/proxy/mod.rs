@@ -117,7 +117,7 @@ pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
         Ok(s) => s,
         Err(code) => return Outcome::Status(code),
     };
-    let (mut head, location, len) = {
+    let (head, location) = {
         let st = rc.st.borrow();
         let location = st.location.clone();
         let prefix = location.as_deref().and_then(location_prefix);
@@ -138,7 +138,7 @@ pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
             headers: headers::request(rc, &st, &pc, &target.proxy_host, len),
             http11: pc.http11,
         };
-        (head, location, len)
+        (head, location)
     };
     let tls_name = if target.url.https {
         let st = rc.st.borrow();
@@ -193,18 +193,7 @@ pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
         let upstream = |uri: &str| format!("{}://{}{}", scheme, peer.name, uri);
         let mut use_pool = true;
         let res = loop {
-            // The head is copied only while another try may need it.
-            // The head moves into the request unless another try may follow; a fresh retry
-            // after a stale pooled connection rebuilds it.
-            if head.headers.is_empty() {
-                let st = rc.st.borrow();
-                head.headers = headers::request(rc, &st, &pc, &target.proxy_host, len);
-            }
-            let keep_head = peers.has_more(budget.tries);
-            let r = forward::attempt(
-                &peer, &dest, &tmo, &mut head, keep_head, &mut src, use_pool, t0,
-            )
-            .await;
+            let r = forward::attempt(&peer, &dest, &tmo, &head, &mut src, use_pool, t0).await;
             match r {
                 // A kept-alive connection the upstream had closed: once more on a fresh one,
                 // not counted as a try (nginx does the same for cached connections).
