@@ -458,10 +458,9 @@ fn parse_head(
                 .map_err(|_| ExchangeError::invalid())?;
             relocates |= name == header::LOCATION || name == header::REFRESH;
             headers.append(name, value);
-        } else if !h.value.iter().all(|&b| b >= 32 && b != 127 || b == b'\t') {
-            // What `HeaderValue` refuses, for the headers that do not become one.
-            return Err(ExchangeError::invalid());
         }
+        // A header left out needs no check of its value: httparse accepts exactly the bytes
+        // `HeaderValue` does (tab, 0x20-0x7e, 0x80-0xff).
     }
     if named {
         let connection = r
@@ -781,6 +780,54 @@ mod tests {
         let mut b = body(Framing::Chunked(Chunk::Size), b"5\r\nhel");
         assert_eq!(decode_all(&mut b).unwrap(), b"hel");
         assert!(!b.is_end());
+    }
+
+    #[test]
+    fn heads_keep_only_what_the_client_gets_in_order() {
+        let raw = b"HTTP/1.1 200 OK\r\nServer: o\r\nX-B: 1\r\nDate: d\r\nX-A: 2\r\nConnection: keep-alive\r\nX-B: 3\r\nKeep-Alive: timeout=5\r\nLocation: /x\r\nContent-Length: 0\r\n\r\n";
+        let pc = ProxyConf {
+            hide_headers: vec!["x-a".into()],
+            pass_headers: vec!["server".into()],
+            ..Default::default()
+        };
+        let mut buf = BytesMut::from(&raw[..]);
+        let h = parse_head(&mut buf, false, true, &pc).ok().flatten().unwrap();
+        let got: Vec<(String, String)> = h
+            .headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or("").to_string()))
+            .collect();
+        let want = [
+            ("server", "o"),
+            ("x-b", "1"),
+            ("x-b", "3"),
+            ("location", "/x"),
+            ("content-length", "0"),
+        ];
+        let want: Vec<(String, String)> =
+            want.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect();
+        assert_eq!(got, want);
+        assert!(h.relocates);
+        assert_eq!(&h.raw[..], &raw[..]);
+        // Headers the Connection header names go too; the rest keep their order.
+        let raw = b"HTTP/1.1 200 OK\r\nX-C: 1\r\nX-Hop: 2\r\nConnection: X-Hop, keep-alive\r\nX-D: 3\r\nContent-Length: 0\r\n\r\n";
+        let mut buf = BytesMut::from(&raw[..]);
+        let h = parse_head(&mut buf, false, true, &ProxyConf::default())
+            .ok()
+            .flatten()
+            .unwrap();
+        let names: Vec<&str> = h.headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["x-c", "x-d", "content-length"]);
+        assert!(!h.relocates);
+        // A 101 keeps Upgrade and says Connection: upgrade.
+        let raw = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+        let mut buf = BytesMut::from(&raw[..]);
+        let h = parse_head(&mut buf, false, true, &ProxyConf::default())
+            .ok()
+            .flatten()
+            .unwrap();
+        assert_eq!(h.headers.get("upgrade").unwrap(), "websocket");
+        assert_eq!(h.headers.get("connection").unwrap(), "upgrade");
     }
 
     #[test]

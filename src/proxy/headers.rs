@@ -54,6 +54,14 @@ fn connection_tokens<'a>(values: impl Iterator<Item = &'a [u8]>) -> Vec<String> 
 /// Whether a `Connection` value names a header beyond the usual tokens (the rare case where
 /// [`drop_named`] has work to do).
 pub fn names_others(v: &[u8]) -> bool {
+    // The usual value is one usual token (httparse let only space and tab around it).
+    let t = v.trim_ascii();
+    if t.eq_ignore_ascii_case(b"keep-alive")
+        || t.eq_ignore_ascii_case(b"close")
+        || t.eq_ignore_ascii_case(b"upgrade")
+    {
+        return false;
+    }
     !connection_tokens(std::iter::once(v)).is_empty()
 }
 
