@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::FutureExt;
-use http::Method;
+use http::{HeaderMap, Method};
 
 use super::body::{BodySrc, UpBody};
 use super::conf::ProxyConf;
@@ -87,7 +87,8 @@ impl Failed {
 }
 
 /// Run one try against `peer`; `t0` is when the try started (one clock reading serves the
-/// pool's idle check and the `$upstream_*` times).
+/// pool's idle check and the `$upstream_*` times). `out`: the map the client's headers go into.
+#[allow(clippy::too_many_arguments)]
 pub async fn attempt(
     peer: &Peer,
     dest: &Dest<'_>,
@@ -96,6 +97,7 @@ pub async fn attempt(
     src: &mut BodySrc,
     use_pool: bool,
     t0: Instant,
+    out: HeaderMap,
 ) -> Result<Got, Failed> {
     let key = Key {
         addr: peer.addr,
@@ -161,7 +163,7 @@ pub async fn attempt(
         wait += tmo.send;
     }
     let deadline = tokio::time::Instant::from_std(sent) + wait;
-    let exchange = h1::exchange(conn, dest.pc, head, body, pool);
+    let exchange = h1::exchange(conn, dest.pc, head, body, pool, out);
     let resp = match tokio::time::timeout_at(deadline, exchange).await {
         Err(_) => {
             return Err(Failed {

@@ -276,13 +276,15 @@ pub struct Response {
     pub body: Body,
 }
 
-/// Send the request and read the response head (1xx other than 101 skipped).
+/// Send the request and read the response head (1xx other than 101 skipped). The client's
+/// headers are parsed into `out` (an empty map whose room is reused).
 pub async fn exchange(
     mut conn: Conn,
     pc: &ProxyConf,
     head: &ReqHead,
     body: UpBody,
     pool: Option<(Key, Limits)>,
+    mut out: HeaderMap,
 ) -> Result<Response, ExchangeError> {
     // An upstream that answers before taking the whole body (a 413, say) and closes: its
     // answer is what the client gets, as hyper's client gave it.
@@ -293,7 +295,7 @@ pub async fn exchange(
     };
     let mut buf = BytesMut::with_capacity(READ_SIZE);
     loop {
-        let parsed = parse_head(&mut buf, head.method == Method::HEAD, keep, pc)?;
+        let parsed = parse_head(&mut buf, head.method == Method::HEAD, keep, pc, &mut out)?;
         let Some(h) = parsed else {
             if buf.len() >= HEAD_LIMIT {
                 return Err(ExchangeError {
@@ -390,6 +392,7 @@ fn parse_head(
     head_req: bool,
     keep: bool,
     pc: &ProxyConf,
+    out: &mut HeaderMap,
 ) -> Result<Option<Head>, ExchangeError> {
     if buf.is_empty() {
         return Ok(None);
@@ -420,7 +423,11 @@ fn parse_head(
     let upgrade = status == 101;
     // Only what the client gets goes into the map (one pass, no second map to filter into);
     // `$upstream_http_*` reads `raw`.
-    let mut headers = HeaderMap::with_capacity(r.headers.len());
+    let mut headers = std::mem::take(out);
+    if !headers.is_empty() {
+        headers.clear();
+    }
+    headers.reserve(r.headers.len());
     let mut relocates = false;
     let mut named = false;
     // What framing and keep-alive depend on, noted on the way.
@@ -791,7 +798,10 @@ mod tests {
             ..Default::default()
         };
         let mut buf = BytesMut::from(&raw[..]);
-        let h = parse_head(&mut buf, false, true, &pc).ok().flatten().unwrap();
+        let h = parse_head(&mut buf, false, true, &pc, &mut HeaderMap::new())
+            .ok()
+            .flatten()
+            .unwrap();
         let got: Vec<(String, String)> = h
             .headers
             .iter()
@@ -804,28 +814,42 @@ mod tests {
             ("location", "/x"),
             ("content-length", "0"),
         ];
-        let want: Vec<(String, String)> =
-            want.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect();
+        let want: Vec<(String, String)> = want
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect();
         assert_eq!(got, want);
         assert!(h.relocates);
         assert_eq!(&h.raw[..], &raw[..]);
         // Headers the Connection header names go too; the rest keep their order.
         let raw = b"HTTP/1.1 200 OK\r\nX-C: 1\r\nX-Hop: 2\r\nConnection: X-Hop, keep-alive\r\nX-D: 3\r\nContent-Length: 0\r\n\r\n";
         let mut buf = BytesMut::from(&raw[..]);
-        let h = parse_head(&mut buf, false, true, &ProxyConf::default())
-            .ok()
-            .flatten()
-            .unwrap();
+        let h = parse_head(
+            &mut buf,
+            false,
+            true,
+            &ProxyConf::default(),
+            &mut HeaderMap::new(),
+        )
+        .ok()
+        .flatten()
+        .unwrap();
         let names: Vec<&str> = h.headers.keys().map(|n| n.as_str()).collect();
         assert_eq!(names, ["x-c", "x-d", "content-length"]);
         assert!(!h.relocates);
         // A 101 keeps Upgrade and says Connection: upgrade.
         let raw = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
         let mut buf = BytesMut::from(&raw[..]);
-        let h = parse_head(&mut buf, false, true, &ProxyConf::default())
-            .ok()
-            .flatten()
-            .unwrap();
+        let h = parse_head(
+            &mut buf,
+            false,
+            true,
+            &ProxyConf::default(),
+            &mut HeaderMap::new(),
+        )
+        .ok()
+        .flatten()
+        .unwrap();
         assert_eq!(h.headers.get("upgrade").unwrap(), "websocket");
         assert_eq!(h.headers.get("connection").unwrap(), "upgrade");
     }
@@ -834,8 +858,14 @@ mod tests {
     fn heads_frame_bodies_as_hyper_did() {
         let parse = |raw: &[u8], head: bool| {
             let mut buf = BytesMut::from(raw);
-            parse_head(&mut buf, head, true, &ProxyConf::default())
-                .map(|r| r.map(|h| (h.status, h.framing, h.reusable, h.rest.len())))
+            parse_head(
+                &mut buf,
+                head,
+                true,
+                &ProxyConf::default(),
+                &mut HeaderMap::new(),
+            )
+            .map(|r| r.map(|h| (h.status, h.framing, h.reusable, h.rest.len())))
         };
         let r = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc", false);
         assert_eq!(r.ok().flatten(), Some((200, Framing::Length(3), true, 3)));

@@ -135,7 +135,10 @@ pub fn request(
             continue;
         }
         for (_, t) in set[i..].iter().filter(|(m, _)| m == n) {
-            let v = variables::eval(rc, st, t);
+            let v = match t.as_literal() {
+                Some(l) => std::borrow::Cow::Borrowed(l),
+                None => std::borrow::Cow::Owned(variables::eval(rc, st, t)),
+            };
             if v.is_empty() || !valid_value(&v) {
                 continue;
             }

@@ -193,7 +193,16 @@ pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
         let upstream = |uri: &str| format!("{}://{}{}", scheme, peer.name, uri);
         let mut use_pool = true;
         let res = loop {
-            let r = forward::attempt(&peer, &dest, &tmo, &head, &mut src, use_pool, t0).await;
+            // The response's (empty) map keeps its room for the upstream's headers; one that
+            // Lua filled already is left as it was.
+            let out = {
+                let mut st = rc.st.borrow_mut();
+                match st.resp_headers.is_empty() {
+                    true => std::mem::take(&mut st.resp_headers),
+                    false => http::HeaderMap::new(),
+                }
+            };
+            let r = forward::attempt(&peer, &dest, &tmo, &head, &mut src, use_pool, t0, out).await;
             match r {
                 // A kept-alive connection the upstream had closed: once more on a fresh one,
                 // not counted as a try (nginx does the same for cached connections).
