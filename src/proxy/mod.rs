@@ -53,7 +53,8 @@ struct Resolved<'a> {
     /// The `upstream {}` block the host names, if any.
     group: Option<Arc<upstream::Upstream>>,
     peers: Cow<'a, [(std::net::SocketAddr, Arc<str>)]>,
-    proxy_host: Cow<'a, str>,
+    /// Shared with `$proxy_host` (no copy per request).
+    proxy_host: Arc<str>,
     dynamic: bool,
     start: usize,
 }
@@ -97,7 +98,7 @@ pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
         Err(code) => return Outcome::Status(code),
     };
     rc.st.borrow_mut().upstream = Some(Box::new(UpstreamInfo::new(
-        target.proxy_host.to_string(),
+        target.proxy_host.clone(),
         target.url.port,
     )));
     let mut peers = match &target.group {
@@ -381,7 +382,7 @@ fn fixed<'a>(rc: &ReqCtx, pass: &'a ProxyPass, u: &'a Url) -> Result<Resolved<'a
         group,
         url: Cow::Borrowed(u),
         peers: Cow::Borrowed(&pass.peers),
-        proxy_host: Cow::Borrowed(&pass.proxy_host),
+        proxy_host: pass.proxy_host.clone(),
         dynamic: false,
         start: pass.rr.fetch_add(1, Ordering::Relaxed),
     })
@@ -410,7 +411,7 @@ async fn resolve<'a>(rc: &Rc<ReqCtx>, pass: &'a ProxyPass) -> Result<Resolved<'a
             return Ok(Resolved {
                 group: Some(g),
                 peers: Cow::Owned(Vec::new()),
-                proxy_host: Cow::Owned(url.proxy_host()),
+                proxy_host: Arc::from(url.proxy_host()),
                 url: Cow::Owned(url),
                 dynamic: true,
                 start: 0,
@@ -437,7 +438,7 @@ async fn resolve<'a>(rc: &Rc<ReqCtx>, pass: &'a ProxyPass) -> Result<Resolved<'a
     Ok(Resolved {
         group: None,
         peers: Cow::Owned(conf::addr_names(&addrs)),
-        proxy_host: Cow::Owned(url.proxy_host()),
+        proxy_host: Arc::from(url.proxy_host()),
         url: Cow::Owned(url),
         dynamic: true,
         start: pass.rr.fetch_add(1, Ordering::Relaxed),

@@ -56,7 +56,7 @@ struct Idle {
 /// Pool keys are few per worker and come from the configuration or the resolver: a
 /// multiply-rotate hash is enough, where SipHash cost more than the rest of take + release.
 #[derive(Default)]
-struct KeyHasher(u64);
+pub struct KeyHasher(u64);
 
 impl KeyHasher {
     fn add(&mut self, v: u64) {
@@ -96,7 +96,10 @@ impl std::hash::Hasher for KeyHasher {
     }
 }
 
-type Map = HashMap<Key, VecDeque<Idle>, std::hash::BuildHasherDefault<KeyHasher>>;
+/// The hash for maps whose keys come from the configuration or the resolver.
+pub type FastHash = std::hash::BuildHasherDefault<KeyHasher>;
+
+type Map = HashMap<Key, VecDeque<Idle>, FastHash>;
 
 thread_local! {
     static POOL: RefCell<Map> = RefCell::new(Map::default());

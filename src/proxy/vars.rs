@@ -18,9 +18,11 @@ struct Try {
 /// What the proxy learnt about one request, kept in `ReqState::upstream`.
 #[derive(Default)]
 pub struct UpstreamInfo {
-    pub proxy_host: String,
+    pub proxy_host: Arc<str>,
     pub proxy_port: u16,
-    tries: Vec<Try>,
+    /// The first try inline (most requests make one: no allocation), the others after it.
+    first: Option<Try>,
+    more: Vec<Try>,
     pub response_length: u64,
     /// The accepted response's head as the upstream sent it (`$upstream_http_*`), parsed
     /// again when such a variable is read: most requests read none.
@@ -35,7 +37,7 @@ fn secs(d: Option<Duration>) -> String {
 }
 
 impl UpstreamInfo {
-    pub fn new(proxy_host: String, proxy_port: u16) -> UpstreamInfo {
+    pub fn new(proxy_host: Arc<str>, proxy_port: u16) -> UpstreamInfo {
         UpstreamInfo {
             proxy_host,
             proxy_port,
@@ -52,25 +54,30 @@ impl UpstreamInfo {
         header: Option<Duration>,
         response: Duration,
     ) {
-        self.tries.push(Try {
+        let t = Try {
             addr: addr.clone(),
             status,
             connect,
             header,
             response,
-        });
+        };
+        match self.first {
+            None => self.first = Some(t),
+            Some(_) => self.more.push(t),
+        }
     }
 
     /// The last try's full time, once its body has been read.
     pub fn set_last_response_time(&mut self, d: Duration) {
-        if let Some(t) = self.tries.last_mut() {
+        if let Some(t) = self.more.last_mut().or(self.first.as_mut()) {
             t.response = d;
         }
     }
 
     fn join(&self, f: impl Fn(&Try) -> String) -> Vec<u8> {
-        self.tries
+        self.first
             .iter()
+            .chain(self.more.iter())
             .map(f)
             .collect::<Vec<_>>()
             .join(", ")
@@ -82,9 +89,9 @@ impl UpstreamInfo {
         if let Some(h) = name.strip_prefix("upstream_http_") {
             return upstream_http(self.head.as_ref()?, h);
         }
-        let has_tries = !self.tries.is_empty();
+        let has_tries = self.first.is_some();
         Some(match name {
-            "proxy_host" => self.proxy_host.clone().into_bytes(),
+            "proxy_host" => self.proxy_host.as_bytes().to_vec(),
             "proxy_port" => self.proxy_port.to_string().into_bytes(),
             "upstream_addr" if has_tries => self.join(|t| t.addr.to_string()),
             "upstream_status" if has_tries => self.join(|t| t.status.to_string()),
