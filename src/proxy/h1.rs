@@ -398,10 +398,12 @@ fn parse_head(
         return Ok(None);
     }
     let whole = std::mem::take(buf).freeze();
-    let mut few = [httparse::EMPTY_HEADER; FEW_HEADERS];
+    // Slots left uninitialised: httparse writes those it fills.
+    let mut few = [const { std::mem::MaybeUninit::<httparse::Header>::uninit() }; FEW_HEADERS];
     let mut many;
-    let mut r = httparse::Response::new(&mut few);
-    let mut parsed = r.parse(&whole);
+    let mut r = httparse::Response::new(&mut []);
+    let mut parsed = httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut r, &whole, &mut few);
     if let Err(httparse::Error::TooManyHeaders) = parsed {
         many = vec![httparse::EMPTY_HEADER; MAX_HEADERS];
         r = httparse::Response::new(&mut many);
@@ -435,16 +437,26 @@ fn parse_head(
     let mut te_chunked = None;
     let mut length: Option<u64> = None;
     for h in r.headers.iter() {
-        let name =
-            HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| ExchangeError::invalid())?;
-        if name == header::CONNECTION {
+        // What every nginx origin sends and no client gets as it came (Connection is hop by
+        // hop; Date and Server are hidden unless proxy_pass_header names one), known from the
+        // raw name without making a HeaderName.
+        let raw = h.name.as_bytes();
+        if raw.eq_ignore_ascii_case(b"connection") {
             for t in h.value.split(|&b| b == b',') {
                 let t = t.trim_ascii();
                 close |= t.eq_ignore_ascii_case(b"close");
                 keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
             }
             named = named || headers::names_others(h.value);
-        } else if name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        if pc.pass_headers.is_empty()
+            && (raw.eq_ignore_ascii_case(b"date") || raw.eq_ignore_ascii_case(b"server"))
+        {
+            continue;
+        }
+        let name = HeaderName::from_bytes(raw).map_err(|_| ExchangeError::invalid())?;
+        if name == header::TRANSFER_ENCODING {
             let last = h.value.rsplit(|&b| b == b',').next().unwrap_or(b"");
             te_chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         } else if name == header::CONTENT_LENGTH {
@@ -822,7 +834,7 @@ mod tests {
         assert!(h.relocates);
         assert_eq!(&h.raw[..], &raw[..]);
         // Headers the Connection header names go too; the rest keep their order.
-        let raw = b"HTTP/1.1 200 OK\r\nX-C: 1\r\nX-Hop: 2\r\nConnection: X-Hop, keep-alive\r\nX-D: 3\r\nContent-Length: 0\r\n\r\n";
+        let raw = b"HTTP/1.1 200 OK\r\nX-C: 1\r\nSERVER: s\r\nX-Hop: 2\r\nConnection: X-Hop, keep-alive\r\ndate: d\r\nX-D: 3\r\nContent-Length: 0\r\n\r\n";
         let mut buf = BytesMut::from(&raw[..]);
         let h = parse_head(
             &mut buf,

@@ -335,16 +335,7 @@ async fn respond(rc: &Rc<ReqCtx>, c: Respond<'_>, got: Got) -> Outcome {
             st.resp_headers.clear();
             return Outcome::Status(502);
         };
-        if crate::http::filter::send(rc, true).await.is_err() {
-            return Outcome::Done;
-        }
-        let Some((up, early)) = body.into_upgraded() else {
-            return Outcome::Done;
-        };
-        if let Err(e) = websocket::tunnel(client, up.io, early, c.tmo.read).await {
-            log_upstream(rc, &e, &(c.upstream)());
-        }
-        return Outcome::Done;
+        return Box::pin(switch(rc, &c, client, body)).await;
     }
     let log = |msg: &str| log_upstream(rc, msg, &(c.upstream)());
     let mut len = 0;
@@ -386,6 +377,26 @@ fn fixed<'a>(rc: &ReqCtx, pass: &'a ProxyPass, u: &'a Url) -> Result<Resolved<'a
         dynamic: false,
         start: pass.rr.fetch_add(1, Ordering::Relaxed),
     })
+}
+
+/// After a 101: the head goes to the client, then bytes flow both ways until either side
+/// ends. Boxed by the caller: rare, and its state would make every response's future larger.
+async fn switch(
+    rc: &Rc<ReqCtx>,
+    c: &Respond<'_>,
+    client: hyper::upgrade::OnUpgrade,
+    body: h1::Body,
+) -> Outcome {
+    if crate::http::filter::send(rc, true).await.is_err() {
+        return Outcome::Done;
+    }
+    let Some((up, early)) = body.into_upgraded() else {
+        return Outcome::Done;
+    };
+    if let Err(e) = websocket::tunnel(client, up.io, early, c.tmo.read).await {
+        log_upstream(rc, &e, &(c.upstream)());
+    }
+    Outcome::Done
 }
 
 /// The target URL of this request, with the addresses to try.
@@ -459,17 +470,18 @@ fn body_source(rc: &ReqCtx, pc: &ProxyConf, retries: bool) -> Option<Result<Body
     if !pc.pass_request_body {
         return Some(Ok(BodySrc::Empty));
     }
-    let (len, end) = {
+    let len = {
         let st = rc.st.borrow();
         match &st.body {
             ReqBody::Read(b) => return Some(Ok(BodySrc::Kept(b.clone()))),
             ReqBody::Discarded => return Some(Ok(BodySrc::Empty)),
-            ReqBody::Unread(i) => (client_length(&st), http_body::Body::is_end_stream(i)),
+            // A request without a body (most) needs no header lookup.
+            ReqBody::Unread(i) if http_body::Body::is_end_stream(i) => {
+                return Some(Ok(BodySrc::Empty))
+            }
+            ReqBody::Unread(_) => client_length(&st),
         }
     };
-    if end {
-        return Some(Ok(BodySrc::Empty));
-    }
     let keep = pc.request_buffering
         // HTTP/1.0 has no chunked encoding: the length must be known.
         || (!pc.http11 && len.is_none())
