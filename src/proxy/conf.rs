@@ -114,7 +114,7 @@ pub struct ProxyPass {
     pub target: Target,
     /// For a fixed URL: its addresses with their names, and `$proxy_host`.
     pub peers: Vec<(SocketAddr, Arc<str>)>,
-    pub proxy_host: String,
+    pub proxy_host: Arc<str>,
     /// `file:line` of the directive, for load-time checks made later.
     pub file: String,
     pub line: usize,
@@ -444,8 +444,8 @@ pub fn proxy_pass(
         Target::Fixed(url)
     };
     let (peers, proxy_host) = match &target {
-        Target::Fixed(u) => (addr_names(&u.addrs), u.proxy_host()),
-        Target::Dynamic(_) => (Vec::new(), String::new()),
+        Target::Fixed(u) => (addr_names(&u.addrs), Arc::from(u.proxy_host())),
+        Target::Dynamic(_) => (Vec::new(), Arc::from("")),
     };
     Ok(ProxyPass {
         peers,

@@ -22,12 +22,14 @@ pub struct ReqHead {
     pub method: Method,
     /// The request target sent upstream (`/path?args`).
     pub uri: String,
-    pub headers: HeaderMap,
+    pub headers: super::headers::ReqHeaders,
     pub http11: bool,
 }
 
 /// Where a try goes beyond its address.
 pub struct Dest<'a> {
+    /// The location's proxy configuration (which response headers pass).
+    pub pc: &'a ProxyConf,
     pub https: bool,
     pub ssl: &'a std::sync::Arc<super::conf::ProxySsl>,
     pub tls_name: Option<&'a str>,
@@ -84,15 +86,18 @@ impl Failed {
     }
 }
 
-/// Run one try against `peer`.
+/// Run one try against `peer`; `t0` is when the try started (one clock reading serves the
+/// pool's idle check and the `$upstream_*` times). `out`: the map the client's headers go into.
+#[allow(clippy::too_many_arguments)]
 pub async fn attempt(
     peer: &Peer,
     dest: &Dest<'_>,
     tmo: &Timeouts,
-    head: &mut ReqHead,
-    keep_head: bool,
+    head: &ReqHead,
     src: &mut BodySrc,
     use_pool: bool,
+    t0: Instant,
+    out: HeaderMap,
 ) -> Result<Got, Failed> {
     let key = Key {
         addr: peer.addr,
@@ -106,20 +111,23 @@ pub async fn attempt(
     };
     let mut connect_time = None;
     let pooled = if use_pool && dest.keepalive.is_some() {
-        pool::take(&key)
+        pool::take(&key, t0)
     } else {
         None
     };
+    // When the request goes out: the head must come within proxy_read_timeout of it.
+    let mut sent = t0;
     let mut conn = match pooled {
         Some(c) => c,
         None => {
-            let t0 = Instant::now();
             let tls = dest.https.then(|| TlsParams {
                 ssl: dest.ssl,
                 sni: dest.sni,
                 verify_name: dest.tls_name.unwrap_or(""),
             });
-            let io = connect::open(peer.addr, tls, tmo.connect, tmo.send)
+            // Boxed: a TLS handshake's state is large and most requests find a pooled
+            // connection; unboxed it would make every try's future bigger to move.
+            let io = Box::pin(connect::open(peer.addr, tls, tmo.connect, tmo.send))
                 .await
                 .map_err(|e| Failed {
                     kind: if e.timeout {
@@ -132,7 +140,8 @@ pub async fn attempt(
                     stale: false,
                     connect_time: None,
                 })?;
-            connect_time = Some(t0.elapsed());
+            sent = Instant::now();
+            connect_time = Some(sent.saturating_duration_since(t0));
             Conn {
                 io,
                 requests: 1,
@@ -146,23 +155,16 @@ pub async fn attempt(
     // Taken only now: a connect failure leaves a streamed body unread for the next try.
     let body = src.take();
     let streamed = matches!(body, UpBody::Stream(_));
-    let taken;
-    let headers = if keep_head {
-        &head.headers
-    } else {
-        taken = std::mem::take(&mut head.headers);
-        &taken
-    };
     let pool = dest.keepalive.map(|l| (key, l));
-    let t0 = Instant::now();
     // The head must come within proxy_read_timeout of the request being sent; a streamed
     // body's upload gets proxy_send_timeout on top.
     let mut wait = tmo.read;
     if streamed {
         wait += tmo.send;
     }
-    let exchange = h1::exchange(conn, head, headers, body, pool);
-    let resp = match tokio::time::timeout(wait, exchange).await {
+    let deadline = tokio::time::Instant::from_std(sent) + wait;
+    let exchange = h1::exchange(conn, dest.pc, head, body, pool, out);
+    let resp = match tokio::time::timeout_at(deadline, exchange).await {
         Err(_) => {
             return Err(Failed {
                 kind: Failure::Timeout,
@@ -186,6 +188,7 @@ pub async fn attempt(
     Ok(Got {
         resp,
         connect_time,
+        // From the try's start, connecting included, as nginx counts $upstream_header_time.
         header_time: t0.elapsed(),
     })
 }

@@ -19,8 +19,10 @@ use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::body::UpBody;
+use super::conf::ProxyConf;
 use super::connect::errno_text;
 use super::forward::ReqHead;
+use super::headers;
 use super::pool::{self, Conn, Key, Limits};
 use super::retry::Failure;
 
@@ -28,7 +30,7 @@ use super::retry::Failure;
 /// more, as the hyper client we replaced did).
 pub const HEAD_LIMIT: usize = 64 * 1024;
 /// The most header lines in a response head.
-const MAX_HEADERS: usize = 100;
+pub const MAX_HEADERS: usize = 100;
 /// Kept bodies up to this size share the head's write.
 const COALESCE: usize = 64 * 1024;
 /// How much a body read asks for at least.
@@ -116,28 +118,14 @@ enum Out {
     Chunked,
 }
 
-/// Append `name: value\r\n` lines for `headers`, leaving out `skip` (a header the framing
-/// replaces).
-fn put_headers(buf: &mut Vec<u8>, headers: &HeaderMap, skip: Option<&HeaderName>) {
-    for (n, v) in headers {
-        if skip == Some(n) {
-            continue;
-        }
-        buf.extend_from_slice(n.as_str().as_bytes());
-        buf.extend_from_slice(b": ");
-        buf.extend_from_slice(v.as_bytes());
-        buf.extend_from_slice(b"\r\n");
-    }
-}
-
 /// Write the request: head, then the body as its framing says. Returns whether the request
 /// lets the connection live on (it did not ask the upstream to close).
 async fn write_request(
     conn: &mut Conn,
     head: &ReqHead,
-    headers: &HeaderMap,
     body: UpBody,
 ) -> Result<bool, ExchangeError> {
+    let headers = &head.headers;
     let uri = head.uri.as_bytes();
     if uri.is_empty() || uri.iter().any(|&b| b <= b' ' || b >= 0x7f) {
         return Err(ExchangeError {
@@ -146,20 +134,7 @@ async fn write_request(
             write: false,
         });
     }
-    // One pass over the headers rather than a hash lookup per question.
-    let (mut keep, mut has_len, mut has_te) = (true, false, false);
-    for (n, v) in headers {
-        if n == header::CONNECTION {
-            keep &= !v
-                .as_bytes()
-                .split(|&b| b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
-        } else if n == header::CONTENT_LENGTH {
-            has_len = true;
-        } else if n == header::TRANSFER_ENCODING {
-            has_te = true;
-        }
-    }
+    let (keep, has_len, has_te) = (!headers.close, headers.has_len, headers.te.is_some());
     // hyper's rules, which the tests and users saw so far: an empty body sends nothing; a
     // known length is declared when the headers do not; HTTP/1.0 never chunks; a body of
     // unknown length is chunked unless the method hardly ever has one.
@@ -183,12 +158,12 @@ async fn write_request(
     };
     let ended = body.is_end_stream() && !matches!(body, UpBody::Full(Some(_)));
     let mut extra: Option<String> = None;
-    let mut skip = None;
+    let mut skip_te = false;
     let out = if ended {
-        skip = Some(&header::TRANSFER_ENCODING);
+        skip_te = true;
         Out::None
     } else if !head.http11 {
-        skip = Some(&header::TRANSFER_ENCODING);
+        skip_te = true;
         match (has_len, known) {
             (true, _) => Out::Raw,
             (false, Some(n)) => {
@@ -210,7 +185,7 @@ async fn write_request(
         extra = Some("transfer-encoding: chunked\r\n".into());
         Out::Chunked
     };
-    let mut buf = Vec::with_capacity(256 + headers.len() * 48);
+    let mut buf = Vec::with_capacity(64 + uri.len() + headers.lines.len());
     buf.extend_from_slice(head.method.as_str().as_bytes());
     buf.push(b' ');
     buf.extend_from_slice(uri);
@@ -219,7 +194,13 @@ async fn write_request(
     } else {
         b" HTTP/1.0\r\n"
     });
-    put_headers(&mut buf, headers, skip);
+    match headers.te.clone().filter(|_| skip_te) {
+        Some(te) => {
+            buf.extend_from_slice(&headers.lines[..te.start]);
+            buf.extend_from_slice(&headers.lines[te.end..]);
+        }
+        None => buf.extend_from_slice(&headers.lines),
+    }
     if let Some(e) = &extra {
         buf.extend_from_slice(e.as_bytes());
     }
@@ -285,28 +266,36 @@ async fn write_request(
 /// An accepted response head and its body.
 pub struct Response {
     pub status: u16,
+    /// The headers the client gets: those [`headers::passes`] lets through, in the upstream's
+    /// order (a 101 with `Connection: upgrade` added).
     pub headers: HeaderMap,
+    /// The head as the upstream sent it, for `$upstream_http_*` (parsed again only if read).
+    pub raw: Bytes,
+    /// A `Location` or `Refresh` header passed (what proxy_redirect may rewrite).
+    pub relocates: bool,
     pub body: Body,
 }
 
-/// Send the request and read the response head (1xx other than 101 skipped).
+/// Send the request and read the response head (1xx other than 101 skipped). The client's
+/// headers are parsed into `out` (an empty map whose room is reused).
 pub async fn exchange(
     mut conn: Conn,
+    pc: &ProxyConf,
     head: &ReqHead,
-    headers: &HeaderMap,
     body: UpBody,
     pool: Option<(Key, Limits)>,
+    mut out: HeaderMap,
 ) -> Result<Response, ExchangeError> {
     // An upstream that answers before taking the whole body (a 413, say) and closes: its
     // answer is what the client gets, as hyper's client gave it.
-    let (keep, failed) = match write_request(&mut conn, head, headers, body).await {
+    let (keep, failed) = match write_request(&mut conn, head, body).await {
         Ok(keep) => (keep, None),
         Err(e) if e.write => (false, Some(e)),
         Err(e) => return Err(e),
     };
     let mut buf = BytesMut::with_capacity(READ_SIZE);
     loop {
-        let parsed = parse_head(&mut buf, head.method == Method::HEAD, keep)?;
+        let parsed = parse_head(&mut buf, head.method == Method::HEAD, keep, pc, &mut out)?;
         let Some(h) = parsed else {
             if buf.len() >= HEAD_LIMIT {
                 return Err(ExchangeError {
@@ -333,6 +322,8 @@ pub async fn exchange(
         let Head {
             status,
             headers,
+            raw,
+            relocates,
             framing,
             reusable,
             rest,
@@ -359,6 +350,8 @@ pub async fn exchange(
         return Ok(Response {
             status,
             headers,
+            raw,
+            relocates,
             body,
         });
     }
@@ -368,6 +361,8 @@ pub async fn exchange(
 struct Head {
     status: u16,
     headers: HeaderMap,
+    raw: Bytes,
+    relocates: bool,
     framing: Framing,
     /// Keep-alive holds on both sides.
     reusable: bool,
@@ -396,15 +391,19 @@ fn parse_head(
     buf: &mut BytesMut,
     head_req: bool,
     keep: bool,
+    pc: &ProxyConf,
+    out: &mut HeaderMap,
 ) -> Result<Option<Head>, ExchangeError> {
     if buf.is_empty() {
         return Ok(None);
     }
     let whole = std::mem::take(buf).freeze();
-    let mut few = [httparse::EMPTY_HEADER; FEW_HEADERS];
+    // Slots left uninitialised: httparse writes those it fills.
+    let mut few = [const { std::mem::MaybeUninit::<httparse::Header>::uninit() }; FEW_HEADERS];
     let mut many;
-    let mut r = httparse::Response::new(&mut few);
-    let mut parsed = r.parse(&whole);
+    let mut r = httparse::Response::new(&mut []);
+    let mut parsed = httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut r, &whole, &mut few);
     if let Err(httparse::Error::TooManyHeaders) = parsed {
         many = vec![httparse::EMPTY_HEADER; MAX_HEADERS];
         r = httparse::Response::new(&mut many);
@@ -423,23 +422,41 @@ fn parse_head(
         return Err(ExchangeError::invalid());
     }
     let http11 = r.version == Some(1);
-    let mut headers = HeaderMap::with_capacity(r.headers.len());
+    let upgrade = status == 101;
+    // Only what the client gets goes into the map (one pass, no second map to filter into);
+    // `$upstream_http_*` reads `raw`.
+    let mut headers = std::mem::take(out);
+    if !headers.is_empty() {
+        headers.clear();
+    }
+    headers.reserve(r.headers.len());
+    let mut relocates = false;
+    let mut named = false;
     // What framing and keep-alive depend on, noted on the way.
     let (mut close, mut keep_alive) = (false, false);
     let mut te_chunked = None;
     let mut length: Option<u64> = None;
     for h in r.headers.iter() {
-        let name =
-            HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| ExchangeError::invalid())?;
-        let value = HeaderValue::from_maybe_shared(whole.slice_ref(h.value))
-            .map_err(|_| ExchangeError::invalid())?;
-        if name == header::CONNECTION {
+        // What every nginx origin sends and no client gets as it came (Connection is hop by
+        // hop; Date and Server are hidden unless proxy_pass_header names one), known from the
+        // raw name without making a HeaderName.
+        let raw = h.name.as_bytes();
+        if raw.eq_ignore_ascii_case(b"connection") {
             for t in h.value.split(|&b| b == b',') {
                 let t = t.trim_ascii();
                 close |= t.eq_ignore_ascii_case(b"close");
                 keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
             }
-        } else if name == header::TRANSFER_ENCODING {
+            named = named || headers::names_others(h.value);
+            continue;
+        }
+        if pc.pass_headers.is_empty()
+            && (raw.eq_ignore_ascii_case(b"date") || raw.eq_ignore_ascii_case(b"server"))
+        {
+            continue;
+        }
+        let name = HeaderName::from_bytes(raw).map_err(|_| ExchangeError::invalid())?;
+        if name == header::TRANSFER_ENCODING {
             let last = h.value.rsplit(|&b| b == b',').next().unwrap_or(b"");
             te_chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         } else if name == header::CONTENT_LENGTH {
@@ -455,7 +472,24 @@ fn parse_head(
                 length = Some(n);
             }
         }
-        headers.append(name, value);
+        if headers::passes(pc, &name, upgrade) {
+            let value = HeaderValue::from_maybe_shared(whole.slice_ref(h.value))
+                .map_err(|_| ExchangeError::invalid())?;
+            relocates |= name == header::LOCATION || name == header::REFRESH;
+            headers.append(name, value);
+        }
+        // A header left out needs no check of its value: httparse accepts exactly the bytes
+        // `HeaderValue` does (tab, 0x20-0x7e, 0x80-0xff).
+    }
+    if named {
+        let connection = r
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("connection"));
+        headers::drop_named(&mut headers, connection.map(|h| h.value));
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
     let mut reusable = keep && if http11 { !close } else { keep_alive };
     let framing = if head_req || status == 204 || status == 304 || (100..200).contains(&status) {
@@ -489,6 +523,8 @@ fn parse_head(
     Ok(Some(Head {
         status,
         headers,
+        raw: whole.slice(..len),
+        relocates,
         framing,
         reusable,
         rest: whole.slice(len..),
@@ -766,11 +802,82 @@ mod tests {
     }
 
     #[test]
+    fn heads_keep_only_what_the_client_gets_in_order() {
+        let raw = b"HTTP/1.1 200 OK\r\nServer: o\r\nX-B: 1\r\nDate: d\r\nX-A: 2\r\nConnection: keep-alive\r\nX-B: 3\r\nKeep-Alive: timeout=5\r\nLocation: /x\r\nContent-Length: 0\r\n\r\n";
+        let pc = ProxyConf {
+            hide_headers: vec!["x-a".into()],
+            pass_headers: vec!["server".into()],
+            ..Default::default()
+        };
+        let mut buf = BytesMut::from(&raw[..]);
+        let h = parse_head(&mut buf, false, true, &pc, &mut HeaderMap::new())
+            .ok()
+            .flatten()
+            .unwrap();
+        let got: Vec<(String, String)> = h
+            .headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or("").to_string()))
+            .collect();
+        let want = [
+            ("server", "o"),
+            ("x-b", "1"),
+            ("x-b", "3"),
+            ("location", "/x"),
+            ("content-length", "0"),
+        ];
+        let want: Vec<(String, String)> = want
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(got, want);
+        assert!(h.relocates);
+        assert_eq!(&h.raw[..], &raw[..]);
+        // Headers the Connection header names go too; the rest keep their order.
+        let raw = b"HTTP/1.1 200 OK\r\nX-C: 1\r\nSERVER: s\r\nX-Hop: 2\r\nConnection: X-Hop, keep-alive\r\ndate: d\r\nX-D: 3\r\nContent-Length: 0\r\n\r\n";
+        let mut buf = BytesMut::from(&raw[..]);
+        let h = parse_head(
+            &mut buf,
+            false,
+            true,
+            &ProxyConf::default(),
+            &mut HeaderMap::new(),
+        )
+        .ok()
+        .flatten()
+        .unwrap();
+        let names: Vec<&str> = h.headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["x-c", "x-d", "content-length"]);
+        assert!(!h.relocates);
+        // A 101 keeps Upgrade and says Connection: upgrade.
+        let raw = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+        let mut buf = BytesMut::from(&raw[..]);
+        let h = parse_head(
+            &mut buf,
+            false,
+            true,
+            &ProxyConf::default(),
+            &mut HeaderMap::new(),
+        )
+        .ok()
+        .flatten()
+        .unwrap();
+        assert_eq!(h.headers.get("upgrade").unwrap(), "websocket");
+        assert_eq!(h.headers.get("connection").unwrap(), "upgrade");
+    }
+
+    #[test]
     fn heads_frame_bodies_as_hyper_did() {
         let parse = |raw: &[u8], head: bool| {
             let mut buf = BytesMut::from(raw);
-            parse_head(&mut buf, head, true)
-                .map(|r| r.map(|h| (h.status, h.framing, h.reusable, h.rest.len())))
+            parse_head(
+                &mut buf,
+                head,
+                true,
+                &ProxyConf::default(),
+                &mut HeaderMap::new(),
+            )
+            .map(|r| r.map(|h| (h.status, h.framing, h.reusable, h.rest.len())))
         };
         let r = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc", false);
         assert_eq!(r.ok().flatten(), Some((200, Framing::Length(3), true, 3)));

@@ -24,12 +24,18 @@ fn hop_by_hop(name: &str) -> bool {
     ) || name.starts_with("proxy-")
 }
 
-/// Header names the `Connection` header lists (they are hop-by-hop too). The usual
-/// `keep-alive` / `close` / `upgrade` name nothing else, so they cost no allocation.
-fn connection_tokens(h: &HeaderMap) -> Vec<String> {
+/// Header names the `Connection` header values list (they are hop-by-hop too). The usual
+/// `keep-alive` / `close` / `upgrade` name nothing else, so they cost no allocation. A value
+/// that is not visible ASCII is skipped whole (as `HeaderValue::to_str` fails on it).
+fn connection_tokens<'a>(values: impl Iterator<Item = &'a [u8]>) -> Vec<String> {
     let mut out = Vec::new();
-    for v in h.get_all(http::header::CONNECTION) {
-        let Ok(v) = v.to_str() else { continue };
+    for v in values {
+        let Ok(v) = std::str::from_utf8(v) else {
+            continue;
+        };
+        if !v.bytes().all(|b| b == b'\t' || (32..127).contains(&b)) {
+            continue;
+        }
         for t in v.split(',') {
             let t = t.trim();
             if t.is_empty()
@@ -45,6 +51,60 @@ fn connection_tokens(h: &HeaderMap) -> Vec<String> {
     out
 }
 
+/// Whether a `Connection` value names a header beyond the usual tokens (the rare case where
+/// [`drop_named`] has work to do).
+pub fn names_others(v: &[u8]) -> bool {
+    // The usual value is one usual token (httparse let only space and tab around it).
+    let t = v.trim_ascii();
+    if t.eq_ignore_ascii_case(b"keep-alive")
+        || t.eq_ignore_ascii_case(b"close")
+        || t.eq_ignore_ascii_case(b"upgrade")
+    {
+        return false;
+    }
+    !connection_tokens(std::iter::once(v)).is_empty()
+}
+
+/// The request's header lines for upstream, rendered once per request: every try sends the
+/// same, and they go to the wire with no map in between.
+#[derive(Default)]
+pub struct ReqHeaders {
+    /// `name: value\r\n` lines, in the order a `HeaderMap` built the same way would give
+    /// them (values of one name together, where the name first came).
+    pub lines: Vec<u8>,
+    /// `Connection` asks the upstream to close.
+    pub close: bool,
+    pub has_len: bool,
+    /// Where the `Transfer-Encoding` lines are (only proxy_set_header makes them: the client's
+    /// is hop-by-hop), for a request whose framing leaves them out.
+    pub te: Option<std::ops::Range<usize>>,
+}
+
+impl ReqHeaders {
+    fn line(&mut self, name: &HeaderName, value: &[u8]) {
+        if *name == http::header::CONNECTION {
+            self.close |= value
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+        } else if *name == http::header::CONTENT_LENGTH {
+            self.has_len = true;
+        }
+        let start = self.lines.len();
+        self.lines.extend_from_slice(name.as_str().as_bytes());
+        self.lines.extend_from_slice(b": ");
+        self.lines.extend_from_slice(value);
+        self.lines.extend_from_slice(b"\r\n");
+        if *name == http::header::TRANSFER_ENCODING {
+            self.te.get_or_insert(start..start).end = self.lines.len();
+        }
+    }
+}
+
+/// What `HeaderValue` accepts.
+fn valid_value(v: &[u8]) -> bool {
+    v.iter().all(|&b| b >= 32 && b != 127 || b == b'\t')
+}
+
 /// The request headers for upstream. `content_length` is the body length when known.
 pub fn request(
     rc: &ReqCtx,
@@ -52,46 +112,71 @@ pub fn request(
     pc: &ProxyConf,
     proxy_host: &str,
     content_length: Option<u64>,
-) -> HeaderMap {
-    let mut out = HeaderMap::with_capacity(st.headers.len() + 4);
+) -> ReqHeaders {
+    let mut out = ReqHeaders {
+        lines: Vec::with_capacity(64 + st.headers.len() * 40),
+        ..Default::default()
+    };
     // nginx's defaults (`Host $proxy_host`, `Connection close`) unless the configuration
     // names them.
-    let named = |n: &HeaderName| pc.set_headers.iter().any(|(m, _)| m == n);
-    if !named(&http::header::HOST) {
-        if let Ok(v) = HeaderValue::from_str(proxy_host) {
-            out.insert(http::header::HOST, v);
-        }
+    let set = &pc.set_headers;
+    let named = |n: &HeaderName| set.iter().any(|(m, _)| m == n);
+    if !named(&http::header::HOST) && valid_value(proxy_host.as_bytes()) {
+        out.line(&http::header::HOST, proxy_host.as_bytes());
     }
     if !named(&http::header::CONNECTION) {
-        out.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        out.line(&http::header::CONNECTION, b"close");
     }
-    for (n, t) in &pc.set_headers {
-        let v = variables::eval(rc, st, t);
-        if v.is_empty() {
+    // The body's own length replaces a configured Content-Length (where that one would be).
+    let mut length = content_length.map(|l| l.to_string());
+    for (i, (n, _)) in set.iter().enumerate() {
+        // A name given twice sends its values together, where it first came.
+        if set[..i].iter().any(|(m, _)| m == n) {
             continue;
         }
-        if let Ok(v) = HeaderValue::from_bytes(&v) {
-            out.append(n.clone(), v);
+        for (_, t) in set[i..].iter().filter(|(m, _)| m == n) {
+            let v = match t.as_literal() {
+                Some(l) => std::borrow::Cow::Borrowed(l),
+                None => std::borrow::Cow::Owned(variables::eval(rc, st, t)),
+            };
+            if v.is_empty() || !valid_value(&v) {
+                continue;
+            }
+            if *n == http::header::CONTENT_LENGTH && content_length.is_some() {
+                if let Some(l) = length.take() {
+                    out.line(n, l.as_bytes());
+                }
+                continue;
+            }
+            out.line(n, &v);
         }
     }
     if pc.pass_request_headers {
-        let named = connection_tokens(&st.headers);
+        let named = match st.headers.contains_key(http::header::CONNECTION) {
+            true => connection_tokens(
+                st.headers
+                    .get_all(http::header::CONNECTION)
+                    .iter()
+                    .map(|v| v.as_bytes()),
+            ),
+            false => Vec::new(),
+        };
         for (n, v) in &st.headers {
             let s = n.as_str();
             if hop_by_hop(s)
                 || s == "expect"
                 || s == "content-length"
                 || named.iter().any(|t| t == s)
-                || pc.set_headers.iter().any(|(m, _)| m == n)
+                || set.iter().any(|(m, _)| m == n)
                 || s == "host"
             {
                 continue;
             }
-            out.append(n.clone(), v.clone());
+            out.line(n, v.as_bytes());
         }
     }
-    if let Some(len) = content_length {
-        out.insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
+    if let Some(l) = length {
+        out.line(&http::header::CONTENT_LENGTH, l.as_bytes());
     }
     out
 }
@@ -108,32 +193,36 @@ const HIDDEN: &[&str] = &[
     "x-accel-charset",
 ];
 
-/// The upstream response headers the client will see.
-pub fn response(pc: &ProxyConf, upstream: &HeaderMap, upgrade: bool) -> HeaderMap {
-    let named = connection_tokens(upstream);
-    let mut out = HeaderMap::with_capacity(upstream.len());
-    for (n, v) in upstream {
-        let s = n.as_str();
-        if upgrade && s == "upgrade" {
+/// Whether an upstream response header goes on to the client (`upgrade`: the response is a
+/// 101), decided while the head is parsed. Headers the upstream's `Connection` names are taken
+/// out afterwards by [`drop_named`]; a 101 gets `Connection: upgrade` added.
+pub fn passes(pc: &ProxyConf, name: &HeaderName, upgrade: bool) -> bool {
+    let s = name.as_str();
+    if upgrade && s == "upgrade" {
+        return true;
+    }
+    if hop_by_hop(s) {
+        return false;
+    }
+    let hidden = HIDDEN.contains(&s) || pc.hide_headers.iter().any(|h| h == s);
+    !hidden || pc.pass_headers.iter().any(|h| h == s)
+}
+
+/// Take out of the client's headers those the upstream's `Connection` values name, keeping
+/// the order of the rest (`HeaderMap::remove` would not).
+pub fn drop_named<'a>(h: &mut HeaderMap, connection: impl Iterator<Item = &'a [u8]>) {
+    let named = connection_tokens(connection);
+    if named.is_empty() {
+        return;
+    }
+    let all = std::mem::take(h);
+    let mut out = HeaderMap::with_capacity(all.len());
+    for (n, v) in &all {
+        if !named.iter().any(|t| t == n.as_str()) {
             out.append(n.clone(), v.clone());
-            continue;
         }
-        if hop_by_hop(s) || named.iter().any(|t| t == s) {
-            continue;
-        }
-        let hidden = HIDDEN.contains(&s) || pc.hide_headers.iter().any(|h| h == s);
-        if hidden && !pc.pass_headers.iter().any(|h| h == s) {
-            continue;
-        }
-        out.append(n.clone(), v.clone());
     }
-    if upgrade {
-        out.insert(
-            http::header::CONNECTION,
-            HeaderValue::from_static("upgrade"),
-        );
-    }
-    out
+    *h = out;
 }
 
 /// proxy_redirect: rewrite `Location` and `Refresh`. `default_from` is the proxy_pass URL

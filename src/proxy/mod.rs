@@ -53,7 +53,8 @@ struct Resolved<'a> {
     /// The `upstream {}` block the host names, if any.
     group: Option<Arc<upstream::Upstream>>,
     peers: Cow<'a, [(std::net::SocketAddr, Arc<str>)]>,
-    proxy_host: Cow<'a, str>,
+    /// Shared with `$proxy_host` (no copy per request).
+    proxy_host: Arc<str>,
     dynamic: bool,
     start: usize,
 }
@@ -86,12 +87,18 @@ pub fn content<'a>(
 /// Serve the request by proxying it (the content phase of a `proxy_pass` location).
 pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
     let pc = rc.st.borrow().conf.proxy.clone();
-    let target = match resolve(rc, pass).await {
+    // A fixed target needs no waiting; the resolver's larger future is boxed away from the
+    // common case (every future here is moved as a whole when it starts).
+    let target = match &pass.target {
+        Target::Fixed(u) => fixed(rc, pass, u),
+        Target::Dynamic(_) => Box::pin(resolve(rc, pass)).await,
+    };
+    let target = match target {
         Ok(t) => t,
         Err(code) => return Outcome::Status(code),
     };
     rc.st.borrow_mut().upstream = Some(Box::new(UpstreamInfo::new(
-        target.proxy_host.to_string(),
+        target.proxy_host.clone(),
         target.url.port,
     )));
     let mut peers = match &target.group {
@@ -103,11 +110,15 @@ pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
         None => Peers::Addrs(Selector::new(&target.peers, target.start)),
     };
     let retries = pc.next_upstream != 0 && peers.has_more(1);
-    let mut src = match body_source(rc, &pc, retries).await {
+    let src = match body_source(rc, &pc, retries) {
+        Some(s) => s,
+        None => Box::pin(read_kept(rc)).await,
+    };
+    let mut src = match src {
         Ok(s) => s,
         Err(code) => return Outcome::Status(code),
     };
-    let (mut head, location, len) = {
+    let (head, location) = {
         let st = rc.st.borrow();
         let location = st.location.clone();
         let prefix = location.as_deref().and_then(location_prefix);
@@ -128,7 +139,7 @@ pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
             headers: headers::request(rc, &st, &pc, &target.proxy_host, len),
             http11: pc.http11,
         };
-        (head, location, len)
+        (head, location)
     };
     let tls_name = if target.url.https {
         let st = rc.st.borrow();
@@ -140,6 +151,7 @@ pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
         None
     };
     let dest = Dest {
+        pc: &pc,
         https: target.url.https,
         ssl: &pc.ssl,
         tls_name: tls_name.as_deref(),
@@ -161,7 +173,7 @@ pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
         }),
     };
     let scheme = if target.url.https { "https" } else { "http" };
-    let mut budget = Budget::new(&head.method);
+    let mut budget = Budget::new(&head.method, &pc);
     loop {
         let peer = match peers.next(rc).await {
             Ok(p) => p,
@@ -182,16 +194,16 @@ pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
         let upstream = |uri: &str| format!("{}://{}{}", scheme, peer.name, uri);
         let mut use_pool = true;
         let res = loop {
-            // The head is copied only while another try may need it.
-            // The head moves into the request unless another try may follow; a fresh retry
-            // after a stale pooled connection rebuilds it.
-            if head.headers.is_empty() {
-                let st = rc.st.borrow();
-                head.headers = headers::request(rc, &st, &pc, &target.proxy_host, len);
-            }
-            let keep_head = peers.has_more(budget.tries);
-            let r = forward::attempt(&peer, &dest, &tmo, &mut head, keep_head, &mut src, use_pool)
-                .await;
+            // The response's (empty) map keeps its room for the upstream's headers; one that
+            // Lua filled already is left as it was.
+            let out = {
+                let mut st = rc.st.borrow_mut();
+                match st.resp_headers.is_empty() {
+                    true => std::mem::take(&mut st.resp_headers),
+                    false => http::HeaderMap::new(),
+                }
+            };
+            let r = forward::attempt(&peer, &dest, &tmo, &head, &mut src, use_pool, t0, out).await;
             match r {
                 // A kept-alive connection the upstream had closed: once more on a fresh one,
                 // not counted as a try (nginx does the same for cached connections).
@@ -213,8 +225,8 @@ pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
             }
             Ok(got) => {
                 let status = got.resp.status;
-                // One clock read serves the record and the balancer's report.
-                let elapsed = t0.elapsed();
+                // The head's arrival serves the record and the balancer's report.
+                let elapsed = got.header_time;
                 record(
                     rc,
                     &peer.name,
@@ -284,7 +296,9 @@ struct Respond<'a> {
 async fn respond(rc: &Rc<ReqCtx>, c: Respond<'_>, got: Got) -> Outcome {
     let h1::Response {
         status,
-        headers: up_headers,
+        headers: out_headers,
+        raw,
+        relocates,
         body,
     } = got.resp;
     if c.pc.intercept_errors && status >= 300 {
@@ -304,11 +318,13 @@ async fn respond(rc: &Rc<ReqCtx>, c: Respond<'_>, got: Got) -> Outcome {
         let mut guard = rc.st.borrow_mut();
         let st = &mut *guard;
         st.status = status;
-        st.resp_headers = headers::response(c.pc, &up_headers, upgrade);
+        st.resp_headers = out_headers;
         if let Some(u) = st.upstream.as_mut() {
-            u.headers = Some(up_headers);
+            u.head = Some(raw);
         }
-        headers::redirect(rc, st, c.pc, c.default_from, c.prefix);
+        if relocates {
+            headers::redirect(rc, st, c.pc, c.default_from, c.prefix);
+        }
     }
     if upgrade {
         let client = rc.st.borrow_mut().on_upgrade.take();
@@ -319,16 +335,7 @@ async fn respond(rc: &Rc<ReqCtx>, c: Respond<'_>, got: Got) -> Outcome {
             st.resp_headers.clear();
             return Outcome::Status(502);
         };
-        if crate::http::filter::send(rc, true).await.is_err() {
-            return Outcome::Done;
-        }
-        let Some((up, early)) = body.into_upgraded() else {
-            return Outcome::Done;
-        };
-        if let Err(e) = websocket::tunnel(client, up.io, early, c.tmo.read).await {
-            log_upstream(rc, &e, &(c.upstream)());
-        }
-        return Outcome::Done;
+        return Box::pin(switch(rc, &c, client, body)).await;
     }
     let log = |msg: &str| log_upstream(rc, msg, &(c.upstream)());
     let mut len = 0;
@@ -344,35 +351,58 @@ async fn respond(rc: &Rc<ReqCtx>, c: Respond<'_>, got: Got) -> Outcome {
     Outcome::Done
 }
 
+/// A proxy_pass URL without variables: its upstream block or the addresses found at load.
+fn fixed<'a>(rc: &ReqCtx, pass: &'a ProxyPass, u: &'a Url) -> Result<Resolved<'a>, u16> {
+    let group = if u.addrs.is_empty() {
+        // Checked at load: the host names an upstream block.
+        match rc.env.upstreams.get(&u.host) {
+            Some(g) => Some(g),
+            None => {
+                crate::log::request_error(
+                    rc,
+                    crate::log::Level::Error,
+                    &format!("no upstream \"{}\"", u.host),
+                );
+                return Err(502);
+            }
+        }
+    } else {
+        None
+    };
+    Ok(Resolved {
+        group,
+        url: Cow::Borrowed(u),
+        peers: Cow::Borrowed(&pass.peers),
+        proxy_host: pass.proxy_host.clone(),
+        dynamic: false,
+        start: pass.rr.fetch_add(1, Ordering::Relaxed),
+    })
+}
+
+/// After a 101: the head goes to the client, then bytes flow both ways until either side
+/// ends. Boxed by the caller: rare, and its state would make every response's future larger.
+async fn switch(
+    rc: &Rc<ReqCtx>,
+    c: &Respond<'_>,
+    client: hyper::upgrade::OnUpgrade,
+    body: h1::Body,
+) -> Outcome {
+    if crate::http::filter::send(rc, true).await.is_err() {
+        return Outcome::Done;
+    }
+    let Some((up, early)) = body.into_upgraded() else {
+        return Outcome::Done;
+    };
+    if let Err(e) = websocket::tunnel(client, up.io, early, c.tmo.read).await {
+        log_upstream(rc, &e, &(c.upstream)());
+    }
+    Outcome::Done
+}
+
 /// The target URL of this request, with the addresses to try.
 async fn resolve<'a>(rc: &Rc<ReqCtx>, pass: &'a ProxyPass) -> Result<Resolved<'a>, u16> {
     let url = match &pass.target {
-        Target::Fixed(u) => {
-            let group = if u.addrs.is_empty() {
-                // Checked at load: the host names an upstream block.
-                match rc.env.upstreams.get(&u.host) {
-                    Some(g) => Some(g),
-                    None => {
-                        crate::log::request_error(
-                            rc,
-                            crate::log::Level::Error,
-                            &format!("no upstream \"{}\"", u.host),
-                        );
-                        return Err(502);
-                    }
-                }
-            } else {
-                None
-            };
-            return Ok(Resolved {
-                group,
-                url: Cow::Borrowed(u),
-                peers: Cow::Borrowed(&pass.peers),
-                proxy_host: Cow::Borrowed(&pass.proxy_host),
-                dynamic: false,
-                start: pass.rr.fetch_add(1, Ordering::Relaxed),
-            });
-        }
+        Target::Fixed(u) => return fixed(rc, pass, u),
         Target::Dynamic(t) => {
             let s = {
                 let st = rc.st.borrow();
@@ -392,7 +422,7 @@ async fn resolve<'a>(rc: &Rc<ReqCtx>, pass: &'a ProxyPass) -> Result<Resolved<'a
             return Ok(Resolved {
                 group: Some(g),
                 peers: Cow::Owned(Vec::new()),
-                proxy_host: Cow::Owned(url.proxy_host()),
+                proxy_host: Arc::from(url.proxy_host()),
                 url: Cow::Owned(url),
                 dynamic: true,
                 start: 0,
@@ -419,7 +449,7 @@ async fn resolve<'a>(rc: &Rc<ReqCtx>, pass: &'a ProxyPass) -> Result<Resolved<'a
     Ok(Resolved {
         group: None,
         peers: Cow::Owned(conf::addr_names(&addrs)),
-        proxy_host: Cow::Owned(url.proxy_host()),
+        proxy_host: Arc::from(url.proxy_host()),
         url: Cow::Owned(url),
         dynamic: true,
         start: pass.rr.fetch_add(1, Ordering::Relaxed),
@@ -434,41 +464,48 @@ fn client_length(st: &ReqState) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// Decide how the body goes upstream: kept in memory (replayable) or streamed.
-async fn body_source(rc: &Rc<ReqCtx>, pc: &ProxyConf, retries: bool) -> Result<BodySrc, u16> {
+/// Decide how the body goes upstream: kept in memory (replayable) or streamed. `None`: it is
+/// to be kept and must be read first ([`read_kept`]).
+fn body_source(rc: &ReqCtx, pc: &ProxyConf, retries: bool) -> Option<Result<BodySrc, u16>> {
     if !pc.pass_request_body {
-        return Ok(BodySrc::Empty);
+        return Some(Ok(BodySrc::Empty));
     }
-    let (len, end) = {
+    let len = {
         let st = rc.st.borrow();
         match &st.body {
-            ReqBody::Read(b) => return Ok(BodySrc::Kept(b.clone())),
-            ReqBody::Discarded => return Ok(BodySrc::Empty),
-            ReqBody::Unread(i) => (client_length(&st), http_body::Body::is_end_stream(i)),
+            ReqBody::Read(b) => return Some(Ok(BodySrc::Kept(b.clone()))),
+            ReqBody::Discarded => return Some(Ok(BodySrc::Empty)),
+            // A request without a body (most) needs no header lookup.
+            ReqBody::Unread(i) if http_body::Body::is_end_stream(i) => {
+                return Some(Ok(BodySrc::Empty))
+            }
+            ReqBody::Unread(_) => client_length(&st),
         }
     };
-    if end {
-        return Ok(BodySrc::Empty);
-    }
     let keep = pc.request_buffering
         // HTTP/1.0 has no chunked encoding: the length must be known.
         || (!pc.http11 && len.is_none())
         || (retries && len.is_some_and(|l| l <= pc.client_body_buffer_size));
     if keep {
-        crate::http::engine::read_body(rc).await?;
-        return Ok(match &rc.st.borrow().body {
-            ReqBody::Read(b) => BodySrc::Kept(b.clone()),
-            _ => BodySrc::Empty,
-        });
+        return None;
     }
     let mut st = rc.st.borrow_mut();
-    match std::mem::replace(&mut st.body, ReqBody::Discarded) {
+    Some(match std::mem::replace(&mut st.body, ReqBody::Discarded) {
         ReqBody::Unread(i) => Ok(BodySrc::Stream(Some(i))),
         other => {
             st.body = other;
             Ok(BodySrc::Empty)
         }
-    }
+    })
+}
+
+/// Read the client's body whole, to be kept for every try.
+async fn read_kept(rc: &Rc<ReqCtx>) -> Result<BodySrc, u16> {
+    crate::http::engine::read_body(rc).await?;
+    Ok(match &rc.st.borrow().body {
+        ReqBody::Read(b) => BodySrc::Kept(b.clone()),
+        _ => BodySrc::Empty,
+    })
 }
 
 /// The location's literal prefix (what a URI part replaces).

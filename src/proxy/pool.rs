@@ -56,7 +56,7 @@ struct Idle {
 /// Pool keys are few per worker and come from the configuration or the resolver: a
 /// multiply-rotate hash is enough, where SipHash cost more than the rest of take + release.
 #[derive(Default)]
-struct KeyHasher(u64);
+pub struct KeyHasher(u64);
 
 impl KeyHasher {
     fn add(&mut self, v: u64) {
@@ -96,7 +96,10 @@ impl std::hash::Hasher for KeyHasher {
     }
 }
 
-type Map = HashMap<Key, VecDeque<Idle>, std::hash::BuildHasherDefault<KeyHasher>>;
+/// The hash for maps whose keys come from the configuration or the resolver.
+pub type FastHash = std::hash::BuildHasherDefault<KeyHasher>;
+
+type Map = HashMap<Key, VecDeque<Idle>, FastHash>;
 
 thread_local! {
     static POOL: RefCell<Map> = RefCell::new(Map::default());
@@ -119,12 +122,11 @@ fn alive(io: &mut Timed) -> bool {
 
 /// The most recently used idle connection for `key` that is alive and younger than the
 /// timeout. Connections go back the moment their response was read to the end, so a
-/// request right behind another finds the one it just left.
-pub fn take(key: &Key) -> Option<Conn> {
+/// request right behind another finds the one it just left. `now`: the try's start.
+pub fn take(key: &Key, now: Instant) -> Option<Conn> {
     POOL.with(|p| {
         let mut p = p.borrow_mut();
         let q = p.get_mut(key)?;
-        let now = Instant::now();
         while let Some(mut idle) = q.pop_back() {
             if now >= idle.deadline || !alive(&mut idle.io) {
                 continue;
@@ -143,17 +145,18 @@ pub fn take(key: &Key) -> Option<Conn> {
 /// Give a connection back after a complete response that leaves it reusable; it is closed
 /// instead when the pool is full for its key or the request budget is spent.
 pub fn release(key: Key, conn: Conn, limits: Limits) {
-    if conn.requests >= limits.requests
-        || limits.max_idle == 0
-        || conn.opened.elapsed() >= limits.time
-    {
+    if conn.requests >= limits.requests || limits.max_idle == 0 {
         return;
     }
-    put(key, conn, limits);
+    // One reading for keepalive_time and the idle deadline.
+    let now = Instant::now();
+    if now.saturating_duration_since(conn.opened) >= limits.time {
+        return;
+    }
+    put(key, conn, limits, now);
 }
 
-fn put(key: Key, conn: Conn, limits: Limits) {
-    let now = Instant::now();
+fn put(key: Key, conn: Conn, limits: Limits, now: Instant) {
     POOL.with(|p| {
         let mut p = p.borrow_mut();
         let q = p.entry(key).or_default();

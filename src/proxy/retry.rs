@@ -125,15 +125,16 @@ impl Failure {
 
 /// The retry budget of one request.
 pub struct Budget {
-    started: Instant,
+    /// Read only with proxy_next_upstream_timeout set (a clock reading less per request).
+    started: Option<Instant>,
     pub tries: u32,
     idempotent: bool,
 }
 
 impl Budget {
-    pub fn new(method: &http::Method) -> Budget {
+    pub fn new(method: &http::Method, pc: &ProxyConf) -> Budget {
         Budget {
-            started: Instant::now(),
+            started: (pc.next_upstream_timeout_ms > 0).then(Instant::now),
             tries: 0,
             // nginx's non-idempotent methods.
             idempotent: !matches!(method.as_str(), "POST" | "LOCK" | "PATCH"),
@@ -156,7 +157,9 @@ impl Budget {
             return false;
         }
         if pc.next_upstream_timeout_ms > 0
-            && self.started.elapsed() >= Duration::from_millis(pc.next_upstream_timeout_ms)
+            && self
+                .started
+                .is_some_and(|s| s.elapsed() >= Duration::from_millis(pc.next_upstream_timeout_ms))
         {
             return false;
         }
@@ -182,7 +185,7 @@ mod tests {
             backoff: Some((50, 1000)),
             ..Default::default()
         };
-        let mut b = Budget::new(&http::Method::GET);
+        let mut b = Budget::new(&http::Method::GET, &pc);
         for (tries, cap) in [(1, 50), (2, 100), (3, 200), (5, 800), (6, 1000), (30, 1000)] {
             b.tries = tries;
             for _ in 0..50 {
@@ -190,7 +193,7 @@ mod tests {
                 assert!(d <= Duration::from_millis(cap), "{} {:?}", tries, d);
             }
         }
-        assert!(Budget::new(&http::Method::GET)
+        assert!(Budget::new(&http::Method::GET, &pc)
             .backoff(&ProxyConf::default())
             .is_none());
     }
@@ -198,8 +201,8 @@ mod tests {
     #[test]
     fn retry_rules() {
         let pc = ProxyConf::default();
-        let get = Budget::new(&http::Method::GET);
-        let post = Budget::new(&http::Method::POST);
+        let get = Budget::new(&http::Method::GET, &pc);
+        let post = Budget::new(&http::Method::POST, &pc);
         assert!(get.may_retry(&pc, Failure::Error, true, true));
         assert!(get.may_retry(&pc, Failure::Timeout, true, true));
         assert!(!get.may_retry(&pc, Failure::Status(502), true, true));

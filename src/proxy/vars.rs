@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::HeaderMap;
+use bytes::Bytes;
 
 /// One try.
 struct Try {
@@ -18,12 +18,15 @@ struct Try {
 /// What the proxy learnt about one request, kept in `ReqState::upstream`.
 #[derive(Default)]
 pub struct UpstreamInfo {
-    pub proxy_host: String,
+    pub proxy_host: Arc<str>,
     pub proxy_port: u16,
-    tries: Vec<Try>,
+    /// The first try inline (most requests make one: no allocation), the others after it.
+    first: Option<Try>,
+    more: Vec<Try>,
     pub response_length: u64,
-    /// The accepted response's headers as the upstream sent them (`$upstream_http_*`).
-    pub headers: Option<HeaderMap>,
+    /// The accepted response's head as the upstream sent it (`$upstream_http_*`), parsed
+    /// again when such a variable is read: most requests read none.
+    pub head: Option<Bytes>,
 }
 
 fn secs(d: Option<Duration>) -> String {
@@ -34,7 +37,7 @@ fn secs(d: Option<Duration>) -> String {
 }
 
 impl UpstreamInfo {
-    pub fn new(proxy_host: String, proxy_port: u16) -> UpstreamInfo {
+    pub fn new(proxy_host: Arc<str>, proxy_port: u16) -> UpstreamInfo {
         UpstreamInfo {
             proxy_host,
             proxy_port,
@@ -51,25 +54,30 @@ impl UpstreamInfo {
         header: Option<Duration>,
         response: Duration,
     ) {
-        self.tries.push(Try {
+        let t = Try {
             addr: addr.clone(),
             status,
             connect,
             header,
             response,
-        });
+        };
+        match self.first {
+            None => self.first = Some(t),
+            Some(_) => self.more.push(t),
+        }
     }
 
     /// The last try's full time, once its body has been read.
     pub fn set_last_response_time(&mut self, d: Duration) {
-        if let Some(t) = self.tries.last_mut() {
+        if let Some(t) = self.more.last_mut().or(self.first.as_mut()) {
             t.response = d;
         }
     }
 
     fn join(&self, f: impl Fn(&Try) -> String) -> Vec<u8> {
-        self.tries
+        self.first
             .iter()
+            .chain(self.more.iter())
             .map(f)
             .collect::<Vec<_>>()
             .join(", ")
@@ -79,11 +87,11 @@ impl UpstreamInfo {
     /// A variable's value, `None` when it is not one of ours (or not known yet).
     pub fn variable(&self, name: &str) -> Option<Vec<u8>> {
         if let Some(h) = name.strip_prefix("upstream_http_") {
-            return upstream_http(self.headers.as_ref()?, h);
+            return upstream_http(self.head.as_ref()?, h);
         }
-        let has_tries = !self.tries.is_empty();
+        let has_tries = self.first.is_some();
         Some(match name {
-            "proxy_host" => self.proxy_host.clone().into_bytes(),
+            "proxy_host" => self.proxy_host.as_bytes().to_vec(),
             "proxy_port" => self.proxy_port.to_string().into_bytes(),
             "upstream_addr" if has_tries => self.join(|t| t.addr.to_string()),
             "upstream_status" if has_tries => self.join(|t| t.status.to_string()),
@@ -98,17 +106,51 @@ impl UpstreamInfo {
     }
 }
 
-/// `$upstream_http_NAME` (name with `_` for `-`, lower-case).
-fn upstream_http(h: &HeaderMap, name: &str) -> Option<Vec<u8>> {
+/// `$upstream_http_NAME` (name with `_` for `-`, lower-case): every header of that name in
+/// the head, joined by ", ". The head was parsed and checked before it was accepted.
+fn upstream_http(head: &[u8], name: &str) -> Option<Vec<u8>> {
     let name = name.replace('_', "-");
-    let vals: Vec<&[u8]> = h
-        .get_all(name.as_str())
+    let mut lines = vec![httparse::EMPTY_HEADER; super::h1::MAX_HEADERS];
+    let mut r = httparse::Response::new(&mut lines);
+    r.parse(head).ok()?;
+    let vals: Vec<&[u8]> = r
+        .headers
         .iter()
-        .map(|v| v.as_bytes())
+        .filter(|h| h.name.eq_ignore_ascii_case(&name))
+        .map(|h| h.value)
         .collect();
     if vals.is_empty() {
         None
     } else {
         Some(vals.join(&b", "[..]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_http_reads_the_raw_head() {
+        let head = Bytes::from_static(
+            b"HTTP/1.1 200 OK\r\nX-App: a\r\nServer: o\r\nx-app: b\r\nContent-Length: 0\r\n\r\n",
+        );
+        let u = UpstreamInfo {
+            head: Some(head),
+            ..Default::default()
+        };
+        assert_eq!(
+            u.variable("upstream_http_x_app").as_deref(),
+            Some(&b"a, b"[..])
+        );
+        assert_eq!(
+            u.variable("upstream_http_server").as_deref(),
+            Some(&b"o"[..])
+        );
+        assert_eq!(
+            u.variable("upstream_http_X_App").as_deref(),
+            Some(&b"a, b"[..])
+        );
+        assert_eq!(u.variable("upstream_http_none"), None);
     }
 }

@@ -51,7 +51,9 @@ use breaker::{Breaker, BreakerState, Transition};
 /// Milliseconds on the process's monotonic clock (nginx uses seconds; we keep finer time).
 pub fn now_ms() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+    let d = START.get_or_init(Instant::now).elapsed();
+    // as_millis() without its u128 division (this runs on every pick).
+    d.as_secs() * 1000 + d.subsec_millis() as u64 + 1
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -764,7 +766,9 @@ impl Picker {
 
     /// Passive health, circuit breaker and latency estimate for the try that used `peer`.
     pub fn report(&mut self, peer: &Peer, r: TryResult) {
-        let now = now_ms();
+        // The clock is read only when a failure or a breaker needs it (most reports: neither).
+        let mut clock = None;
+        let mut now = || *clock.get_or_insert_with(now_ms);
         let failed = r.failed();
         self.last_failure = match r {
             TryResult::Ok { .. } => None,
@@ -791,6 +795,7 @@ impl Picker {
             let _g = lock(&up.lock);
             if failed {
                 let fails = st.fails.fetch_add(1, Relaxed) + 1;
+                let now = now();
                 st.accessed.store(now, Relaxed);
                 st.checked.store(now, Relaxed);
                 if slot.max_fails > 0 {
@@ -815,7 +820,7 @@ impl Picker {
             );
         }
         let t = match &mut *lock(&st.breaker) {
-            Some(b) => b.on_result(now, !failed, trial),
+            Some(b) => b.on_result(now(), !failed, trial),
             None => None,
         };
         if let Some(t) = t {
@@ -827,7 +832,7 @@ impl Picker {
                 // A peer that fails fast must not look fast.
                 ms = ms.max(1000.0);
             }
-            st.ewma_observe(now, ms, decay_ms);
+            st.ewma_observe(now(), ms, decay_ms);
         }
     }
 
