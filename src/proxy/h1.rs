@@ -455,7 +455,14 @@ fn parse_head(
         {
             continue;
         }
-        let name = HeaderName::from_bytes(raw).map_err(|_| ExchangeError::invalid())?;
+        // The two every response of a body has, without the lookup from_bytes would make.
+        let name = if raw.eq_ignore_ascii_case(b"content-length") {
+            header::CONTENT_LENGTH
+        } else if raw.eq_ignore_ascii_case(b"content-type") {
+            header::CONTENT_TYPE
+        } else {
+            HeaderName::from_bytes(raw).map_err(|_| ExchangeError::invalid())?
+        };
         if name == header::TRANSFER_ENCODING {
             let last = h.value.rsplit(|&b| b == b',').next().unwrap_or(b"");
             te_chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
