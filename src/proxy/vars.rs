@@ -29,11 +29,20 @@ pub struct UpstreamInfo {
     pub head: Option<Bytes>,
 }
 
+/// Seconds with milliseconds, whole milliseconds as nginx prints them ("%T.%03M" of a
+/// millisecond difference: truncated, not rounded); integer digits, no float formatting.
 fn secs(d: Option<Duration>) -> String {
-    match d {
-        Some(d) => format!("{:.3}", d.as_secs_f64()),
-        None => "-".to_string(),
+    let Some(d) = d else {
+        return "-".to_string();
+    };
+    let ms = d.as_millis();
+    let mut s = (ms / 1000).to_string();
+    let frac = (ms % 1000) as u16;
+    s.push('.');
+    for digit in [frac / 100, frac / 10 % 10, frac % 10] {
+        s.push(char::from(b'0' + digit as u8));
     }
+    s
 }
 
 impl UpstreamInfo {
@@ -152,5 +161,14 @@ mod tests {
             Some(&b"a, b"[..])
         );
         assert_eq!(u.variable("upstream_http_none"), None);
+    }
+
+    #[test]
+    fn times_are_whole_milliseconds() {
+        assert_eq!(secs(None), "-");
+        assert_eq!(secs(Some(Duration::ZERO)), "0.000");
+        assert_eq!(secs(Some(Duration::from_micros(1_999))), "0.001");
+        assert_eq!(secs(Some(Duration::from_millis(12_345))), "12.345");
+        assert_eq!(secs(Some(Duration::from_millis(1_050))), "1.050");
     }
 }
