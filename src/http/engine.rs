@@ -498,11 +498,20 @@ async fn phases(rc: &Rc<ReqCtx>, mut forced: Option<Arc<Location>>) -> Outcome {
             }
             let limit = st.conf.client_max_body_size;
             if limit > 0 {
-                let len = st
-                    .headers
-                    .get(http::header::CONTENT_LENGTH)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<u64>().ok());
+                let len = match &st.body {
+                    // On the first pass the headers are still hyper's, and hyper framed the
+                    // body by that Content-Length (or by chunks, with no exact length): its
+                    // size hint is the header's value without a lookup. Later passes may
+                    // follow a handler that changed the header.
+                    ReqBody::Unread(b) if !st.internal && st.redirects == 0 => {
+                        http_body::Body::size_hint(b).exact()
+                    }
+                    _ => st
+                        .headers
+                        .get(http::header::CONTENT_LENGTH)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<u64>().ok()),
+                };
                 if len.is_some_and(|l| l > limit) {
                     drop(st);
                     crate::log::request_error(

@@ -7,6 +7,7 @@
 use std::rc::Rc;
 
 use bytes::Bytes;
+use http::header::Entry;
 use http::{HeaderName, HeaderValue, Response, StatusCode};
 use tokio::sync::mpsc;
 
@@ -155,27 +156,26 @@ async fn header_filter(rc: &Rc<ReqCtx>) {
             st.status = 200;
         }
         let status = st.status;
-        if !st.resp_headers.contains_key(http::header::CONTENT_TYPE)
-            && status != 204
-            && status != 304
-            && status >= 200
-        {
-            let v = st.conf.default_type.clone();
-            st.resp_headers.insert(http::header::CONTENT_TYPE, v);
+        // entry(): one hash and probe where contains_key + insert took two.
+        if status != 204 && status != 304 && status >= 200 {
+            if let Entry::Vacant(e) = st.resp_headers.entry(http::header::CONTENT_TYPE) {
+                e.insert(st.conf.default_type.clone());
+            }
         }
         let conf = st.conf.clone();
         // nginx adds Server (ngx_http_header_filter) and add_header (ngx_http_headers_filter)
         // to the main request only; a subrequest's captured headers have neither.
         let main = !rc.is_subrequest();
         // Added before headers-more runs so that `more_clear_headers Server` can remove it.
-        if main && !st.resp_headers.contains_key(http::header::SERVER) {
-            let v = if conf.server_tokens {
-                concat!("tidegate/", env!("CARGO_PKG_VERSION"))
-            } else {
-                "tidegate"
-            };
-            st.resp_headers
-                .insert(http::header::SERVER, HeaderValue::from_static(v));
+        if main {
+            if let Entry::Vacant(e) = st.resp_headers.entry(http::header::SERVER) {
+                let v = if conf.server_tokens {
+                    concat!("tidegate/", env!("CARGO_PKG_VERSION"))
+                } else {
+                    "tidegate"
+                };
+                e.insert(HeaderValue::from_static(v));
+            }
         }
         for ah in conf.add_headers.iter().filter(|_| main) {
             if ah.always || ADD_HEADER_STATUSES.contains(&status) {
