@@ -23,14 +23,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::conf::model::{LocConf, Location, RewriteOp};
 use crate::conf::Config;
-use crate::http::body::Body;
+use crate::http::body::{Body, Chunk};
 
 /// What the connection task and its watchdog share.
 pub struct ConnState {
@@ -171,13 +170,13 @@ impl Drop for ConnBody {
 }
 
 impl http_body::Body for ConnBody {
-    type Data = Bytes;
+    type Data = Chunk;
     type Error = std::io::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    ) -> Poll<Option<Result<Frame<Chunk>, Self::Error>>> {
         Pin::new(&mut self.get_mut().body).poll_frame(cx)
     }
 
