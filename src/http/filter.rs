@@ -136,11 +136,13 @@ fn build_response(st: &mut super::request::ReqState, body: Body, eof: bool) -> R
     let h = resp.headers_mut();
     // Once the response is complete only the log phase may read the headers again
     // ($sent_http_*, ngx.header); without one they can move out instead of being copied.
-    *h = if !eof || st.conf.log_by_lua.is_some() || !st.conf.access_logs.is_empty() {
-        st.resp_headers.clone()
+    if !eof || st.conf.log_by_lua.is_some() || !st.conf.access_logs.is_empty() {
+        *h = st.resp_headers.clone();
     } else {
-        std::mem::take(&mut st.resp_headers)
-    };
+        // A swap leaves the response's fresh empty map in the request: no map made or
+        // dropped here.
+        std::mem::swap(h, &mut st.resp_headers);
+    }
     if st.status == 444 {
         h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     }
