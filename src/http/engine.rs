@@ -96,9 +96,15 @@ impl Future for ResponseFuture {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response<Body>> {
         match self.get_mut() {
-            ResponseFuture::Wait(rx) => Pin::new(rx)
-                .poll(cx)
-                .map(|r| r.unwrap_or_else(|_| plain_error(500))),
+            // Most heads are there at the first poll (the walk ran in `serve`): try_recv
+            // takes it without the task budget bookkeeping of a full poll.
+            ResponseFuture::Wait(rx) => match rx.try_recv() {
+                Ok(r) => Poll::Ready(r),
+                Err(oneshot::error::TryRecvError::Closed) => Poll::Ready(plain_error(500)),
+                Err(oneshot::error::TryRecvError::Empty) => Pin::new(rx)
+                    .poll(cx)
+                    .map(|r| r.unwrap_or_else(|_| plain_error(500))),
+            },
             ResponseFuture::Error(code) => Poll::Ready(plain_error(*code)),
         }
     }
