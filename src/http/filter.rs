@@ -6,11 +6,12 @@
 
 use std::rc::Rc;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
+use http::header::Entry;
 use http::{HeaderName, HeaderValue, Response, StatusCode};
 use tokio::sync::mpsc;
 
-use super::body::Body;
+use super::body::{Body, Chunk};
 use super::request::{LuaArgs, Phase, ReqCtx};
 use crate::conf::model::MoreHeaders;
 use crate::lua::phase as lua_phase;
@@ -38,7 +39,7 @@ async fn send_with(rc: &Rc<ReqCtx>, extra: Option<Bytes>, eof: bool) -> Result<(
     let chunk = {
         let mut st = rc.st.borrow_mut();
         match extra {
-            Some(b) if st.out.is_empty() => b,
+            Some(b) if st.out.is_empty() => Chunk::Shared(b),
             Some(b) => {
                 st.out.extend_from_slice(&b);
                 take_out(&mut st.out, eof)
@@ -50,10 +51,10 @@ async fn send_with(rc: &Rc<ReqCtx>, extra: Option<Bytes>, eof: bool) -> Result<(
     if let Some(sub) = &rc.sub {
         // A subrequest's response is captured for its parent (ngx.location.capture), never sent.
         let mut st = rc.st.borrow_mut();
-        st.body_bytes_sent += chunk.len() as u64;
+        st.body_bytes_sent += chunk.remaining() as u64;
         // A HEAD subrequest has no body, whatever its handler printed (nginx's header_only).
         if st.method != http::Method::HEAD {
-            sub.body.borrow_mut().extend_from_slice(&chunk);
+            sub.body.borrow_mut().extend_from_slice(chunk.as_ref());
         }
         if eof {
             st.eof_sent = true;
@@ -62,16 +63,16 @@ async fn send_with(rc: &Rc<ReqCtx>, extra: Option<Bytes>, eof: bool) -> Result<(
         return Ok(());
     }
     // Decide under the borrow, await after it: another request's coroutine may run meanwhile.
-    let (head, tx) = {
+    let (head, send) = {
         let mut st = rc.st.borrow_mut();
-        st.body_bytes_sent += chunk.len() as u64;
+        st.body_bytes_sent += chunk.remaining() as u64;
         if let Some(head_tx) = st.head_tx.take() {
             let body = if eof {
-                Body::full(chunk.clone())
+                Body::chunk(chunk)
             } else {
                 let (tx, rx) = mpsc::channel(16);
                 if !chunk.is_empty() {
-                    let _ = tx.try_send(chunk.clone());
+                    let _ = tx.try_send(chunk.into_bytes());
                 }
                 st.body_tx = Some(tx);
                 Body::Stream(rx)
@@ -86,7 +87,7 @@ async fn send_with(rc: &Rc<ReqCtx>, extra: Option<Bytes>, eof: bool) -> Result<(
                 st.eof_sent = true;
                 st.body_tx = None;
             }
-            (None, tx)
+            (None, tx.map(|tx| (tx, chunk)))
         }
     };
     if let Some((head_tx, resp)) = head {
@@ -94,9 +95,9 @@ async fn send_with(rc: &Rc<ReqCtx>, extra: Option<Bytes>, eof: bool) -> Result<(
             .send(resp)
             .map_err(|_| "client closed connection".to_string());
     }
-    if let Some(tx) = tx {
+    if let Some((tx, chunk)) = send {
         if !chunk.is_empty() {
-            tx.send(chunk)
+            tx.send(chunk.into_bytes())
                 .await
                 .map_err(|_| "client closed connection".to_string())?;
         }
@@ -104,13 +105,14 @@ async fn send_with(rc: &Rc<ReqCtx>, extra: Option<Bytes>, eof: bool) -> Result<(
     Ok(())
 }
 
-/// The buffered output as one chunk. The last one takes the buffer whole (freezing it costs
-/// nothing); an earlier one splits it off, so that later output reuses the rest of its room.
-fn take_out(out: &mut bytes::BytesMut, eof: bool) -> Bytes {
+/// The buffered output as one chunk. The last one takes the buffer whole (its room goes back
+/// to the pool once hyper copied it out, see `body::Chunk`); an earlier one splits it off, so
+/// that later output reuses the rest of its room.
+fn take_out(out: &mut bytes::BytesMut, eof: bool) -> Chunk {
     if eof {
-        std::mem::take(out).freeze()
+        Chunk::out(std::mem::take(out))
     } else {
-        out.split().freeze()
+        Chunk::Shared(out.split().freeze())
     }
 }
 
@@ -134,11 +136,13 @@ fn build_response(st: &mut super::request::ReqState, body: Body, eof: bool) -> R
     let h = resp.headers_mut();
     // Once the response is complete only the log phase may read the headers again
     // ($sent_http_*, ngx.header); without one they can move out instead of being copied.
-    *h = if !eof || st.conf.log_by_lua.is_some() || !st.conf.access_logs.is_empty() {
-        st.resp_headers.clone()
+    if !eof || st.conf.log_by_lua.is_some() || !st.conf.access_logs.is_empty() {
+        *h = st.resp_headers.clone();
     } else {
-        std::mem::take(&mut st.resp_headers)
-    };
+        // A swap leaves the response's fresh empty map in the request: no map made or
+        // dropped here.
+        std::mem::swap(h, &mut st.resp_headers);
+    }
     if st.status == 444 {
         h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     }
@@ -155,27 +159,26 @@ async fn header_filter(rc: &Rc<ReqCtx>) {
             st.status = 200;
         }
         let status = st.status;
-        if !st.resp_headers.contains_key(http::header::CONTENT_TYPE)
-            && status != 204
-            && status != 304
-            && status >= 200
-        {
-            let v = st.conf.default_type.clone();
-            st.resp_headers.insert(http::header::CONTENT_TYPE, v);
+        // entry(): one hash and probe where contains_key + insert took two.
+        if status != 204 && status != 304 && status >= 200 {
+            if let Entry::Vacant(e) = st.resp_headers.entry(http::header::CONTENT_TYPE) {
+                e.insert(st.conf.default_type.clone());
+            }
         }
         let conf = st.conf.clone();
         // nginx adds Server (ngx_http_header_filter) and add_header (ngx_http_headers_filter)
         // to the main request only; a subrequest's captured headers have neither.
         let main = !rc.is_subrequest();
         // Added before headers-more runs so that `more_clear_headers Server` can remove it.
-        if main && !st.resp_headers.contains_key(http::header::SERVER) {
-            let v = if conf.server_tokens {
-                concat!("tidegate/", env!("CARGO_PKG_VERSION"))
-            } else {
-                "tidegate"
-            };
-            st.resp_headers
-                .insert(http::header::SERVER, HeaderValue::from_static(v));
+        if main {
+            if let Entry::Vacant(e) = st.resp_headers.entry(http::header::SERVER) {
+                let v = if conf.server_tokens {
+                    concat!("tidegate/", env!("CARGO_PKG_VERSION"))
+                } else {
+                    "tidegate"
+                };
+                e.insert(HeaderValue::from_static(v));
+            }
         }
         for ah in conf.add_headers.iter().filter(|_| main) {
             if ah.always || ADD_HEADER_STATUSES.contains(&status) {
@@ -276,21 +279,24 @@ pub fn apply_more(rc: &ReqCtx, st: &mut super::request::ReqState, m: &MoreHeader
 }
 
 /// The body filter: body_filter_by_lua sees (and may replace) each chunk.
-async fn body_filter(rc: &Rc<ReqCtx>, chunk: Bytes, eof: bool) -> (Bytes, bool) {
+async fn body_filter(rc: &Rc<ReqCtx>, chunk: Chunk, eof: bool) -> (Chunk, bool) {
     let conf = rc.st.borrow().conf.clone();
     let Some(lua_chunk) = &conf.body_filter_by_lua else {
         return (chunk, eof);
     };
     let prev = {
         let mut st = rc.st.borrow_mut();
-        st.arg = LuaArgs::Body { chunk, eof };
+        st.arg = LuaArgs::Body {
+            chunk: chunk.into_bytes(),
+            eof,
+        };
         st.phase
     };
     let _ = lua_phase::run(rc, lua_chunk, Phase::BodyFilter).await;
     let mut st = rc.st.borrow_mut();
     st.phase = prev;
     match std::mem::take(&mut st.arg) {
-        LuaArgs::Body { chunk, eof: e } => (chunk, e || eof),
-        _ => (Bytes::new(), eof),
+        LuaArgs::Body { chunk, eof: e } => (Chunk::Shared(chunk), e || eof),
+        _ => (Chunk::Shared(Bytes::new()), eof),
     }
 }

@@ -251,6 +251,9 @@ fn spare_map() -> HeaderMap {
 
 impl Drop for ReqState {
     fn drop(&mut self) {
+        // Output never taken (a proxied body goes out as the upstream's chunks): its room
+        // serves the next request.
+        super::body::recycle_out(std::mem::take(&mut self.out));
         let mut h = std::mem::take(&mut self.headers);
         if h.capacity() == 0 || h.capacity() > SPARE_MAP_CAPACITY_MAX {
             return;
@@ -300,7 +303,7 @@ impl ReqState {
             status: 0,
             resp_headers: spare_map(),
             headers_sent: false,
-            out: BytesMut::new(),
+            out: super::body::spare_out(),
             eof_sent: false,
             body_bytes_sent: 0,
             arg: LuaArgs::None,

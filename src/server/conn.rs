@@ -23,14 +23,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::conf::model::{LocConf, Location, RewriteOp};
 use crate::conf::Config;
-use crate::http::body::Body;
+use crate::http::body::{Body, Chunk};
 
 /// What the connection task and its watchdog share.
 pub struct ConnState {
@@ -79,11 +78,15 @@ impl ConnState {
     }
 }
 
-/// The client socket: records when a write last made progress (see the module doc).
+/// The client socket: records when a write last made progress (see the module doc). A write
+/// taken whole at once needs no clock: it happens while a request is served or right after
+/// its response finished (`idle_since`), and neither moves the deadline. Only once a write
+/// stalled (would block, or took part of its bytes) does each later progress read the clock.
 pub struct Tracked<S> {
     io: S,
     last_write: Arc<AtomicU64>,
     born: Instant,
+    stalled: bool,
 }
 
 impl<S> Tracked<S> {
@@ -92,12 +95,26 @@ impl<S> Tracked<S> {
             io,
             last_write: state.last_write.clone(),
             born: state.born,
+            stalled: false,
         }
     }
 
     fn wrote(&self) {
         let ns = self.born.elapsed().as_nanos().min(u64::MAX as u128) as u64;
         self.last_write.store(ns, Ordering::Relaxed);
+    }
+
+    /// Note the result of a write of `len` bytes.
+    fn track(&mut self, r: &Poll<std::io::Result<usize>>, len: usize) {
+        match r {
+            Poll::Ready(Ok(n)) if *n >= len && !self.stalled => {}
+            Poll::Ready(Ok(n)) if *n > 0 => {
+                self.wrote();
+                self.stalled = *n < len;
+            }
+            Poll::Pending => self.stalled = true,
+            _ => {}
+        }
     }
 }
 
@@ -119,9 +136,7 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Tracked<S> {
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.io).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.wrote();
-        }
+        this.track(&r, buf.len());
         r
     }
 
@@ -132,9 +147,7 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Tracked<S> {
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.wrote();
-        }
+        this.track(&r, bufs.iter().map(|b| b.len()).sum());
         r
     }
 
@@ -171,13 +184,13 @@ impl Drop for ConnBody {
 }
 
 impl http_body::Body for ConnBody {
-    type Data = Bytes;
+    type Data = Chunk;
     type Error = std::io::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    ) -> Poll<Option<Result<Frame<Chunk>, Self::Error>>> {
         Pin::new(&mut self.get_mut().body).poll_frame(cx)
     }
 
