@@ -190,7 +190,7 @@ pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
         };
         let tmo = Timeouts::of(&pc, peers.timeouts());
         budget.tries += 1;
-        let t0 = Instant::now();
+        let mut t0 = Instant::now();
         let upstream = |uri: &str| format!("{}://{}{}", scheme, peer.name, uri);
         let mut use_pool = true;
         let res = loop {
@@ -207,7 +207,11 @@ pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
             match r {
                 // A kept-alive connection the upstream had closed: once more on a fresh one,
                 // not counted as a try (nginx does the same for cached connections).
-                Err(f) if f.stale && use_pool && src.replayable() => use_pool = false,
+                // Its times start again: what was lost on the dead connection is no connect.
+                Err(f) if f.stale && use_pool && src.replayable() => {
+                    use_pool = false;
+                    t0 = Instant::now();
+                }
                 r => break r,
             }
         };

@@ -89,7 +89,8 @@ unsafe extern "C-unwind" fn newindex_fast(l: *mut ffi::lua_State) -> c_int {
         if !SET_PHASES.contains(&st.phase) || (st.headers_sent && st.phase != Phase::HeaderFilter) {
             return None;
         }
-        // `insert` drops every earlier value of the name, as the slow path's remove + append.
+        // `insert` drops every earlier value of the name and keeps its place, as nginx and the
+        // slow path do.
         st.resp_headers.insert(name, value);
         Some(())
     })();
@@ -142,7 +143,6 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
                 );
                 return Ok(());
             }
-            st.resp_headers.remove(&name);
             let values: Vec<Vec<u8>> = match &value {
                 Value::Table(t) => {
                     let mut vs = Vec::new();
@@ -155,11 +155,27 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
                 }
                 v => value_bytes(v)?.into_iter().collect(),
             };
-            for v in values {
-                // A CR or LF would split the header: OpenResty escapes them; we reject them.
-                let v = HeaderValue::from_bytes(&v).map_err(|_| {
+            // A CR or LF would split the header: OpenResty escapes them; we reject them (all
+            // checked before anything changes).
+            let values = values
+                .iter()
+                .map(|v| HeaderValue::from_bytes(v))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| {
                     mlua::Error::runtime(format!("invalid value for header \"{}\"", key))
                 })?;
+            // As nginx: the first value takes the place of the header already there (so the
+            // order of the others stays), the rest follow it; nil or {} removes the header.
+            let mut values = values.into_iter();
+            match values.next() {
+                Some(first) => {
+                    st.resp_headers.insert(name.clone(), first);
+                }
+                None => {
+                    st.resp_headers.remove(&name);
+                }
+            }
+            for v in values {
                 st.resp_headers.append(name.clone(), v);
             }
             Ok(())
