@@ -149,12 +149,13 @@ echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 } | tee "$OUT"
 for sc in $SCENARIOS; do
     if [ -z "$ORIGIN_PID" ] && grep -q '@ORIGIN_' "$BENCH/conf/${sc%%:*}.conf"; then start_origin; fi
+    # Upstream connection counts only mean something for scenarios that proxy to the origin.
+    proxied=; grep -q '@ORIGIN_' "$BENCH/conf/${sc%%:*}.conf" && proxied=1
     for r in $(seq "$ROUNDS"); do
         read -r n_rps n_p99 n_cpu n_up < <(run_one nginx "$sc")
         read -r t_rps t_p99 t_cpu t_up < <(run_one tidegate "$sc")
-        # Upstream connection counts only mean something for proxy scenarios ("-" otherwise).
         awk -v sc="$sc" -v r="$r" -v nr="$n_rps" -v tr="$t_rps" -v np="$n_p99" -v tp="$t_p99" -v nc="$n_cpu" -v tc="$t_cpu" \
-            -v nu="$n_up" -v tu="$t_up" -v origin="$ORIGIN_PID" \
+            -v nu="$n_up" -v tu="$t_up" -v origin="$proxied" \
             'BEGIN { if (origin == "") { nu = "-"; tu = "-" }
                      printf "| %s | %d | %.0f | %.0f | %.2f | %.2f | %.2f | %.1f | %.1f | %.2f | %s | %s |\n", sc, r, nr, tr, tr/nr, np, tp, nc, tc, tc/nc, nu, tu }' | tee -a "$OUT"
     done
