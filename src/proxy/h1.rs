@@ -816,11 +816,19 @@ mod tests {
             pass_headers: vec!["server".into()],
             ..Default::default()
         };
-        let mut buf = BytesMut::from(&raw[..]);
-        let h = parse_head(&mut buf, false, true, &pc, &mut HeaderMap::new())
+        let parse = |raw: &[u8], pc: &ProxyConf| {
+            parse_head(
+                &mut BytesMut::from(raw),
+                false,
+                true,
+                pc,
+                &mut HeaderMap::new(),
+            )
             .ok()
             .flatten()
-            .unwrap();
+            .unwrap()
+        };
+        let h = parse(&raw[..], &pc);
         let got: Vec<(String, String)> = h
             .headers
             .iter()
@@ -842,33 +850,13 @@ mod tests {
         assert_eq!(&h.raw[..], &raw[..]);
         // Headers the Connection header names go too; the rest keep their order.
         let raw = b"HTTP/1.1 200 OK\r\nX-C: 1\r\nSERVER: s\r\nX-Hop: 2\r\nConnection: X-Hop, keep-alive\r\ndate: d\r\nX-D: 3\r\nContent-Length: 0\r\n\r\n";
-        let mut buf = BytesMut::from(&raw[..]);
-        let h = parse_head(
-            &mut buf,
-            false,
-            true,
-            &ProxyConf::default(),
-            &mut HeaderMap::new(),
-        )
-        .ok()
-        .flatten()
-        .unwrap();
+        let h = parse(&raw[..], &ProxyConf::default());
         let names: Vec<&str> = h.headers.keys().map(|n| n.as_str()).collect();
         assert_eq!(names, ["x-c", "x-d", "content-length"]);
         assert!(!h.relocates);
         // A 101 keeps Upgrade and says Connection: upgrade.
         let raw = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
-        let mut buf = BytesMut::from(&raw[..]);
-        let h = parse_head(
-            &mut buf,
-            false,
-            true,
-            &ProxyConf::default(),
-            &mut HeaderMap::new(),
-        )
-        .ok()
-        .flatten()
-        .unwrap();
+        let h = parse(&raw[..], &ProxyConf::default());
         assert_eq!(h.headers.get("upgrade").unwrap(), "websocket");
         assert_eq!(h.headers.get("connection").unwrap(), "upgrade");
     }
