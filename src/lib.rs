@@ -5,14 +5,6 @@
 //! shared dict zones.
 
 pub mod conf;
-
-/// A map keyed by names that the configuration or the operator's Lua code chooses (variables,
-/// upstreams), never by client input: foldhash (seeded per process) instead of SipHash, which
-/// cost ~200 instructions a lookup on the request path. Maps whose keys may come from clients
-/// (shared dicts) keep std's SipHash.
-pub type NameMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
-/// The set of [`NameMap`].
-pub type NameSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 pub mod http;
 pub mod log;
 pub mod lua;
@@ -27,3 +19,11 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub const NGX_LUA_VERSION: i64 = 10026;
 /// What `ngx.config.nginx_version` reports: the nginx release whose behaviour we follow.
 pub const NGINX_VERSION: i64 = 1_025_003;
+
+/// A map keyed by names that the configuration or the operator's Lua code chooses (variables,
+/// upstreams), never by client input: foldhash (seeded per process) instead of SipHash, which
+/// cost ~200 instructions a lookup on the request path. Maps whose keys may come from clients
+/// (shared dicts) keep std's SipHash.
+pub type NameMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+/// The set of [`NameMap`].
+pub type NameSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
