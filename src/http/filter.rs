@@ -106,13 +106,15 @@ async fn send_with(rc: &Rc<ReqCtx>, extra: Option<Bytes>, eof: bool) -> Result<(
 }
 
 /// The buffered output as one chunk. The last one takes the buffer whole (its room goes back
-/// to the pool once hyper copied it out, see `body::Chunk`); an earlier one splits it off, so
-/// that later output reuses the rest of its room.
+/// to the pool once hyper copied it out, see `body::Chunk`). An earlier one (a flush) takes
+/// it whole too and later output starts a buffer of its own: a split-off rest would still
+/// share the flushed allocation, and pooling that rest would pin the whole of it (its
+/// `capacity()` shows only the room left).
 fn take_out(out: &mut bytes::BytesMut, eof: bool) -> Chunk {
     if eof {
         Chunk::out(std::mem::take(out))
     } else {
-        Chunk::Shared(out.split().freeze())
+        Chunk::Shared(std::mem::take(out).freeze())
     }
 }
 
@@ -298,5 +300,24 @@ async fn body_filter(rc: &Rc<ReqCtx>, chunk: Chunk, eof: bool) -> (Chunk, bool) 
     match std::mem::take(&mut st.arg) {
         LuaArgs::Body { chunk, eof: e } => (Chunk::Shared(chunk), e || eof),
         _ => (Chunk::Shared(Bytes::new()), eof),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flush_takes_the_buffer_whole() {
+        // Nothing may stay behind sharing the flushed allocation (see `take_out`).
+        let mut out = bytes::BytesMut::with_capacity(100_000);
+        out.extend_from_slice(&[b'x'; 90_000]);
+        let c = take_out(&mut out, false);
+        assert_eq!(c.as_ref().len(), 90_000);
+        assert_eq!(out.capacity(), 0);
+        out.extend_from_slice(b"tail");
+        let c = take_out(&mut out, true);
+        assert_eq!(c.as_ref(), b"tail");
+        assert_eq!(out.capacity(), 0);
     }
 }
