@@ -204,19 +204,22 @@ fn plain_command(name: &[u8]) -> bool {
             .any(|p| name.eq_ignore_ascii_case(p.as_bytes()))
 }
 
-/// Append `n` in decimal.
-fn push_dec(out: &mut Vec<u8>, mut n: usize) {
-    let mut buf = [0u8; 20];
+/// `n` in decimal, written at the end of `buf` (no allocation, no formatting machinery).
+fn dec_digits(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
     let mut i = buf.len();
     loop {
         i -= 1;
         buf[i] = b'0' + (n % 10) as u8;
         n /= 10;
         if n == 0 {
-            break;
+            return &buf[i..];
         }
     }
-    out.extend_from_slice(&buf[i..]);
+}
+
+/// Append `n` in decimal.
+fn push_dec(out: &mut Vec<u8>, n: usize) {
+    out.extend_from_slice(dec_digits(n as u64, &mut [0u8; 20]));
 }
 
 fn push_bulk(out: &mut Vec<u8>, a: &[u8]) {
@@ -541,26 +544,14 @@ fn key_matches(key: &str, host: &str, port: Option<u16>, pool: Option<&str>) -> 
     match (pool, port) {
         (Some(p), _) => key == p,
         (None, Some(port)) if !host.starts_with("unix:") => {
-            let mut digits = [0u8; 5];
-            let d = u16_digits(port, &mut digits);
+            let mut digits = [0u8; 20];
+            let d = dec_digits(port.into(), &mut digits);
             key.len() == host.len() + 1 + d.len()
                 && key.starts_with(host)
                 && key.as_bytes()[host.len()] == b':'
                 && key.as_bytes()[host.len() + 1..] == *d
         }
         _ => key == host,
-    }
-}
-
-fn u16_digits(mut n: u16, buf: &mut [u8; 5]) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return &buf[i..];
-        }
     }
 }
 
