@@ -37,11 +37,7 @@ const SPARE_OUT_CAPACITY_MAX: usize = 16 * 1024;
 
 /// An empty output buffer, with room from the pool when it has some.
 pub fn spare_out() -> BytesMut {
-    SPARE_OUT
-        .try_with(|p| p.try_borrow_mut().ok().and_then(|mut p| p.pop()))
-        .ok()
-        .flatten()
-        .unwrap_or_default()
+    super::spare::take(&SPARE_OUT)
 }
 
 /// Give an output buffer's room back to the pool.
@@ -50,13 +46,7 @@ pub fn recycle_out(mut out: BytesMut) {
         return;
     }
     out.clear();
-    let _ = SPARE_OUT.try_with(|p| {
-        if let Ok(mut p) = p.try_borrow_mut() {
-            if p.len() < SPARE_OUT_MAX {
-                p.push(out);
-            }
-        }
-    });
+    super::spare::give(&SPARE_OUT, out, SPARE_OUT_MAX);
 }
 
 impl Drop for OutBuf {

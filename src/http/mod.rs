@@ -13,6 +13,7 @@ pub mod map;
 pub mod realip;
 pub mod request;
 pub mod rewrite;
+pub mod spare;
 pub mod special;
 pub mod static_files;
 pub mod subrequest;

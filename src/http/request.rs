@@ -242,11 +242,7 @@ const SPARE_MAPS_MAX: usize = 256;
 const SPARE_MAP_CAPACITY_MAX: usize = 64;
 
 fn spare_map() -> HeaderMap {
-    SPARE_MAPS
-        .try_with(|p| p.borrow_mut().pop())
-        .ok()
-        .flatten()
-        .unwrap_or_default()
+    super::spare::take(&SPARE_MAPS)
 }
 
 impl Drop for ReqState {
@@ -259,13 +255,7 @@ impl Drop for ReqState {
             return;
         }
         h.clear();
-        let _ = SPARE_MAPS.try_with(|p| {
-            if let Ok(mut p) = p.try_borrow_mut() {
-                if p.len() < SPARE_MAPS_MAX {
-                    p.push(h);
-                }
-            }
-        });
+        super::spare::give(&SPARE_MAPS, h, SPARE_MAPS_MAX);
     }
 }
 
