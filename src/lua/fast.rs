@@ -119,6 +119,19 @@ pub unsafe fn slow(l: *mut ffi::lua_State) -> c_int {
     ffi::lua_gettop(l)
 }
 
+/// Whether the call got exactly `types.len()` arguments of these Lua types (`None`: any).
+///
+/// # Safety
+/// `l` is the state of a running C function.
+#[inline]
+pub unsafe fn args_are(l: *mut ffi::lua_State, types: &[Option<c_int>]) -> bool {
+    ffi::lua_gettop(l) == types.len() as c_int
+        && types
+            .iter()
+            .zip(1..)
+            .all(|(t, i)| t.is_none_or(|t| ffi::lua_type(l, i) == t))
+}
+
 /// The bytes of the string at `idx` (which must be a string: no conversion, no allocation).
 ///
 /// # Safety

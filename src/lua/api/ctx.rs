@@ -16,19 +16,32 @@ fn request_ctx(lua: &Lua) -> mlua::Result<Value> {
         // A timer has its own ngx.ctx, as OpenResty's fake request does.
         return super::thread::detached_ctx(lua, None);
     };
-    // No Lua allocation under a borrow: a __gc finalizer may call ngx APIs.
-    let existing = rc
-        .st
-        .borrow()
-        .ctx_table
-        .as_ref()
-        .map(|k| lua.registry_value::<Value>(k));
-    if let Some(v) = existing {
+    table_in(
+        lua,
+        || {
+            rc.st
+                .borrow()
+                .ctx_table
+                .as_ref()
+                .map(|k| lua.registry_value::<Value>(k))
+        },
+        |key| rc.st.borrow_mut().ctx_table = Some(key),
+    )
+}
+
+/// A `ngx.ctx` table: the one `read` finds behind its registry key, or a new one whose key
+/// goes to `store`. The new table is made after `read`'s borrow ended: no Lua allocation
+/// under a borrow (a __gc finalizer may call ngx APIs).
+pub fn table_in(
+    lua: &Lua,
+    read: impl FnOnce() -> Option<mlua::Result<Value>>,
+    store: impl FnOnce(mlua::RegistryKey),
+) -> mlua::Result<Value> {
+    if let Some(v) = read() {
         return v;
     }
     let t = lua.create_table()?;
-    let key = lua.create_registry_value(&t)?;
-    rc.st.borrow_mut().ctx_table = Some(key);
+    store(lua.create_registry_value(&t)?);
     Ok(Value::Table(t))
 }
 
@@ -36,7 +49,7 @@ fn request_ctx(lua: &Lua) -> mlua::Result<Value> {
 /// a helper without arguments); everything else goes to the ordinary `__index`.
 unsafe extern "C-unwind" fn index_fast(l: *mut ffi::lua_State) -> c_int {
     use crate::lua::fast;
-    if ffi::lua_gettop(l) != 2 || ffi::lua_type(l, 2) != ffi::LUA_TSTRING {
+    if !fast::args_are(l, &[None, Some(ffi::LUA_TSTRING)]) {
         return fast::slow(l);
     }
     enum Hit {

@@ -67,10 +67,7 @@ const SET_PHASES: &[Phase] = &[
 /// phase, headers already sent) goes to the ordinary `__newindex`.
 unsafe extern "C-unwind" fn newindex_fast(l: *mut ffi::lua_State) -> c_int {
     use crate::lua::fast;
-    if ffi::lua_gettop(l) != 3
-        || ffi::lua_type(l, 2) != ffi::LUA_TSTRING
-        || ffi::lua_type(l, 3) != ffi::LUA_TSTRING
-    {
+    if !fast::args_are(l, &[None, Some(ffi::LUA_TSTRING), Some(ffi::LUA_TSTRING)]) {
         return fast::slow(l);
     }
     let done = (|| {

@@ -249,9 +249,7 @@ unsafe fn push_value(l: *mut ffi::lua_State, v: &Value) {
 /// key types and every error go to the ordinary primitive.
 unsafe extern "C-unwind" fn get_fast(l: *mut ffi::lua_State) -> c_int {
     use crate::lua::fast;
-    if ffi::lua_gettop(l) != 3
-        || ffi::lua_type(l, 2) != ffi::LUA_TSTRING
-        || ffi::lua_type(l, 3) != ffi::LUA_TBOOLEAN
+    if !fast::args_are(l, &[None, Some(ffi::LUA_TSTRING), Some(ffi::LUA_TBOOLEAN)])
         || ffi::lua_toboolean(l, 3) != 0
     {
         return fast::slow(l);

@@ -525,16 +525,14 @@ pub fn detached_ctx(lua: &Lua, set: Option<Table>) -> mlua::Result<Value> {
         *s.ctx.borrow_mut() = Some(key);
         return Ok(Value::Table(t));
     }
-    let existing = s
-        .ctx
-        .borrow()
-        .as_ref()
-        .map(|k| lua.registry_value::<Value>(k));
-    if let Some(v) = existing {
-        return v;
-    }
-    let t = lua.create_table()?;
-    let key = lua.create_registry_value(&t)?;
-    *s.ctx.borrow_mut() = Some(key);
-    Ok(Value::Table(t))
+    super::ctx::table_in(
+        lua,
+        || {
+            s.ctx
+                .borrow()
+                .as_ref()
+                .map(|k| lua.registry_value::<Value>(k))
+        },
+        |key| *s.ctx.borrow_mut() = Some(key),
+    )
 }

@@ -13,7 +13,7 @@ use crate::lua::request::current;
 /// (captures) and every refusal go to the ordinary `__index`.
 unsafe extern "C-unwind" fn index_fast(l: *mut ffi::lua_State) -> c_int {
     use crate::lua::fast;
-    if ffi::lua_gettop(l) != 2 || ffi::lua_type(l, 2) != ffi::LUA_TSTRING {
+    if !fast::args_are(l, &[None, Some(ffi::LUA_TSTRING)]) {
         return fast::slow(l);
     }
     let value = (|| {
@@ -40,10 +40,7 @@ unsafe extern "C-unwind" fn index_fast(l: *mut ffi::lua_State) -> c_int {
 /// conversion; other values, names and every refusal go to the ordinary `__newindex`.
 unsafe extern "C-unwind" fn newindex_fast(l: *mut ffi::lua_State) -> c_int {
     use crate::lua::fast;
-    if ffi::lua_gettop(l) != 3
-        || ffi::lua_type(l, 2) != ffi::LUA_TSTRING
-        || ffi::lua_type(l, 3) != ffi::LUA_TSTRING
-    {
+    if !fast::args_are(l, &[None, Some(ffi::LUA_TSTRING), Some(ffi::LUA_TSTRING)]) {
         return fast::slow(l);
     }
     let done = (|| {
