@@ -14,7 +14,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
@@ -39,73 +39,84 @@ pub enum Outcome {
     Status(u16),
 }
 
-/// Serve one request on a worker: builds the request and starts the phase walk in a local
-/// task, so that a handler that flushes early can stream while hyper already writes the head.
-/// The returned future only waits for the head: it stays small, and hyper moves it around.
+/// A request's phase walk, boxed: it is large (phases, error_page, finalize and log are all
+/// in it) and hyper moves the futures it holds.
+pub type Walk = Pin<Box<dyn Future<Output = ()>>>;
+
+thread_local! {
+    /// Whether a walk that loses its connection may become a task of its own (set while
+    /// the worker's `LocalSet` runs).
+    static ADOPT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Let walks that lose their connection go on as tasks on this thread (see [`orphan`]);
+/// the worker turns this on while its `LocalSet` runs, and off before it drops.
+pub fn adopt_orphans(on: bool) {
+    ADOPT.with(|a| a.set(on));
+}
+
+/// A walk whose connection dropped it (the client left, or hyper finished the response
+/// while the walk still had work after it): it goes on as its own task, as an nginx request
+/// goes on after its client left (the log phase runs, the upstream connection is released).
+pub fn orphan(walk: Walk) {
+    if ADOPT.with(|a| a.get()) {
+        tokio::task::spawn_local(walk);
+    }
+}
+
+/// Serve one request on a worker: builds the request; hyper's connection task then polls its
+/// phase walk ([`ResponseFuture`]) until the head is ready, and the walk travels on in the
+/// response body while it still has work (streaming, the log phase after an early flush).
+/// One task per connection: a walk that waits (a proxy, a cosocket) is woken as the
+/// connection task itself, without a task of its own and a hop back to the connection.
+/// The returned future stays small: hyper moves it around.
 pub fn serve(env: Rc<Env>, conn: Rc<ConnInfo>, req: Request<Incoming>) -> ResponseFuture {
     crate::lua::api::time::update_cached_time();
     let (head_tx, head_rx) = oneshot::channel();
-    let rc = match new_request(env, conn, req, head_tx) {
-        Ok(rc) => rc,
-        Err(code) => return ResponseFuture::Error(code),
-    };
-    let conn = rc.conn.clone();
-    // Boxed: the walk's future is large (phases, error_page, finalize and log are all in it)
-    // and tokio moves a task's future by value several times while spawning and finishing it.
-    let mut walk = Box::pin(run(rc));
-    // Most walks never wait (a Lua or static handler that answers at once): run it here, so
-    // the head is ready when hyper polls for it, in the same turn of the connection task.
-    // One that waits becomes its own task: it goes on when the client leaves, as in nginx,
-    // and polling it inline in hyper's task for its whole life measured worse under load
-    // (bench/README.md). The task polls it again with its own waker (the no-op one given
-    // here is then replaced), which costs a second pass down to the same wait: so once a walk
-    // on this connection waited (a proxy location, say), the next ones start as tasks, until
-    // one of them turns out to finish on its first poll.
-    if !conn.walk_waits.get() {
-        if walk
-            .as_mut()
-            .poll(&mut Context::from_waker(Waker::noop()))
-            .is_ready()
-        {
-            return ResponseFuture::Wait(head_rx);
-        }
-        conn.walk_waits.set(true);
-        tokio::task::spawn_local(walk);
-    } else {
-        let mut first = true;
-        tokio::task::spawn_local(std::future::poll_fn(move |cx| {
-            let r = walk.as_mut().poll(cx);
-            if std::mem::take(&mut first) && r.is_ready() {
-                conn.walk_waits.set(false);
-            }
-            r
-        }));
+    match new_request(env, conn, req, head_tx) {
+        Ok(rc) => ResponseFuture::Walk(Some((Box::pin(run(rc)), head_rx))),
+        Err(code) => ResponseFuture::Error(code),
     }
-    ResponseFuture::Wait(head_rx)
 }
 
-/// The response head of a request being served (see [`serve`]).
+/// The response head of a request being served (see [`serve`]), with the walk when it is
+/// not finished yet.
 pub enum ResponseFuture {
-    Wait(oneshot::Receiver<Response<Body>>),
+    Walk(Option<(Walk, oneshot::Receiver<Response<Body>>)>),
     /// Refused before the phases ran (a bad request line or Host).
     Error(u16),
 }
 
 impl Future for ResponseFuture {
-    type Output = Response<Body>;
+    type Output = (Response<Body>, Option<Walk>);
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Response<Body>> {
-        match self.get_mut() {
-            // Most heads are there at the first poll (the walk ran in `serve`): try_recv
-            // takes it without the task budget bookkeeping of a full poll.
-            ResponseFuture::Wait(rx) => match rx.try_recv() {
-                Ok(r) => Poll::Ready(r),
-                Err(oneshot::error::TryRecvError::Closed) => Poll::Ready(plain_error(500)),
-                Err(oneshot::error::TryRecvError::Empty) => Pin::new(rx)
-                    .poll(cx)
-                    .map(|r| r.unwrap_or_else(|_| plain_error(500))),
-            },
-            ResponseFuture::Error(code) => Poll::Ready(plain_error(*code)),
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let slot = match self.get_mut() {
+            ResponseFuture::Walk(slot) => slot,
+            ResponseFuture::Error(code) => return Poll::Ready((plain_error(*code), None)),
+        };
+        let Some((walk, head)) = slot.as_mut() else {
+            return Poll::Ready((plain_error(500), None));
+        };
+        let done = walk.as_mut().poll(cx).is_ready();
+        let resp = match head.try_recv() {
+            Ok(r) => r,
+            Err(oneshot::error::TryRecvError::Empty) if !done => return Poll::Pending,
+            // The walk ended (or dropped its head) without a response: nothing to send.
+            Err(_) => plain_error(500),
+        };
+        let walk = slot.take().map(|(w, _)| w);
+        Poll::Ready((resp, walk.filter(|_| !done)))
+    }
+}
+
+impl Drop for ResponseFuture {
+    fn drop(&mut self) {
+        if let ResponseFuture::Walk(Some((walk, head))) = self {
+            // The client went before the head: the walk sees its head channel closed.
+            head.close();
+            let walk = std::mem::replace(walk, Box::pin(std::future::ready(())));
+            orphan(walk);
         }
     }
 }

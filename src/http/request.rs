@@ -75,8 +75,6 @@ pub struct ConnInfo {
     pub local: SocketAddr,
     /// Requests served so far on this connection (`keepalive_requests`).
     pub requests: Cell<u64>,
-    /// The last request's phase walk had to wait (see `engine::serve`).
-    pub walk_waits: Cell<bool>,
 }
 
 /// How a Lua handler asked to end its phase.

@@ -130,7 +130,7 @@ pub fn run(opts: LoadOptions) -> i32 {
         let ready = ready_tx.clone();
         let h = std::thread::Builder::new()
             .name(format!("worker-{}", id))
-            // A request's phases start on hyper's stack (engine::serve polls them inline) and
+            // A request's phases run on hyper's stack (the connection task polls them) and
             // nested subrequests poll each other recursively: 50 levels of
             // ngx.location.capture need more than the 2 MiB default of a spawned thread.
             // Only touched pages cost memory.

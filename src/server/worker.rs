@@ -136,6 +136,7 @@ pub fn main(
             }
         };
         let (shutdown, _) = watch::channel(false);
+        crate::http::engine::adopt_orphans(true);
         let w = Rc::new(Worker {
             id,
             count,
@@ -210,6 +211,8 @@ pub fn main(
         {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        // The LocalSet is dropped next, with what is left on it: nothing may spawn then.
+        crate::http::engine::adopt_orphans(false);
     });
 }
 
@@ -241,7 +244,6 @@ async fn accept_loop(w: Rc<Worker>, listener: TcpListener) {
             remote: peer,
             local,
             requests: Cell::new(0),
-            walk_waits: Cell::new(false),
         });
         w.active.set(w.active.get() + 1);
         let w2 = w.clone();
@@ -283,8 +285,8 @@ async fn serve_conn(w: &Rc<Worker>, conn: Rc<ConnInfo>, stream: tokio::net::TcpS
         let head = crate::http::engine::serve(env, c2.clone(), req);
         let state = s2.clone();
         async move {
-            let resp = head.await;
-            Ok::<_, std::convert::Infallible>(resp.map(|b| ConnBody::new(b, state)))
+            let (resp, walk) = head.await;
+            Ok::<_, std::convert::Infallible>(resp.map(|b| ConnBody::new(b, walk, state)))
         }
     });
     let mut builder = http1::Builder::new();
