@@ -19,12 +19,11 @@ use std::task::{Context, Poll};
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use tokio::sync::oneshot;
 
 use super::body::Body;
 use super::filter;
 use super::location;
-use super::request::{ConnInfo, Env, Exit, Phase, ReqBody, ReqCtx, ReqState};
+use super::request::{ConnInfo, Env, Exit, HeadSlot, Phase, ReqBody, ReqCtx, ReqState};
 use super::rewrite::{self, RwResult};
 use super::special;
 use crate::conf::model::{Content, Location, Server, ServerName};
@@ -72,9 +71,8 @@ pub fn orphan(walk: Walk) {
 /// The returned future stays small: hyper moves it around.
 pub fn serve(env: Rc<Env>, conn: Rc<ConnInfo>, req: Request<Incoming>) -> ResponseFuture {
     crate::lua::api::time::update_cached_time();
-    let (head_tx, head_rx) = oneshot::channel();
-    match new_request(env, conn, req, head_tx) {
-        Ok(rc) => ResponseFuture::Walk(Some((Box::pin(run(rc)), head_rx))),
+    match new_request(env, conn, req) {
+        Ok(rc) => ResponseFuture::Walk(Some((Box::pin(run(rc.clone())), rc))),
         Err(code) => ResponseFuture::Error(code),
     }
 }
@@ -82,7 +80,7 @@ pub fn serve(env: Rc<Env>, conn: Rc<ConnInfo>, req: Request<Incoming>) -> Respon
 /// The response head of a request being served (see [`serve`]), with the walk when it is
 /// not finished yet.
 pub enum ResponseFuture {
-    Walk(Option<(Walk, oneshot::Receiver<Response<Body>>)>),
+    Walk(Option<(Walk, Rc<ReqCtx>)>),
     /// Refused before the phases ran (a bad request line or Host).
     Error(u16),
 }
@@ -95,15 +93,21 @@ impl Future for ResponseFuture {
             ResponseFuture::Walk(slot) => slot,
             ResponseFuture::Error(code) => return Poll::Ready((plain_error(*code), None)),
         };
-        let Some((walk, head)) = slot.as_mut() else {
+        let Some((walk, rc)) = slot.as_mut() else {
             return Poll::Ready((plain_error(500), None));
         };
         let done = walk.as_mut().poll(cx).is_ready();
-        let resp = match head.try_recv() {
-            Ok(r) => r,
-            Err(oneshot::error::TryRecvError::Empty) if !done => return Poll::Pending,
-            // The walk ended (or dropped its head) without a response: nothing to send.
-            Err(_) => plain_error(500),
+        let resp = {
+            let mut st = rc.st.borrow_mut();
+            match std::mem::replace(&mut st.head, HeadSlot::Done) {
+                HeadSlot::Ready(r) => r,
+                HeadSlot::Waiting if !done => {
+                    st.head = HeadSlot::Waiting;
+                    return Poll::Pending;
+                }
+                // The walk ended without a response: nothing to send.
+                _ => plain_error(500),
+            }
         };
         let walk = slot.take().map(|(w, _)| w);
         Poll::Ready((resp, walk.filter(|_| !done)))
@@ -112,9 +116,14 @@ impl Future for ResponseFuture {
 
 impl Drop for ResponseFuture {
     fn drop(&mut self) {
-        if let ResponseFuture::Walk(Some((walk, head))) = self {
-            // The client went before the head: the walk sees its head channel closed.
-            head.close();
+        if let ResponseFuture::Walk(Some((walk, rc))) = self {
+            // The client went before the head: the walk learns it from the slot.
+            if let Ok(mut st) = rc.st.try_borrow_mut() {
+                st.head = match st.head {
+                    HeadSlot::Waiting => HeadSlot::Gone,
+                    _ => HeadSlot::Done,
+                };
+            }
             let walk = std::mem::replace(walk, Box::pin(std::future::ready(())));
             orphan(walk);
         }
@@ -135,7 +144,6 @@ fn new_request(
     env: Rc<Env>,
     conn: Rc<ConnInfo>,
     req: Request<Incoming>,
-    head_tx: oneshot::Sender<Response<Body>>,
 ) -> Result<Rc<ReqCtx>, u16> {
     let (mut parts, body) = req.into_parts();
     let request_uri = parts
@@ -183,7 +191,7 @@ fn new_request(
             ReqBody::Unread(body),
             server,
         );
-        st.head_tx = Some(head_tx);
+        st.head = HeadSlot::Waiting;
         st.on_upgrade = on_upgrade;
         st
     }))

@@ -12,7 +12,7 @@ use http::{HeaderName, HeaderValue, Response, StatusCode};
 use tokio::sync::mpsc;
 
 use super::body::{Body, Chunk};
-use super::request::{LuaArgs, Phase, ReqCtx};
+use super::request::{HeadSlot, LuaArgs, Phase, ReqCtx};
 use crate::conf::model::MoreHeaders;
 use crate::lua::phase as lua_phase;
 
@@ -66,7 +66,7 @@ async fn send_with(rc: &Rc<ReqCtx>, extra: Option<Bytes>, eof: bool) -> Result<(
     let (head, send) = {
         let mut st = rc.st.borrow_mut();
         st.body_bytes_sent += chunk.remaining() as u64;
-        if let Some(head_tx) = st.head_tx.take() {
+        if matches!(st.head, HeadSlot::Waiting | HeadSlot::Gone) {
             let body = if eof {
                 Body::chunk(chunk)
             } else {
@@ -80,7 +80,15 @@ async fn send_with(rc: &Rc<ReqCtx>, extra: Option<Bytes>, eof: bool) -> Result<(
             if eof {
                 st.eof_sent = true;
             }
-            (Some((head_tx, build_response(&mut st, body, eof))), None)
+            let resp = build_response(&mut st, body, eof);
+            // A head the client left before is dropped; later output finds the body closed.
+            let gone = matches!(st.head, HeadSlot::Gone);
+            st.head = if gone {
+                HeadSlot::Done
+            } else {
+                HeadSlot::Ready(resp)
+            };
+            (Some(gone), None)
         } else {
             let tx = st.body_tx.clone();
             if eof {
@@ -90,10 +98,11 @@ async fn send_with(rc: &Rc<ReqCtx>, extra: Option<Bytes>, eof: bool) -> Result<(
             (None, tx.map(|tx| (tx, chunk)))
         }
     };
-    if let Some((head_tx, resp)) = head {
-        return head_tx
-            .send(resp)
-            .map_err(|_| "client closed connection".to_string());
+    if let Some(gone) = head {
+        return match gone {
+            true => Err("client closed connection".to_string()),
+            false => Ok(()),
+        };
     }
     if let Some((tx, chunk)) = send {
         if !chunk.is_empty() {

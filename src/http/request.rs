@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, Method, Version};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use super::body::Body;
 use crate::conf::model::{LocConf, Location, Server};
@@ -107,6 +107,20 @@ pub enum LuaArgs {
     },
 }
 
+/// Where a request's response head goes. The client's connection takes it from here when it
+/// polls the request (`engine::ResponseFuture`): no channel between the two, they share the
+/// request.
+pub enum HeadSlot {
+    /// Nobody waits for a head: it went out already, or this is not a client's request.
+    Done,
+    /// The client's connection waits for the head.
+    Waiting,
+    /// The head is made; the connection takes it at its next poll.
+    Ready(http::Response<Body>),
+    /// The client left before the head went out.
+    Gone,
+}
+
 /// Mutable per-request state.
 pub struct ReqState {
     pub method: Method,
@@ -141,7 +155,8 @@ pub struct ReqState {
     pub arg: LuaArgs,
     /// Registry key of the `ngx.ctx` table, made on first use.
     pub ctx_table: Option<mlua::RegistryKey>,
-    pub head_tx: Option<oneshot::Sender<http::Response<Body>>>,
+    /// The response head on its way to the client's connection (see [`HeadSlot`]).
+    pub head: HeadSlot,
     pub body_tx: Option<mpsc::Sender<Bytes>>,
     /// `$upstream_*` and other late variables other rooms fill in.
     pub extra_vars: HashMap<&'static str, String>,
@@ -296,7 +311,7 @@ impl ReqState {
             body_bytes_sent: 0,
             arg: LuaArgs::None,
             ctx_table: None,
-            head_tx: None,
+            head: HeadSlot::Done,
             body_tx: None,
             extra_vars: Default::default(),
             error_page_done: false,

@@ -14,7 +14,7 @@ use mlua::{Lua, MultiValue};
 use super::request::Current;
 use super::vm::LuaVm;
 use crate::conf::model::LuaChunk;
-use crate::http::request::{Exit, Phase, ReqCtx};
+use crate::http::request::{Exit, HeadSlot, Phase, ReqCtx};
 use crate::lua::api::thread::Sched;
 
 /// How a Lua handler ended.
@@ -146,12 +146,16 @@ struct AbortWatch {
 
 impl AbortWatch {
     fn client_gone(&mut self, rc: &ReqCtx, cx: &mut Context<'_>) -> bool {
-        let mut st = rc.st.borrow_mut();
+        let st = rc.st.borrow();
         if st.eof_sent {
             return false;
         }
-        if let Some(tx) = st.head_tx.as_mut() {
-            return tx.poll_closed(cx).is_ready();
+        // The connection marks the head when it drops the request (and then polls it on
+        // as a task of its own: no wake-up needed here).
+        match st.head {
+            HeadSlot::Gone => return true,
+            HeadSlot::Waiting => return false,
+            HeadSlot::Ready(_) | HeadSlot::Done => {}
         }
         if self.body.is_none() {
             let Some(tx) = st.body_tx.clone() else {

@@ -118,6 +118,46 @@ enum Out {
     Chunked,
 }
 
+thread_local! {
+    static SPARE_HEAD_BUFS: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The buffer a request head (and a small body) is written from: its room comes from a
+/// per-worker pool and goes back when the write is over, instead of an allocation per try.
+struct HeadBuf(Vec<u8>);
+
+impl HeadBuf {
+    fn take(want: usize) -> HeadBuf {
+        let mut v = crate::http::spare::take(&SPARE_HEAD_BUFS);
+        v.reserve(want);
+        HeadBuf(v)
+    }
+}
+
+impl std::ops::Deref for HeadBuf {
+    type Target = Vec<u8>;
+    fn deref(&self) -> &Vec<u8> {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for HeadBuf {
+    fn deref_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.0
+    }
+}
+
+impl Drop for HeadBuf {
+    fn drop(&mut self) {
+        // A buffer that carried a large body gives its memory back instead.
+        if self.0.capacity() <= 16 * 1024 {
+            let mut v = std::mem::take(&mut self.0);
+            v.clear();
+            crate::http::spare::give(&SPARE_HEAD_BUFS, v, 64);
+        }
+    }
+}
+
 /// Write the request: head, then the body as its framing says. Returns whether the request
 /// lets the connection live on (it did not ask the upstream to close).
 async fn write_request(
@@ -185,7 +225,7 @@ async fn write_request(
         extra = Some("transfer-encoding: chunked\r\n".into());
         Out::Chunked
     };
-    let mut buf = Vec::with_capacity(64 + uri.len() + headers.lines.len());
+    let mut buf = HeadBuf::take(64 + uri.len() + headers.lines.len());
     buf.extend_from_slice(head.method.as_str().as_bytes());
     buf.push(b' ');
     buf.extend_from_slice(uri);

@@ -11,10 +11,52 @@ use super::PeerSlot;
 /// robin.
 const HASH_TRIES: u32 = 20;
 
+/// The peers of a group one request tried already: a bit each, without an allocation for
+/// groups of up to 64 peers (a picker is made for every proxied request).
+#[derive(Debug, Default)]
+pub struct Tried {
+    bits: u64,
+    many: Vec<bool>,
+    len: usize,
+}
+
+impl Tried {
+    pub fn new(len: usize) -> Tried {
+        Tried {
+            bits: 0,
+            many: if len > 64 {
+                vec![false; len]
+            } else {
+                Vec::new()
+            },
+            len,
+        }
+    }
+
+    /// Whether peer `i` was tried (a peer past the group's end counts as tried).
+    pub fn get(&self, i: usize) -> bool {
+        match i < self.len {
+            false => true,
+            true if self.len > 64 => self.many[i],
+            true => self.bits >> i & 1 == 1,
+        }
+    }
+
+    pub fn set(&mut self, i: usize) {
+        if i >= self.len {
+            return;
+        }
+        match self.len > 64 {
+            true => self.many[i] = true,
+            false => self.bits |= 1 << i,
+        }
+    }
+}
+
 /// A group of peers as one pick sees it.
 pub struct Group<'a> {
     pub peers: &'a [PeerSlot],
-    pub tried: &'a [bool],
+    pub tried: &'a Tried,
     pub now: u64,
     /// nginx's `peers->single`: a lone peer ignores max_fails.
     pub single: bool,
@@ -24,7 +66,7 @@ impl Group<'_> {
     /// Not tried yet by this request and usable now (nginx's checks, plus our health check and
     /// circuit breaker).
     pub fn usable(&self, i: usize) -> bool {
-        !self.tried.get(i).copied().unwrap_or(true) && self.peers[i].usable(self.now, self.single)
+        !self.tried.get(i) && self.peers[i].usable(self.now, self.single)
     }
 }
 
@@ -351,4 +393,26 @@ pub fn ewma(g: &Group, decay_ms: u64) -> Option<usize> {
         .into_iter()
         .min_by(|a, b| cost(*a).total_cmp(&cost(*b)))?;
     Some(chosen(g, best))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Tried;
+
+    #[test]
+    fn tried_marks_each_peer_in_small_and_large_groups() {
+        for len in [1, 2, 63, 64, 65, 128, 300] {
+            let mut t = Tried::new(len);
+            assert!((0..len).all(|i| !t.get(i)), "{len}");
+            assert!(t.get(len), "past the end counts as tried ({len})");
+            t.set(len - 1);
+            t.set(0);
+            t.set(len + 5);
+            assert!(t.get(0) && t.get(len - 1), "{len}");
+            assert_eq!(
+                (0..len).filter(|&i| t.get(i)).count(),
+                if len == 1 { 1 } else { 2 }
+            );
+        }
+    }
 }

@@ -45,7 +45,7 @@ use crate::conf::template::Template;
 use crate::conf::Config;
 use crate::http::request::ReqCtx;
 use crate::log::{self as elog, Level};
-use balance::{Group, HashState, Point};
+use balance::{Group, HashState, Point, Tried};
 use breaker::{Breaker, BreakerState, Transition};
 
 /// Milliseconds on the process's monotonic clock (nginx uses seconds; we keep finer time).
@@ -375,7 +375,7 @@ impl Upstream {
             key: hash_key,
             client,
             in_backup: false,
-            tried: vec![false; self.primary.len()],
+            tried: Tried::new(self.primary.len()),
             hash: HashState::default(),
             random_tries: 0,
             current: None,
@@ -535,7 +535,7 @@ pub struct Picker {
     key: Option<Bytes>,
     client: IpAddr,
     in_backup: bool,
-    tried: Vec<bool>,
+    tried: Tried,
     hash: HashState,
     random_tries: u32,
     current: Option<Held>,
@@ -695,7 +695,7 @@ impl Picker {
         let mut found = self.choose(&up, self.in_backup, now);
         if found.is_none() && !self.in_backup && !up.backup.is_empty() {
             self.in_backup = true;
-            self.tried = vec![false; up.backup.len()];
+            self.tried = Tried::new(up.backup.len());
             found = self.choose(&up, true, now);
         }
         let Some(i) = found else {
@@ -705,7 +705,7 @@ impl Picker {
             }
             return Err("no live upstreams".to_string());
         };
-        self.tried[i] = true;
+        self.tried.set(i);
         let slot = &self.group(self.in_backup)[i];
         let st = slot.st.clone();
         st.conns.fetch_add(1, Relaxed);
