@@ -212,4 +212,49 @@ fn resty(args: &[String]) -> i32 {
 // A/B in bench/run.sh against glibc malloc: equal on d_lua_content, 15-21% less CPU per request
 // on g_access_shdict (bench/README.md).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: MiMalloc = MiMalloc;
+
+/// mimalloc through its plain entry points whenever the alignment asked for is one every
+/// mimalloc block has (its size classes are multiples of the word size). The `mimalloc`
+/// crate's allocator calls `mi_malloc_aligned` for everything; past 1 KiB (a request's state,
+/// a boxed future, I/O buffers) that takes an over-allocating slow path even for 8-byte
+/// alignment, ~200 instructions an allocation in callgrind (bench/README.md).
+struct MiMalloc;
+
+const WORD_ALIGN: usize = std::mem::size_of::<usize>();
+
+// SAFETY: every pointer comes from mimalloc with at least the layout's alignment (plain calls
+// only for alignments every block has), and goes back to mi_free / mi_realloc*.
+unsafe impl std::alloc::GlobalAlloc for MiMalloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        use libmimalloc_sys as mi;
+        if layout.align() <= WORD_ALIGN {
+            mi::mi_malloc(layout.size()) as *mut u8
+        } else {
+            mi::mi_malloc_aligned(layout.size(), layout.align()) as *mut u8
+        }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        use libmimalloc_sys as mi;
+        if layout.align() <= WORD_ALIGN {
+            mi::mi_zalloc(layout.size()) as *mut u8
+        } else {
+            mi::mi_zalloc_aligned(layout.size(), layout.align()) as *mut u8
+        }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, _layout: std::alloc::Layout) {
+        libmimalloc_sys::mi_free(ptr as *mut std::ffi::c_void);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        use libmimalloc_sys as mi;
+        let p = ptr as *mut std::ffi::c_void;
+        if layout.align() <= WORD_ALIGN {
+            mi::mi_realloc(p, new_size) as *mut u8
+        } else {
+            mi::mi_realloc_aligned(p, new_size, layout.align()) as *mut u8
+        }
+    }
+}
