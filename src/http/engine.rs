@@ -72,7 +72,7 @@ pub fn orphan(walk: Walk) {
 pub fn serve(env: Rc<Env>, conn: Rc<ConnInfo>, req: Request<Incoming>) -> ResponseFuture {
     crate::lua::api::time::update_cached_time();
     match new_request(env, conn, req) {
-        Ok(rc) => ResponseFuture::Walk(Some((Box::pin(run(rc.clone())), rc))),
+        Ok(rc) => ResponseFuture::Walk(Some((crate::pin_boxed!(run(rc.clone())), rc))),
         Err(code) => ResponseFuture::Error(code),
     }
 }

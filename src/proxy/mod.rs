@@ -81,7 +81,7 @@ pub fn content<'a>(
     rc: &'a Rc<ReqCtx>,
     pass: &'a Arc<ProxyPass>,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + 'a>> {
-    Box::pin(handle(rc, pass))
+    crate::pin_boxed!(handle(rc, pass))
 }
 
 /// Serve the request by proxying it (the content phase of a `proxy_pass` location).
