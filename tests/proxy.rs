@@ -500,6 +500,53 @@ fn reset_garbage_and_silent_upstreams() {
     );
 }
 
+#[test]
+fn read_timeout_counts_per_request_on_a_kept_alive_connection() {
+    // Each upstream connection keeps one head timer from request to request (its deadline is
+    // moved, not re-made): a second slow-but-in-time answer on the same connection must not
+    // trip the first request's deadline, and a late one still times out at its own.
+    let slow = Origin::start(|r, s| {
+        let ms: u64 = r.target.trim_start_matches("/sleep/").parse().unwrap_or(0);
+        std::thread::sleep(Duration::from_millis(ms));
+        respond(s, 200, &[], b"ok");
+        keep(r)
+    });
+    let s = Server::start(&http_conf(&format!(
+        "upstream slow {{ server 127.0.0.1:{}; keepalive 4; }}
+         server {{
+             listen 127.0.0.1:PORT;
+             proxy_read_timeout 1s;
+             location / {{ proxy_pass http://slow; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}
+         }}",
+        slow.port()
+    )));
+    let mut c = connect(&s);
+    for _ in 0..2 {
+        let t0 = Instant::now();
+        write!(c, "GET /sleep/700 HTTP/1.1\r\nHost: localhost\r\n\r\n").expect("write");
+        let r = read_response(&mut c).expect("response");
+        assert_eq!(
+            (r.status, r.text()),
+            (200, "ok".to_string()),
+            "{:?}",
+            t0.elapsed()
+        );
+    }
+    assert_eq!(slow.conns.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let t0 = Instant::now();
+    write!(c, "GET /sleep/2500 HTTP/1.1\r\nHost: localhost\r\n\r\n").expect("write");
+    let r = read_response(&mut c).expect("response");
+    let took = t0.elapsed();
+    assert_eq!(r.status, 504);
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(2000),
+        "{:?}",
+        took
+    );
+    write!(c, "GET /sleep/0 HTTP/1.1\r\nHost: localhost\r\n\r\n").expect("write");
+    assert_eq!(read_response(&mut c).expect("response").status, 200);
+}
+
 /// SO_LINGER 0 so that close() sends a RST.
 fn socket_linger0(s: &TcpStream) -> i32 {
     use std::os::fd::AsRawFd;

@@ -1,7 +1,9 @@
 //! One try (a pooled or fresh connection, the request, the response head) and, once a try is
 //! accepted, streaming its body to the client through the output filters.
 
+use std::future::Future;
 use std::rc::Rc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -144,6 +146,7 @@ pub async fn attempt(
             connect_time = Some(sent.saturating_duration_since(t0));
             Conn {
                 io,
+                timer: None,
                 requests: 1,
                 reused: false,
                 opened: t0,
@@ -163,9 +166,21 @@ pub async fn attempt(
         wait += tmo.send;
     }
     let deadline = tokio::time::Instant::from_std(sent) + wait;
-    let exchange = h1::exchange(conn, dest.pc, head, body, pool, out);
-    let resp = match tokio::time::timeout_at(deadline, exchange).await {
-        Err(_) => {
+    let mut timer = match conn.timer.take() {
+        Some(mut t) => {
+            t.as_mut().reset(deadline);
+            t
+        }
+        None => Box::pin(tokio::time::sleep_until(deadline)),
+    };
+    let mut exchange = std::pin::pin!(h1::exchange(conn, dest.pc, head, body, pool, out));
+    let r = std::future::poll_fn(|cx| match exchange.as_mut().poll(cx) {
+        Poll::Ready(r) => Poll::Ready(Some(r)),
+        Poll::Pending => timer.as_mut().poll(cx).map(|()| None),
+    })
+    .await;
+    let resp = match r {
+        None => {
             return Err(Failed {
                 kind: Failure::Timeout,
                 msg: "upstream timed out (110: Connection timed out) while reading response header from upstream".into(),
@@ -174,7 +189,7 @@ pub async fn attempt(
                 connect_time,
             })
         }
-        Ok(Err(e)) => {
+        Some(Err(e)) => {
             return Err(Failed {
                 kind: e.kind,
                 stale: reused && e.kind == Failure::Error,
@@ -183,7 +198,10 @@ pub async fn attempt(
                 connect_time,
             });
         }
-        Ok(Ok(r)) => r,
+        Some(Ok(mut r)) => {
+            r.body.keep_timer(timer);
+            r
+        }
     };
     Ok(Got {
         resp,

@@ -622,6 +622,14 @@ pub struct BodyError;
 
 impl Body {
     /// Whether the whole body was read.
+    /// Keep the request's head timer with the connection for its next request (see
+    /// `pool::Conn::timer`); a connection already back in the pool goes without it.
+    pub fn keep_timer(&mut self, t: std::pin::Pin<Box<tokio::time::Sleep>>) {
+        if let Some(c) = self.conn.as_mut() {
+            c.timer = Some(t);
+        }
+    }
+
     pub fn is_end(&self) -> bool {
         self.framing == Framing::Done
     }

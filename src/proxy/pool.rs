@@ -38,6 +38,10 @@ pub struct Key {
 /// A connection in use; hand it back with [`release`] when its response is complete.
 pub struct Conn {
     pub io: Timed,
+    /// The response-head timer of the last request, kept for the next one: moving a
+    /// registered timer's deadline later is one atomic operation, where a timer per request
+    /// went into tokio's timer wheel and out again (see `forward::attempt`).
+    pub timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Requests sent on it so far, this one included.
     pub requests: u64,
     /// Whether it came from the pool (a failure there earns one fresh retry, as in nginx).
@@ -47,6 +51,7 @@ pub struct Conn {
 
 struct Idle {
     io: Timed,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
     opened: Instant,
     /// When keepalive_timeout closes it.
     deadline: Instant,
@@ -133,6 +138,7 @@ pub fn take(key: &Key, now: Instant) -> Option<Conn> {
             }
             return Some(Conn {
                 io: idle.io,
+                timer: idle.timer,
                 requests: idle.requests + 1,
                 reused: true,
                 opened: idle.opened,
@@ -166,6 +172,7 @@ fn put(key: Key, conn: Conn, limits: Limits, now: Instant) {
         }
         q.push_back(Idle {
             io: conn.io,
+            timer: conn.timer,
             opened: conn.opened,
             deadline: now + limits.timeout,
             requests: conn.requests,
