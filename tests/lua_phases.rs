@@ -991,3 +991,33 @@ fn a_handlers_setfenv_does_not_leak_into_later_requests() {
         assert_eq!(s.get("/look").text(), "nil\n");
     }
 }
+
+#[test]
+fn work_after_eof_runs_while_the_client_reads_nothing() {
+    // The walk is polled by the client's connection until its head is out; what it still
+    // has to do afterwards must not wait for the client to take the body (nginx runs it
+    // whatever the client does).
+    let s = start(
+        "",
+        r#"
+        location /big {
+            content_by_lua_block {
+                ngx.print(string.rep("x", 16 * 1024 * 1024))
+                ngx.flush()
+                ngx.eof()
+                ngx.sleep(0.1)
+                ngx.log(ngx.WARN, "after eof and sleep")
+            }
+            log_by_lua_block { ngx.log(ngx.WARN, "log phase ran for big") }
+        }
+"#,
+    );
+    let mut c = std::net::TcpStream::connect(s.addr()).expect("connect");
+    std::io::Write::write_all(&mut c, b"GET /big HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .expect("write");
+    // The client keeps the connection open and reads nothing.
+    let log = wait_log(&s, "log phase ran for big");
+    assert!(log.contains("log phase ran for big"), "{}", log);
+    assert!(log.contains("after eof and sleep"), "{}", log);
+    drop(c);
+}

@@ -64,11 +64,10 @@ pub fn orphan(walk: Walk) {
 }
 
 /// Serve one request on a worker: builds the request; hyper's connection task then polls its
-/// phase walk ([`ResponseFuture`]) until the head is ready, and the walk travels on in the
-/// response body while it still has work (streaming, the log phase after an early flush).
-/// One task per connection: a walk that waits (a proxy, a cosocket) is woken as the
-/// connection task itself, without a task of its own and a hop back to the connection.
-/// The returned future stays small: hyper moves it around.
+/// phase walk ([`ResponseFuture`]) until the head is ready. A walk that waits for a response
+/// (a proxy, a cosocket) is woken as the connection task itself, without a task of its own
+/// and a hop back to the connection; only one with work left after its head (streaming, waits
+/// after `ngx.eof`) becomes a task then. The returned future stays small: hyper moves it.
 pub fn serve(env: Rc<Env>, conn: Rc<ConnInfo>, req: Request<Incoming>) -> ResponseFuture {
     crate::lua::api::time::update_cached_time();
     match new_request(env, conn, req) {
@@ -86,15 +85,15 @@ pub enum ResponseFuture {
 }
 
 impl Future for ResponseFuture {
-    type Output = (Response<Body>, Option<Walk>);
+    type Output = Response<Body>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let slot = match self.get_mut() {
             ResponseFuture::Walk(slot) => slot,
-            ResponseFuture::Error(code) => return Poll::Ready((plain_error(*code), None)),
+            ResponseFuture::Error(code) => return Poll::Ready(plain_error(*code)),
         };
         let Some((walk, rc)) = slot.as_mut() else {
-            return Poll::Ready((plain_error(500), None));
+            return Poll::Ready(plain_error(500));
         };
         let done = walk.as_mut().poll(cx).is_ready();
         let resp = {
@@ -109,8 +108,15 @@ impl Future for ResponseFuture {
                 _ => plain_error(500),
             }
         };
-        let walk = slot.take().map(|(w, _)| w);
-        Poll::Ready((resp, walk.filter(|_| !done)))
+        // A walk with work left after its head (a streamed body, waits after ngx.eof, the
+        // log phase after those) goes on as its own task: it must not wait for hyper to ask
+        // for the next frame (a slow client would hold the log phase and the upstream).
+        if let Some((walk, _)) = slot.take() {
+            if !done {
+                orphan(walk);
+            }
+        }
+        Poll::Ready(resp)
     }
 }
 
@@ -118,7 +124,13 @@ impl Drop for ResponseFuture {
     fn drop(&mut self) {
         if let ResponseFuture::Walk(Some((walk, rc))) = self {
             // The client went before the head: the walk learns it from the slot.
-            if let Ok(mut st) = rc.st.try_borrow_mut() {
+            // Never borrowed here: hyper drops this future between polls of the walk.
+            let st = rc.st.try_borrow_mut();
+            debug_assert!(
+                st.is_ok(),
+                "request state borrowed while its connection drops it"
+            );
+            if let Ok(mut st) = st {
                 st.head = match st.head {
                     HeadSlot::Waiting => HeadSlot::Gone,
                     _ => HeadSlot::Done,

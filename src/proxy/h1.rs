@@ -621,7 +621,6 @@ pub struct Body {
 pub struct BodyError;
 
 impl Body {
-    /// Whether the whole body was read.
     /// Keep the request's head timer with the connection for its next request (see
     /// `pool::Conn::timer`); a connection already back in the pool goes without it.
     pub fn keep_timer(&mut self, t: std::pin::Pin<Box<tokio::time::Sleep>>) {
@@ -630,6 +629,7 @@ impl Body {
         }
     }
 
+    /// Whether the whole body was read.
     pub fn is_end(&self) -> bool {
         self.framing == Framing::Done
     }

@@ -30,7 +30,6 @@ use tokio::time::Instant;
 use crate::conf::model::{LocConf, Location, RewriteOp};
 use crate::conf::Config;
 use crate::http::body::{Body, Chunk};
-use crate::http::engine::Walk;
 
 /// What the connection task and its watchdog share.
 pub struct ConnState {
@@ -169,24 +168,18 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Tracked<S> {
 /// is when it goes back to reading the next request head (and its header timer would start).
 pub struct ConnBody {
     body: Body,
-    /// The request's phase walk while it still has work (it feeds a streamed body, or runs
-    /// its log phase): polled before each frame is taken (see `engine::serve`).
-    walk: Option<Walk>,
     state: Rc<ConnState>,
 }
 
 impl ConnBody {
-    pub fn new(body: Body, walk: Option<Walk>, state: Rc<ConnState>) -> ConnBody {
-        ConnBody { body, walk, state }
+    pub fn new(body: Body, state: Rc<ConnState>) -> ConnBody {
+        ConnBody { body, state }
     }
 }
 
 impl Drop for ConnBody {
     fn drop(&mut self) {
         self.state.response_finished();
-        if let Some(walk) = self.walk.take() {
-            crate::http::engine::orphan(walk);
-        }
     }
 }
 
@@ -198,13 +191,7 @@ impl http_body::Body for ConnBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Chunk>, Self::Error>>> {
-        let this = self.get_mut();
-        if let Some(walk) = this.walk.as_mut() {
-            if walk.as_mut().poll(cx).is_ready() {
-                this.walk = None;
-            }
-        }
-        Pin::new(&mut this.body).poll_frame(cx)
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {

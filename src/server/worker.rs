@@ -136,7 +136,7 @@ pub fn main(
             }
         };
         let (shutdown, _) = watch::channel(false);
-        crate::http::engine::adopt_orphans(true);
+        let _adopting = Adopting::start();
         let w = Rc::new(Worker {
             id,
             count,
@@ -211,8 +211,6 @@ pub fn main(
         {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        // The LocalSet is dropped next, with what is left on it: nothing may spawn then.
-        crate::http::engine::adopt_orphans(false);
     });
 }
 
@@ -248,9 +246,37 @@ async fn accept_loop(w: Rc<Worker>, listener: TcpListener) {
         w.active.set(w.active.get() + 1);
         let w2 = w.clone();
         tokio::task::spawn_local(async move {
+            // A guard: a request that panics while the connection polls it ends the
+            // connection's task, and its slot must still be given back.
+            let _slot = Slot(w2.clone());
             serve_conn(&w2, conn, stream).await;
-            w2.active.set(w2.active.get() - 1);
         });
+    }
+}
+
+/// One of `worker_connections`, taken while a connection is served.
+struct Slot(Rc<Worker>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.active.set(self.0.active.get().saturating_sub(1));
+    }
+}
+
+/// Lets walks that lose their connection become tasks while the worker's `LocalSet` runs
+/// (see `engine::orphan`), and stops it however the worker's run ends.
+struct Adopting;
+
+impl Adopting {
+    fn start() -> Adopting {
+        crate::http::engine::adopt_orphans(true);
+        Adopting
+    }
+}
+
+impl Drop for Adopting {
+    fn drop(&mut self) {
+        crate::http::engine::adopt_orphans(false);
     }
 }
 
@@ -285,8 +311,8 @@ async fn serve_conn(w: &Rc<Worker>, conn: Rc<ConnInfo>, stream: tokio::net::TcpS
         let head = crate::http::engine::serve(env, c2.clone(), req);
         let state = s2.clone();
         async move {
-            let (resp, walk) = head.await;
-            Ok::<_, std::convert::Infallible>(resp.map(|b| ConnBody::new(b, walk, state)))
+            let resp = head.await;
+            Ok::<_, std::convert::Infallible>(resp.map(|b| ConnBody::new(b, state)))
         }
     });
     let mut builder = http1::Builder::new();
