@@ -481,7 +481,7 @@ fn parse_head(
         // hop; Date and Server are hidden unless proxy_pass_header names one), known from the
         // raw name without making a HeaderName.
         let raw = h.name.as_bytes();
-        if raw.eq_ignore_ascii_case(b"connection") {
+        if headers::name_is(raw, b"connection") {
             for t in h.value.split(|&b| b == b',') {
                 let t = t.trim_ascii();
                 close |= t.eq_ignore_ascii_case(b"close");
@@ -491,15 +491,17 @@ fn parse_head(
             continue;
         }
         if pc.pass_headers.is_empty()
-            && (raw.eq_ignore_ascii_case(b"date") || raw.eq_ignore_ascii_case(b"server"))
+            && (headers::name_is(raw, b"date") || headers::name_is(raw, b"server"))
         {
             continue;
         }
         // The two every response of a body has, without the lookup from_bytes would make.
-        let name = if raw.eq_ignore_ascii_case(b"content-length") {
+        let name = if headers::name_is(raw, b"content-length") {
             header::CONTENT_LENGTH
-        } else if raw.eq_ignore_ascii_case(b"content-type") {
+        } else if headers::name_is(raw, b"content-type") {
             header::CONTENT_TYPE
+        } else if let Some(n) = headers::common_response_name(raw) {
+            n
         } else {
             HeaderName::from_bytes(raw).map_err(|_| ExchangeError::invalid())?
         };

@@ -193,6 +193,63 @@ const HIDDEN: &[&str] = &[
     "x-accel-charset",
 ];
 
+/// Whether a header name from a parsed head is `lower` (lower-case letters and `-` only),
+/// ignoring ASCII case, a word at a time. Names are tokens: OR-ing 0x20 into a byte turns
+/// an upper-case letter into its lower-case one and leaves lower-case letters, digits and
+/// `-` as they are; the only other byte it could map onto a letter or `-` is a control byte,
+/// which httparse never lets into a name.
+pub fn name_is(raw: &[u8], lower: &[u8]) -> bool {
+    const M8: u64 = 0x2020_2020_2020_2020;
+    const M4: u32 = 0x2020_2020;
+    if raw.len() != lower.len() {
+        return false;
+    }
+    let w8 = |b: &[u8; 8]| u64::from_ne_bytes(*b);
+    let w4 = |b: &[u8; 4]| u32::from_ne_bytes(*b);
+    match raw.len() {
+        8..=16 => match (
+            raw.first_chunk::<8>().zip(raw.last_chunk::<8>()),
+            lower.first_chunk::<8>().zip(lower.last_chunk::<8>()),
+        ) {
+            (Some((a, b)), Some((c, d))) => w8(a) | M8 == w8(c) && w8(b) | M8 == w8(d),
+            _ => false,
+        },
+        4..=7 => match (
+            raw.first_chunk::<4>().zip(raw.last_chunk::<4>()),
+            lower.first_chunk::<4>().zip(lower.last_chunk::<4>()),
+        ) {
+            (Some((a, b)), Some((c, d))) => w4(a) | M4 == w4(c) && w4(b) | M4 == w4(d),
+            _ => false,
+        },
+        _ => raw.iter().zip(lower).all(|(a, b)| a | 0x20 == *b),
+    }
+}
+
+/// The `HeaderName` of a response header origins commonly send, found without
+/// `HeaderName::from_bytes` (which copies the name through a table and then matches it
+/// against every standard name).
+pub fn common_response_name(raw: &[u8]) -> Option<HeaderName> {
+    use http::header as h;
+    let table: &[(&[u8], HeaderName)] = match raw.len() {
+        4 => &[(b"etag", h::ETAG), (b"vary", h::VARY)],
+        7 => &[(b"expires", h::EXPIRES)],
+        8 => &[(b"location", h::LOCATION)],
+        10 => &[(b"set-cookie", h::SET_COOKIE)],
+        13 => &[
+            (b"last-modified", h::LAST_MODIFIED),
+            (b"accept-ranges", h::ACCEPT_RANGES),
+            (b"cache-control", h::CACHE_CONTROL),
+        ],
+        16 => &[(b"content-encoding", h::CONTENT_ENCODING)],
+        17 => &[(b"transfer-encoding", h::TRANSFER_ENCODING)],
+        _ => return None,
+    };
+    table
+        .iter()
+        .find(|(n, _)| name_is(raw, n))
+        .map(|(_, name)| name.clone())
+}
+
 /// Whether an upstream response header goes on to the client (`upgrade`: the response is a
 /// 101), decided while the head is parsed. Headers the upstream's `Connection` names are taken
 /// out afterwards by [`drop_named`]; a 101 gets `Connection: upgrade` added.
@@ -283,6 +340,81 @@ pub fn redirect(
             if let Ok(hv) = HeaderValue::from_str(&format!("{}{}", head, n)) {
                 st.resp_headers.insert(name, hv);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{common_response_name, name_is};
+
+    #[test]
+    fn name_is_matches_exactly_what_eq_ignore_ascii_case_does_on_tokens() {
+        let targets: &[&[u8]] = &[
+            b"te",
+            b"via",
+            b"date",
+            b"server",
+            b"expires",
+            b"connection",
+            b"content-type",
+            b"last-modified",
+            b"content-length",
+            b"content-encoding",
+            b"transfer-encoding",
+            b"x-a",
+        ];
+        let mut names: Vec<Vec<u8>> = Vec::new();
+        for t in targets {
+            names.push(t.to_vec());
+            names.push(t.to_ascii_uppercase());
+            // One byte changed at each place: case only, a neighbour letter, `_` for `-`.
+            for i in 0..t.len() {
+                for b in [t[i] ^ 0x20, t[i] + 1, b'_', b'~', b'^', b'0'] {
+                    // Only bytes a parsed name can hold (no control bytes).
+                    if b < 0x21 || b == 0x7f {
+                        continue;
+                    }
+                    let mut n = t.to_vec();
+                    n[i] = b;
+                    names.push(n);
+                }
+            }
+            names.push([*t, b"s"].concat());
+            names.push(t[1..].to_vec());
+        }
+        for n in &names {
+            for t in targets {
+                assert_eq!(
+                    name_is(n, t),
+                    n.eq_ignore_ascii_case(t),
+                    "{:?} vs {:?}",
+                    String::from_utf8_lossy(n),
+                    String::from_utf8_lossy(t)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn common_names_are_the_standard_ones() {
+        for raw in [
+            "ETag",
+            "vary",
+            "Expires",
+            "LOCATION",
+            "Set-Cookie",
+            "Last-Modified",
+            "accept-ranges",
+            "Cache-Control",
+            "Content-Encoding",
+            "Transfer-Encoding",
+        ] {
+            let n = common_response_name(raw.as_bytes()).expect(raw);
+            assert_eq!(n, http::HeaderName::from_bytes(raw.as_bytes()).expect(raw));
+        }
+        for raw in ["X-Tag", "etags", "Last_Modified", "Age", "date"] {
+            assert!(common_response_name(raw.as_bytes()).is_none(), "{raw}");
         }
     }
 }
