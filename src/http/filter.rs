@@ -16,6 +16,11 @@ use super::request::{HeadSlot, LuaArgs, Phase, ReqCtx};
 use crate::conf::model::MoreHeaders;
 use crate::lua::phase as lua_phase;
 
+// Constants: `HeaderValue::from_static` checks its bytes when it runs, once per response.
+const SERVER_TOKENS: HeaderValue =
+    HeaderValue::from_static(concat!("tidegate/", env!("CARGO_PKG_VERSION")));
+const SERVER_NAME: HeaderValue = HeaderValue::from_static("tidegate");
+
 const ADD_HEADER_STATUSES: &[u16] = &[200, 201, 204, 206, 301, 302, 303, 304, 307, 308];
 
 /// Send buffered output (and the head, the first time). `eof` ends the response.
@@ -183,12 +188,11 @@ async fn header_filter(rc: &Rc<ReqCtx>) {
         // Added before headers-more runs so that `more_clear_headers Server` can remove it.
         if main {
             if let Entry::Vacant(e) = st.resp_headers.entry(http::header::SERVER) {
-                let v = if conf.server_tokens {
-                    concat!("tidegate/", env!("CARGO_PKG_VERSION"))
+                e.insert(if conf.server_tokens {
+                    SERVER_TOKENS
                 } else {
-                    "tidegate"
-                };
-                e.insert(HeaderValue::from_static(v));
+                    SERVER_NAME
+                });
             }
         }
         for ah in conf.add_headers.iter().filter(|_| main) {
