@@ -187,7 +187,8 @@ async fn write_request(
                 && !inc.is_end_stream()
                 && inc.size_hint().exact().is_none() =>
         {
-            UpBody::Full(Some(collect(inc).await?))
+            // Boxed: rare (HTTP/1.0 upstreams), and its state would sit in every exchange.
+            UpBody::Full(Some(Box::pin(collect(inc)).await?))
         }
         other => other,
     };
