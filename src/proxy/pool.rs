@@ -166,7 +166,11 @@ fn put(key: Key, conn: Conn, limits: Limits, now: Instant) {
     POOL.with(|p| {
         let mut p = p.borrow_mut();
         let q = p.entry(key).or_default();
-        q.retain(|i| now < i.deadline);
+        // Oldest first, so expired ones are at the front: no scan of the whole queue per
+        // release (one left behind a later deadline is the sweeper's, and `take` skips it).
+        while q.front().is_some_and(|i| now >= i.deadline) {
+            q.pop_front();
+        }
         if q.len() >= limits.max_idle {
             q.pop_front();
         }
