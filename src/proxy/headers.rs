@@ -201,6 +201,10 @@ const HIDDEN: &[&str] = &[
 pub fn name_is(raw: &[u8], lower: &[u8]) -> bool {
     const M8: u64 = 0x2020_2020_2020_2020;
     const M4: u32 = 0x2020_2020;
+    debug_assert!(
+        lower.iter().all(|b| b.is_ascii_lowercase() || *b == b'-'),
+        "name_is compares with lower-case letters and '-' only"
+    );
     if raw.len() != lower.len() {
         return false;
     }
