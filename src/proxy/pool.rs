@@ -49,13 +49,11 @@ pub struct Conn {
     pub opened: Instant,
 }
 
+/// A connection waiting in the pool.
 struct Idle {
-    io: Timed,
-    timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    opened: Instant,
+    conn: Conn,
     /// When keepalive_timeout closes it.
     deadline: Instant,
-    requests: u64,
 }
 
 /// Pool keys are few per worker and come from the configuration or the resolver: a
@@ -133,16 +131,13 @@ pub fn take(key: &Key, now: Instant) -> Option<Conn> {
         let mut p = p.borrow_mut();
         let q = p.get_mut(key)?;
         while let Some(mut idle) = q.pop_back() {
-            if now >= idle.deadline || !alive(&mut idle.io) {
+            if now >= idle.deadline || !alive(&mut idle.conn.io) {
                 continue;
             }
-            return Some(Conn {
-                io: idle.io,
-                timer: idle.timer,
-                requests: idle.requests + 1,
-                reused: true,
-                opened: idle.opened,
-            });
+            let mut conn = idle.conn;
+            conn.requests += 1;
+            conn.reused = true;
+            return Some(conn);
         }
         None
     })
@@ -175,11 +170,8 @@ fn put(key: Key, conn: Conn, limits: Limits, now: Instant) {
             q.pop_front();
         }
         q.push_back(Idle {
-            io: conn.io,
-            timer: conn.timer,
-            opened: conn.opened,
+            conn,
             deadline: now + limits.timeout,
-            requests: conn.requests,
         });
     });
     if !SWEEPER.with(|s| s.replace(true)) {
@@ -196,7 +188,7 @@ async fn sweep() {
         POOL.with(|p| {
             let mut p = p.borrow_mut();
             for q in p.values_mut() {
-                q.retain_mut(|i| now < i.deadline && alive(&mut i.io));
+                q.retain_mut(|i| now < i.deadline && alive(&mut i.conn.io));
             }
             p.retain(|_, q| !q.is_empty());
         });
