@@ -122,7 +122,10 @@ impl Future for ResponseFuture {
 
 impl Drop for ResponseFuture {
     fn drop(&mut self) {
-        if let ResponseFuture::Walk(Some((walk, rc))) = self {
+        if let Some((walk, rc)) = match self {
+            ResponseFuture::Walk(slot) => slot.take(),
+            ResponseFuture::Error(_) => None,
+        } {
             // The client went before the head: the walk learns it from the slot.
             // Never borrowed here: hyper drops this future between polls of the walk.
             let st = rc.st.try_borrow_mut();
@@ -136,7 +139,6 @@ impl Drop for ResponseFuture {
                     _ => HeadSlot::Done,
                 };
             }
-            let walk = std::mem::replace(walk, Box::pin(std::future::ready(())));
             orphan(walk);
         }
     }
