@@ -4,6 +4,7 @@
 //! `http` runs the nginx phases, `lua` embeds LuaJIT with the `ngx` API, `shdict` holds the
 //! shared dict zones.
 
+pub mod clock;
 pub mod conf;
 pub mod http;
 pub mod log;

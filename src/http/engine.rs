@@ -69,7 +69,6 @@ pub fn orphan(walk: Walk) {
 /// and a hop back to the connection; only one with work left after its head (streaming, waits
 /// after `ngx.eof`) becomes a task then. The returned future stays small: hyper moves it.
 pub fn serve(env: Rc<Env>, conn: Rc<ConnInfo>, req: Request<Incoming>) -> ResponseFuture {
-    crate::lua::api::time::update_cached_time();
     match new_request(env, conn, req) {
         Ok(rc) => ResponseFuture::Walk(Some((crate::pin_boxed!(run(rc.clone())), rc))),
         Err(code) => ResponseFuture::Error(code),

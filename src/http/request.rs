@@ -335,7 +335,7 @@ impl ReqCtx {
             env,
             // ngx.req.start_time() and ngx.now() share nginx's cached clock.
             start_time: crate::lua::api::time::cached_now(),
-            start: Instant::now(),
+            start: crate::clock::now(),
             id: Cell::new(None),
             st: RefCell::new(st),
             sub,

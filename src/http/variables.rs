@@ -83,7 +83,12 @@ pub fn get(rc: &ReqCtx, st: &ReqState, name: &str) -> Option<Vec<u8>> {
         "https" => String::new(),
         "request_method" => st.method.as_str().to_string(),
         "request" => format!("{} {} {}", st.method, st.request_uri, version(st)),
-        "request_time" => format!("{:.3}", rc.start.elapsed().as_secs_f64()),
+        "request_time" => format!(
+            "{:.3}",
+            crate::clock::now()
+                .saturating_duration_since(rc.start)
+                .as_secs_f64()
+        ),
         "status" => st.status.to_string(),
         "body_bytes_sent" => st.body_bytes_sent.to_string(),
         "bytes_sent" => st.body_bytes_sent.to_string(),

@@ -142,7 +142,7 @@ pub async fn attempt(
                     stale: false,
                     connect_time: None,
                 })?;
-            sent = Instant::now();
+            sent = crate::clock::now();
             connect_time = Some(sent.saturating_duration_since(t0));
             Conn {
                 io,
@@ -207,7 +207,7 @@ pub async fn attempt(
         resp,
         connect_time,
         // From the try's start, connecting included, as nginx counts $upstream_header_time.
-        header_time: t0.elapsed(),
+        header_time: crate::clock::now().saturating_duration_since(t0),
     })
 }
 

@@ -190,7 +190,7 @@ pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
         };
         let tmo = Timeouts::of(&pc, peers.timeouts());
         budget.tries += 1;
-        let mut t0 = Instant::now();
+        let mut t0 = crate::clock::now();
         let upstream = |uri: &str| format!("{}://{}{}", scheme, peer.name, uri);
         let mut use_pool = true;
         let res = loop {
@@ -210,14 +210,14 @@ pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
                 // Its times start again: what was lost on the dead connection is no connect.
                 Err(f) if f.stale && use_pool && src.replayable() => {
                     use_pool = false;
-                    t0 = Instant::now();
+                    t0 = crate::clock::now();
                 }
                 r => break r,
             }
         };
         match res {
             Err(f) => {
-                let elapsed = t0.elapsed();
+                let elapsed = crate::clock::now().saturating_duration_since(t0);
                 record(rc, &peer.name, f.status(), f.connect_time, None, elapsed);
                 log_upstream(rc, &f.msg, &upstream(&head.uri));
                 peers.report(&peer, TryResult::Fail { elapsed });
@@ -346,7 +346,7 @@ async fn respond(rc: &Rc<ReqCtx>, c: Respond<'_>, got: Got) -> Outcome {
     let r = forward::stream_body(rc, c.pc, c.tmo, body, &mut len, &log).await;
     if let Some(u) = rc.st.borrow_mut().upstream.as_mut() {
         u.response_length = len;
-        u.set_last_response_time(c.t0.elapsed());
+        u.set_last_response_time(crate::clock::now().saturating_duration_since(c.t0));
     }
     match r {
         Streamed::ClientGone(rest) => h1::drain(*rest, c.tmo.read),

@@ -150,7 +150,7 @@ pub fn release(key: Key, conn: Conn, limits: Limits) {
         return;
     }
     // One reading for keepalive_time and the idle deadline.
-    let now = Instant::now();
+    let now = crate::clock::now();
     if now.saturating_duration_since(conn.opened) >= limits.time {
         return;
     }

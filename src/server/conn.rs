@@ -68,7 +68,7 @@ impl ConnState {
 
     fn response_finished(&self) {
         self.busy.set(false);
-        self.idle_since.set(Instant::now());
+        self.idle_since.set(Instant::from_std(crate::clock::now()));
     }
 
     fn wake(&self) {

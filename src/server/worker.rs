@@ -118,6 +118,8 @@ pub fn main(
     elog::set_worker(id);
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        // One clock reading per event-loop turn serves the whole turn (src/clock.rs).
+        .on_thread_unpark(crate::clock::turn)
         .build()
     {
         Ok(rt) => rt,

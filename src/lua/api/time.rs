@@ -2,8 +2,9 @@
 //! `ngx.utctime`, `ngx.http_time`, `ngx.cookie_time`, `ngx.parse_http_time`).
 //!
 //! Like nginx, each worker keeps a cached clock that only moves when the server refreshes it
-//! (at each request start and event-loop turn, through [`update_cached_time`]) or when Lua calls
-//! `ngx.update_time()`. The cache is thread-local because a worker is a thread here.
+//! (at each event-loop turn, through [`expire_cached_time`], and after waits, through
+//! [`update_cached_time`]) or when Lua calls `ngx.update_time()`. The cache is thread-local
+//! because a worker is a thread here.
 //! This file only formats and parses times; it never touches the request or the event loop.
 
 use std::cell::Cell;
@@ -31,9 +32,15 @@ fn clock_ms() -> i64 {
     }
 }
 
-/// Refresh this worker thread's cached time from the system clock.
+/// Refresh this worker thread's cached time from the system clock (the loop clock too).
 pub fn update_cached_time() {
     CACHED_MS.with(|c| c.set(clock_ms()));
+    crate::clock::refresh();
+}
+
+/// A new event-loop turn: the next read takes the time afresh (see `crate::clock`).
+pub fn expire_cached_time() {
+    CACHED_MS.with(|c| c.set(-1));
 }
 
 fn cached_ms() -> i64 {

@@ -51,7 +51,7 @@ use breaker::{Breaker, BreakerState, Transition};
 /// Milliseconds on the process's monotonic clock (nginx uses seconds; we keep finer time).
 pub fn now_ms() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
-    let d = START.get_or_init(Instant::now).elapsed();
+    let d = crate::clock::now().saturating_duration_since(*START.get_or_init(Instant::now));
     // as_millis() without its u128 division (this runs on every pick).
     d.as_secs() * 1000 + d.subsec_millis() as u64 + 1
 }
