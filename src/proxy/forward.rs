@@ -61,7 +61,7 @@ impl Timeouts {
 
 /// A try that got a response head.
 pub struct Got {
-    pub resp: h1::Response,
+    pub resp: Box<h1::Response>,
     pub connect_time: Option<Duration>,
     pub header_time: Duration,
 }
@@ -219,19 +219,20 @@ pub enum Streamed {
     /// The upstream body was read to its end (whether or not the client took all of it): the
     /// connection may be reused.
     Complete,
-    /// The client went away before the upstream body ended; what is left of it comes back for
+    /// The client went away before the upstream body ended; what is left of it may go to
     /// [`h1::drain`].
-    ClientGone(Box<h1::Body>),
+    ClientGone,
     /// The upstream failed mid-body (logged); the client response was cut off.
     UpstreamFailed,
 }
 
-/// Stream the upstream body to the client. The head is already in `rc.st`.
+/// Stream the upstream body to the client. The head is already in `rc.st`. The body is
+/// borrowed: it stays in the boxed response instead of being copied into this future.
 pub async fn stream_body(
     rc: &Rc<ReqCtx>,
     pc: &ProxyConf,
     tmo: &Timeouts,
-    mut body: h1::Body,
+    body: &mut h1::Body,
     bytes: &mut u64,
     log: &dyn Fn(&str),
 ) -> Streamed {
@@ -290,7 +291,7 @@ pub async fn stream_body(
             return Streamed::Complete;
         }
         if sent.is_err() {
-            return Streamed::ClientGone(Box::new(body));
+            return Streamed::ClientGone;
         }
     }
 }

@@ -298,13 +298,9 @@ struct Respond<'a> {
 
 /// Send the accepted response to the client.
 async fn respond(rc: &Rc<ReqCtx>, c: Respond<'_>, got: Got) -> Outcome {
-    let h1::Response {
-        status,
-        headers: out_headers,
-        raw,
-        relocates,
-        body,
-    } = got.resp;
+    // The response stays in its box: the body streams from there, unmoved.
+    let mut resp = got.resp;
+    let (status, relocates) = (resp.status, resp.relocates);
     if c.pc.intercept_errors && status >= 300 {
         let has_page = rc
             .st
@@ -322,9 +318,9 @@ async fn respond(rc: &Rc<ReqCtx>, c: Respond<'_>, got: Got) -> Outcome {
         let mut guard = rc.st.borrow_mut();
         let st = &mut *guard;
         st.status = status;
-        st.resp_headers = out_headers;
+        st.resp_headers = std::mem::take(&mut resp.headers);
         if let Some(u) = st.upstream.as_mut() {
-            u.head = Some(raw);
+            u.head = Some(std::mem::take(&mut resp.raw));
         }
         if relocates {
             headers::redirect(rc, st, c.pc, c.default_from, c.prefix);
@@ -339,17 +335,17 @@ async fn respond(rc: &Rc<ReqCtx>, c: Respond<'_>, got: Got) -> Outcome {
             st.resp_headers.clear();
             return Outcome::Status(502);
         };
-        return Box::pin(switch(rc, &c, client, body)).await;
+        return Box::pin(switch(rc, &c, client, resp.body)).await;
     }
     let log = |msg: &str| log_upstream(rc, msg, &(c.upstream)());
     let mut len = 0;
-    let r = forward::stream_body(rc, c.pc, c.tmo, body, &mut len, &log).await;
+    let r = forward::stream_body(rc, c.pc, c.tmo, &mut resp.body, &mut len, &log).await;
     if let Some(u) = rc.st.borrow_mut().upstream.as_mut() {
         u.response_length = len;
         u.set_last_response_time(crate::clock::now().saturating_duration_since(c.t0));
     }
     match r {
-        Streamed::ClientGone(rest) => h1::drain(*rest, c.tmo.read),
+        Streamed::ClientGone => h1::drain(resp.body, c.tmo.read),
         Streamed::Complete | Streamed::UpstreamFailed => {}
     }
     Outcome::Done
