@@ -259,6 +259,11 @@ pub fn common_response_name(raw: &[u8]) -> Option<HeaderName> {
 /// out afterwards by [`drop_named`]; a 101 gets `Connection: upgrade` added.
 pub fn passes(pc: &ProxyConf, name: &HeaderName, upgrade: bool) -> bool {
     let s = name.as_str();
+    // The two every response with a body has: neither hop-by-hop nor hidden by default, so
+    // known without the string comparisons below (one enum compare each).
+    if *name == http::header::CONTENT_TYPE || *name == http::header::CONTENT_LENGTH {
+        return !pc.hide_headers.iter().any(|h| h == s) || pc.pass_headers.iter().any(|h| h == s);
+    }
     if upgrade && s == "upgrade" {
         return true;
     }
