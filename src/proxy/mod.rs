@@ -105,7 +105,7 @@ pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
         Some(g) => {
             let mut p = g.picker_for(rc);
             p.limit_tries(pc.next_upstream_tries);
-            Peers::Group(Box::new(p))
+            Peers::Group(p)
         }
         None => Peers::Addrs(Selector::new(&target.peers, target.start)),
     };

@@ -55,9 +55,13 @@ impl<'a> Selector<'a> {
 
 /// Where the peers of a request come from: the addresses of a name (round robin here) or an
 /// `upstream {}` block's picker (its balancer, health, breakers, balancer_by_lua).
+/// The picker is held inline, not boxed: it lives in the proxy's future, which is built in
+/// its own box and never moved, so a box only added an allocation per request (callgrind:
+/// -144 instructions a proxied request without it).
+#[allow(clippy::large_enum_variant)]
 pub enum Peers<'a> {
     Addrs(Selector<'a>),
-    Group(Box<super::upstream::Picker>),
+    Group(super::upstream::Picker),
 }
 
 impl Peers<'_> {
