@@ -51,7 +51,7 @@ pub use vars::UpstreamInfo;
 struct Resolved<'a> {
     url: Cow<'a, Url>,
     /// The `upstream {}` block the host names, if any.
-    group: Option<Arc<upstream::Upstream>>,
+    group: Option<&'a Arc<upstream::Upstream>>,
     peers: Cow<'a, [(std::net::SocketAddr, Arc<str>)]>,
     /// Shared with `$proxy_host` (no copy per request).
     proxy_host: Arc<str>,
@@ -85,7 +85,7 @@ pub fn content<'a>(
 }
 
 /// Serve the request by proxying it (the content phase of a `proxy_pass` location).
-pub async fn handle(rc: &Rc<ReqCtx>, pass: &Arc<ProxyPass>) -> Outcome {
+pub async fn handle<'a>(rc: &'a Rc<ReqCtx>, pass: &'a Arc<ProxyPass>) -> Outcome {
     let pc = rc.st.borrow().conf.proxy.clone();
     // A fixed target needs no waiting; the resolver's larger future is boxed away from the
     // common case (every future here is moved as a whole when it starts).
@@ -352,7 +352,7 @@ async fn respond(rc: &Rc<ReqCtx>, c: Respond<'_>, got: Got) -> Outcome {
 }
 
 /// A proxy_pass URL without variables: its upstream block or the addresses found at load.
-fn fixed<'a>(rc: &ReqCtx, pass: &'a ProxyPass, u: &'a Url) -> Result<Resolved<'a>, u16> {
+fn fixed<'a>(rc: &'a ReqCtx, pass: &'a ProxyPass, u: &'a Url) -> Result<Resolved<'a>, u16> {
     let group = if u.addrs.is_empty() {
         // Checked at load: the host names an upstream block.
         match rc.env.upstreams.get(&u.host) {
@@ -400,7 +400,7 @@ async fn switch(
 }
 
 /// The target URL of this request, with the addresses to try.
-async fn resolve<'a>(rc: &Rc<ReqCtx>, pass: &'a ProxyPass) -> Result<Resolved<'a>, u16> {
+async fn resolve<'a>(rc: &'a Rc<ReqCtx>, pass: &'a ProxyPass) -> Result<Resolved<'a>, u16> {
     let url = match &pass.target {
         Target::Fixed(u) => return fixed(rc, pass, u),
         Target::Dynamic(t) => {

@@ -177,7 +177,7 @@ fn upstream_module(lua: &Lua) -> mlua::Result<Table> {
     m.set(
         "get_servers",
         lua.create_function(|lua, name: String| {
-            let Some(up) = upstreams(lua)?.get(&name) else {
+            let Some(up) = upstreams(lua)?.get(&name).cloned() else {
                 return fail(lua, "upstream not found");
             };
             let t = lua.create_table()?;
@@ -212,7 +212,7 @@ fn upstream_module(lua: &Lua) -> mlua::Result<Table> {
         m.set(
             fname,
             lua.create_function(move |lua, name: String| {
-                let Some(up) = upstreams(lua)?.get(&name) else {
+                let Some(up) = upstreams(lua)?.get(&name).cloned() else {
                     return fail(lua, "upstream not found");
                 };
                 let now = now_ms();
@@ -250,7 +250,7 @@ fn upstream_module(lua: &Lua) -> mlua::Result<Table> {
         "set_peer_down",
         lua.create_function(
             |lua, (name, backup, id, down): (String, bool, usize, bool)| {
-                let Some(up) = upstreams(lua)?.get(&name) else {
+                let Some(up) = upstreams(lua)?.get(&name).cloned() else {
                     return fail(lua, "upstream not found");
                 };
                 let group = if backup { &up.backup } else { &up.primary };

@@ -67,8 +67,9 @@ pub struct UpstreamSet {
 }
 
 impl UpstreamSet {
-    pub fn get(&self, name: &str) -> Option<Arc<Upstream>> {
-        self.map.get(name).cloned()
+    /// Borrowed: the proxy holds it for one request without touching its shared count.
+    pub fn get(&self, name: &str) -> Option<&Arc<Upstream>> {
+        self.map.get(name)
     }
 
     /// All upstreams, in no particular order.
@@ -130,7 +131,12 @@ pub struct PeerState {
     /// time of the last sample.
     ewma: AtomicU64,
     ewma_at: AtomicU64,
-    pub breaker: Mutex<Option<Breaker>>,
+    /// Set through [`PeerState::set_breaker`] only, which keeps `has_breaker` true to it.
+    breaker: Mutex<Option<Breaker>>,
+    /// Whether `breaker` holds one, read without the lock: most upstreams have no
+    /// circuit_breaker, and the lock was taken three times a request for nothing (a pair of
+    /// atomic operations each, on a line every worker shares).
+    has_breaker: AtomicBool,
     /// Picks so far (metrics).
     pub requests: AtomicU64,
 }
@@ -152,6 +158,7 @@ impl PeerState {
             hc_pass_streak: AtomicU32::new(0),
             ewma: AtomicU64::new(NO_SAMPLE),
             ewma_at: AtomicU64::new(0),
+            has_breaker: AtomicBool::new(breaker.is_some()),
             breaker: Mutex::new(breaker.map(Breaker::new)),
             requests: AtomicU64::new(0),
         }
@@ -194,7 +201,25 @@ impl PeerState {
     }
 
     pub fn breaker_state(&self, now: u64) -> Option<BreakerState> {
-        lock(&self.breaker).as_ref().map(|b| b.state(now))
+        self.with_breaker(|b| b.state(now))
+    }
+
+    /// Run `f` on the peer's breaker under its lock; `None` (no lock taken) when it has none.
+    fn with_breaker<R>(&self, f: impl FnOnce(&mut Breaker) -> R) -> Option<R> {
+        if !self.has_breaker.load(Relaxed) {
+            return None;
+        }
+        lock(&self.breaker).as_mut().map(f)
+    }
+
+    /// Install the breaker a (re)loaded configuration asks for, keeping one whose settings
+    /// did not change (its state survives a reload).
+    fn set_breaker(&self, conf: Option<crate::conf::model::CircuitBreaker>) {
+        let mut b = lock(&self.breaker);
+        if b.as_ref().map(|b| b.conf) != conf {
+            *b = conf.map(Breaker::new);
+        }
+        self.has_breaker.store(b.is_some(), Relaxed);
     }
 }
 
@@ -235,10 +260,7 @@ impl PeerSlot {
         if self.max_conns > 0 && st.conns.load(Relaxed) >= self.max_conns {
             return false;
         }
-        match &*lock(&st.breaker) {
-            Some(b) => b.allows(now),
-            None => true,
-        }
+        st.with_breaker(|b| b.allows(now)).unwrap_or(true)
     }
 }
 
@@ -279,11 +301,7 @@ impl Upstream {
                         if st.effective_weight.load(Relaxed) > weight {
                             st.effective_weight.store(weight, Relaxed);
                         }
-                        let mut b = lock(&st.breaker);
-                        if b.as_ref().map(|b| b.conf) != conf.circuit_breaker {
-                            *b = conf.circuit_breaker.map(Breaker::new);
-                        }
-                        drop(b);
+                        st.set_breaker(conf.circuit_breaker);
                         if conf.health_check.is_none() {
                             st.healthy.store(true, Relaxed);
                         }
@@ -523,7 +541,8 @@ pub struct BalancerCall {
 /// The peer currently held by a picker.
 #[derive(Debug)]
 struct Held {
-    peer: Peer,
+    /// The held peer's address (its names are not needed here: no Arc clones per pick).
+    addr: SocketAddr,
     st: Arc<PeerState>,
     trial: bool,
     reported: bool,
@@ -670,7 +689,7 @@ impl Picker {
             slot,
         };
         self.current = Some(Held {
-            peer: peer.clone(),
+            addr: peer.addr,
             st,
             trial: false,
             reported: false,
@@ -711,10 +730,7 @@ impl Picker {
         st.conns.fetch_add(1, Relaxed);
         st.requests.fetch_add(1, Relaxed);
         drop(guard);
-        let (trial, t) = match &mut *lock(&st.breaker) {
-            Some(b) => b.on_pick(now),
-            None => (false, None),
-        };
+        let (trial, t) = st.with_breaker(|b| b.on_pick(now)).unwrap_or((false, None));
         let peer = Peer {
             addr: slot.addr,
             name: slot.name.clone(),
@@ -725,7 +741,7 @@ impl Picker {
             self.log_transition(&peer, t);
         }
         self.current = Some(Held {
-            peer: peer.clone(),
+            addr: peer.addr,
             st,
             trial,
             reported: false,
@@ -779,7 +795,7 @@ impl Picker {
         };
         let mut trial = false;
         if let Some(h) = self.current.as_mut() {
-            if h.peer.addr == peer.addr && !h.reported {
+            if h.addr == peer.addr && !h.reported {
                 h.reported = true;
                 trial = std::mem::take(&mut h.trial);
             }
@@ -787,11 +803,13 @@ impl Picker {
         let Some((backup, i)) = peer.slot else {
             return;
         };
-        let up = self.up.clone();
+        let up = &self.up;
         let slot = &self.group(backup)[i];
         let st = &slot.st;
         let mut disabled = false;
-        {
+        // A success with no failures to forget changes nothing: no lock (it is shared by
+        // every worker and was taken on every response).
+        if failed || st.accessed.load(Relaxed) < st.checked.load(Relaxed) {
             let _g = lock(&up.lock);
             if failed {
                 let fails = st.fails.fetch_add(1, Relaxed) + 1;
@@ -819,10 +837,9 @@ impl Picker {
                 ),
             );
         }
-        let t = match &mut *lock(&st.breaker) {
-            Some(b) => b.on_result(now(), !failed, trial),
-            None => None,
-        };
+        let t = st
+            .with_breaker(|b| b.on_result(now(), !failed, trial))
+            .flatten();
         if let Some(t) = t {
             self.log_transition(peer, t);
         }
@@ -841,9 +858,7 @@ impl Picker {
         if let Some(h) = self.current.take() {
             h.st.conns.fetch_sub(1, Relaxed);
             if h.trial && !h.reported {
-                if let Some(b) = lock(&h.st.breaker).as_mut() {
-                    b.release_trial();
-                }
+                h.st.with_breaker(|b| b.release_trial());
             }
         }
     }
