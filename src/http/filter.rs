@@ -181,21 +181,27 @@ async fn header_filter(rc: &Rc<ReqCtx>) {
                 e.insert(st.conf.default_type.clone());
             }
         }
-        let conf = st.conf.clone();
         // nginx adds Server (ngx_http_header_filter) and add_header (ngx_http_headers_filter)
         // to the main request only; a subrequest's captured headers have neither.
         let main = !rc.is_subrequest();
         // Added before headers-more runs so that `more_clear_headers Server` can remove it.
         if main {
+            let tokens = st.conf.server_tokens;
             if let Entry::Vacant(e) = st.resp_headers.entry(http::header::SERVER) {
-                e.insert(if conf.server_tokens {
-                    SERVER_TOKENS
-                } else {
-                    SERVER_NAME
-                });
+                e.insert(if tokens { SERVER_TOKENS } else { SERVER_NAME });
             }
         }
-        for ah in conf.add_headers.iter().filter(|_| main) {
+        // The location's configuration is cloned (an atomic count shared by the workers) only
+        // when its headers directives need it beside the mutable state.
+        let edits =
+            (main && !st.conf.add_headers.is_empty()) || !st.conf.more_set_headers.is_empty();
+        let conf = edits.then(|| st.conf.clone());
+        let conf = conf.as_deref();
+        for ah in conf
+            .iter()
+            .flat_map(|c| c.add_headers.iter())
+            .filter(|_| main)
+        {
             if ah.always || ADD_HEADER_STATUSES.contains(&status) {
                 let v = super::variables::eval(rc, st, &ah.value);
                 if v.is_empty() {
@@ -209,22 +215,29 @@ async fn header_filter(rc: &Rc<ReqCtx>) {
                 }
             }
         }
-        for m in &conf.more_set_headers {
+        for m in conf.iter().flat_map(|c| c.more_set_headers.iter()) {
             apply_more(rc, st, m, true);
         }
         let conn = &rc.conn;
-        if main && conf.keepalive_requests > 0 && conn.requests.get() >= conf.keepalive_requests {
+        let limit = st.conf.keepalive_requests;
+        if main && limit > 0 && conn.requests.get() >= limit {
             st.resp_headers
                 .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
         }
     }
-    let conf = rc.st.borrow().conf.clone();
-    if let Some(chunk) = &conf.header_filter_by_lua {
+    let (lua, body_lua) = {
+        let st = rc.st.borrow();
+        (
+            st.conf.header_filter_by_lua.clone(),
+            st.conf.body_filter_by_lua.is_some(),
+        )
+    };
+    if let Some(chunk) = &lua {
         let prev = rc.st.borrow().phase;
         let _ = lua_phase::run(rc, chunk, Phase::HeaderFilter).await;
         rc.st.borrow_mut().phase = prev;
     }
-    if conf.body_filter_by_lua.is_some() {
+    if body_lua {
         // The filter may change the length; the response goes out chunked instead.
         rc.st
             .borrow_mut()
