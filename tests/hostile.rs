@@ -697,9 +697,10 @@ fn a_slow_download_outlives_keepalive_timeout() {
     // The keepalive clock starts when the last byte of a response was written, not when
     // hyper took the body: a client reading an 8 MB body slowly for ~3 s (three timeouts)
     // gets all of it. (Once the rest fits in the kernel's buffers the clock runs, as in
-    // nginx, so the connection may close before the client drained them.)
+    // nginx, so the connection may close before the client drained them.) send_timeout
+    // counts from each write's progress, so it does not cut the slow reader either.
     let s = hostile_server(
-        "keepalive_timeout 1s;\n        location = /big { content_by_lua_block { ngx.print(string.rep('a', 8 * 1024 * 1024)) } }",
+        "keepalive_timeout 1s; send_timeout 1s;\n        location = /big { content_by_lua_block { ngx.print(string.rep('a', 8 * 1024 * 1024)) } }",
     );
     let mut c = TcpStream::connect(s.addr()).expect("connect");
     c.set_read_timeout(Some(Duration::from_secs(10)))
@@ -735,6 +736,52 @@ fn a_slow_download_outlives_keepalive_timeout() {
     assert!(
         t0.elapsed() > Duration::from_millis(1500),
         "the client read too fast to test"
+    );
+    assert_alive(&s);
+}
+
+#[test]
+fn send_timeout_closes_a_connection_whose_client_stopped_reading() {
+    // 64 MB is more than the loopback socket buffers hold, so the server's writes block once
+    // the client stops reading; a second after that (send_timeout) the connection is closed
+    // and the client reads what was buffered, then the end. keepalive_timeout is long: it is
+    // not what cuts it.
+    let s = hostile_server(
+        "keepalive_timeout 60s; send_timeout 1s;\n        location = /huge { content_by_lua_block { ngx.print(string.rep('a', 64 * 1024 * 1024)) } }",
+    );
+    let want = 64 * 1024 * 1024;
+    let mut c = TcpStream::connect(s.addr()).expect("connect");
+    c.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    c.write_all(b"GET /huge HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .expect("write");
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = c.read(&mut buf).expect("first read");
+    std::thread::sleep(Duration::from_secs(3));
+    let t0 = Instant::now();
+    let mut ended = false;
+    while t0.elapsed() < Duration::from_secs(20) {
+        match c.read(&mut buf) {
+            Ok(0) | Err(_) => {
+                ended = true;
+                break;
+            }
+            Ok(n) => got += n,
+        }
+    }
+    assert!(ended, "the connection was still open after {} bytes", got);
+    assert!(
+        got < want,
+        "the whole body arrived ({} bytes): nothing was cut",
+        got
+    );
+    let log = wait_log(&s, "while sending response to client");
+    assert!(
+        log.contains(
+            "client timed out (110: Connection timed out) while sending response to client, client: 127.0.0.1"
+        ),
+        "{}",
+        log
     );
     assert_alive(&s);
 }

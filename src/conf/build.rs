@@ -341,6 +341,7 @@ impl Builder {
             content: Content::Static,
             client_max_body_size: 1024 * 1024,
             client_body_timeout_ms: 60_000,
+            send_timeout_ms: 60_000,
             keepalive_timeout_ms: 75_000,
             keepalive_requests: 1000,
             access_logs: vec![AccessLog {
@@ -504,6 +505,7 @@ impl Builder {
             }
             "client_max_body_size" => conf.client_max_body_size = size(d, arg(d, 0))?,
             "client_body_timeout" => conf.client_body_timeout_ms = time_ms(d, arg(d, 0))?,
+            "send_timeout" => conf.send_timeout_ms = time_ms(d, arg(d, 0))?,
             "client_header_timeout" => {
                 time_ms(d, arg(d, 0))?;
             }

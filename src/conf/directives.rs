@@ -37,6 +37,7 @@ pub const HTTP_CORE: &[C] = &[
     C::new("client_max_body_size", HSL, Exactly(1)).unique(),
     C::new("client_header_timeout", HTTP | SERVER, Exactly(1)).unique(),
     C::new("client_body_timeout", HSL, Exactly(1)).unique(),
+    C::new("send_timeout", HSL, Exactly(1)).unique(),
     C::new("large_client_header_buffers", HTTP | SERVER, Exactly(2)).unique(),
     C::new("server_tokens", HSL, Flag).unique(),
 ];
@@ -154,7 +155,6 @@ pub const IGNORED: &[C] = &[
     C::new("open_file_cache_min_uses", HSL, Exactly(1)).ignored(),
     C::new("open_file_cache_errors", HSL, Flag).ignored(),
     C::new("reset_timedout_connection", HSL, Flag).ignored(),
-    C::new("send_timeout", HSL, Exactly(1)).ignored(),
     C::new("lua_need_request_body", HSL, Flag).ignored(),
     C::new("lua_transform_underscores_in_response_headers", HSL, Flag).ignored(),
     C::new("lua_http10_buffering", HSL, Flag).ignored(),

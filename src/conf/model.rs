@@ -205,6 +205,8 @@ pub struct LocConf {
     pub content: Content,
     pub client_max_body_size: u64,
     pub client_body_timeout_ms: u64,
+    /// `send_timeout`: how long a write to the client may make no progress.
+    pub send_timeout_ms: u64,
     pub keepalive_timeout_ms: u64,
     pub keepalive_requests: u64,
     /// Empty with `access_log off`.

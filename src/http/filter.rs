@@ -219,6 +219,9 @@ async fn header_filter(rc: &Rc<ReqCtx>) {
             apply_more(rc, st, m, true);
         }
         let conn = &rc.conn;
+        if main {
+            conn.send_timeout_ms.set(st.conf.send_timeout_ms);
+        }
         let limit = st.conf.keepalive_requests;
         if main && limit > 0 && conn.requests.get() >= limit {
             st.resp_headers

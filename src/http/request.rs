@@ -75,6 +75,8 @@ pub struct ConnInfo {
     pub local: SocketAddr,
     /// Requests served so far on this connection (`keepalive_requests`).
     pub requests: Cell<u64>,
+    /// `send_timeout` of the location whose response is being written (ms).
+    pub send_timeout_ms: Cell<u64>,
 }
 
 /// How a Lua handler asked to end its phase.

@@ -13,23 +13,44 @@
 //! to a slow client, so the socket is wrapped ([`Tracked`]) to learn when writing last made
 //! progress: a download that outlives keepalive_timeout is not cut (nginx starts the keepalive
 //! timer only after the response was sent).
+//!
+//! The same watchdog is `send_timeout`: while a write to the client is blocked (the socket
+//! would block, or took part of its bytes), the connection is closed once no write made
+//! progress for that long, whether the request is still being served or hyper is flushing its
+//! last bytes. The socket wrapper tells the watchdog when a write blocks (a stored
+//! notification: nothing per unblocked write), so the deadline is exact.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use http_body::{Frame, SizeHint};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use crate::conf::model::{LocConf, Location, RewriteOp};
 use crate::conf::Config;
 use crate::http::body::{Body, Chunk};
+use crate::http::request::ConnInfo;
+use crate::log::{self as elog, Level};
+
+/// What the socket wrapper tells the watchdog about writes; shared across threads because
+/// hyper requires the socket to be `Send` (for upgrades).
+#[derive(Default)]
+struct WriteClock {
+    /// When a write last made progress after a stall, or last blocked, in nanoseconds after
+    /// the connection was born.
+    at: AtomicU64,
+    /// A write is blocked now.
+    blocked: AtomicBool,
+    /// Notified when a write starts to block.
+    blocks: Notify,
+}
 
 /// What the connection task and its watchdog share.
 pub struct ConnState {
@@ -37,9 +58,8 @@ pub struct ConnState {
     busy: Cell<bool>,
     /// When the connection last became idle (accepted, or a response finished).
     idle_since: Cell<Instant>,
-    /// When a write to the client last made progress, in nanoseconds after `born`; shared
-    /// with the socket wrapper, which hyper requires to be `Send` for upgrades.
-    last_write: Arc<AtomicU64>,
+    /// Shared with the socket wrapper.
+    writes: Arc<WriteClock>,
     born: Instant,
     /// The timeout ran out: close now.
     expired: Cell<bool>,
@@ -53,7 +73,7 @@ impl ConnState {
         Rc::new(ConnState {
             busy: Cell::new(false),
             idle_since: Cell::new(Instant::now()),
-            last_write: Arc::new(AtomicU64::new(0)),
+            writes: Arc::new(WriteClock::default()),
             born: Instant::now(),
             expired: Cell::new(false),
             shutdown: Cell::new(false),
@@ -84,7 +104,7 @@ impl ConnState {
 /// stalled (would block, or took part of its bytes) does each later progress read the clock.
 pub struct Tracked<S> {
     io: S,
-    last_write: Arc<AtomicU64>,
+    writes: Arc<WriteClock>,
     born: Instant,
     stalled: bool,
 }
@@ -93,27 +113,37 @@ impl<S> Tracked<S> {
     pub fn new(io: S, state: &ConnState) -> Tracked<S> {
         Tracked {
             io,
-            last_write: state.last_write.clone(),
+            writes: state.writes.clone(),
             born: state.born,
             stalled: false,
         }
     }
 
-    fn wrote(&self) {
+    fn stamp(&self) {
         let ns = self.born.elapsed().as_nanos().min(u64::MAX as u128) as u64;
-        self.last_write.store(ns, Ordering::Relaxed);
+        self.writes.at.store(ns, Ordering::Relaxed);
     }
 
     /// Note the result of a write of `len` bytes.
     fn track(&mut self, r: &Poll<std::io::Result<usize>>, len: usize) {
+        let was = self.stalled;
         match r {
-            Poll::Ready(Ok(n)) if *n >= len && !self.stalled => {}
+            Poll::Ready(Ok(n)) if *n >= len && !was => return,
             Poll::Ready(Ok(n)) if *n > 0 => {
-                self.wrote();
+                self.stamp();
                 self.stalled = *n < len;
             }
-            Poll::Pending => self.stalled = true,
-            _ => {}
+            Poll::Pending if !was => {
+                self.stamp();
+                self.stalled = true;
+            }
+            _ => return,
+        }
+        if self.stalled != was {
+            self.writes.blocked.store(self.stalled, Ordering::Relaxed);
+            if self.stalled {
+                self.writes.blocks.notify_one();
+            }
         }
     }
 }
@@ -207,7 +237,7 @@ impl http_body::Body for ConnBody {
 pub enum End<T> {
     /// The connection finished (hyper's result).
     Done(T),
-    /// The keepalive / header timeout ran out.
+    /// The keepalive / header timeout or the send timeout ran out.
     Expired,
 }
 
@@ -253,41 +283,77 @@ impl<C: Future> Future for Watched<'_, C> {
     }
 }
 
-/// The connection's timer: sleeps until the timeout could run out, then looks whether it did.
+/// What the watchdog found when it looked.
+enum Due {
+    At(Instant),
+    /// The keepalive (header) timeout ran out.
+    Idle,
+    /// A write made no progress for send_timeout.
+    Send,
+}
+
+fn due(state: &ConnState, conn: &ConnInfo, timeout: Duration, now: Instant) -> Due {
+    let w = &state.writes;
+    let wrote = state.born + Duration::from_nanos(w.at.load(Ordering::Relaxed));
+    if w.blocked.load(Ordering::Relaxed) {
+        let at = wrote + Duration::from_millis(conn.send_timeout_ms.get());
+        return if at <= now { Due::Send } else { Due::At(at) };
+    }
+    if state.busy.get() {
+        // Nothing can run out while a request is served and its writes go through; a write
+        // that blocks notifies the watchdog.
+        return Due::At(now + timeout);
+    }
+    let at = state.idle_since.get().max(wrote) + timeout;
+    if at <= now {
+        Due::Idle
+    } else {
+        Due::At(at)
+    }
+}
+
+/// The connection's timer: sleeps until a timeout could run out, then looks whether it did.
 /// Also turns the worker's shutdown signal into the connection's flag.
 pub async fn watchdog(
     state: Rc<ConnState>,
+    conn: Rc<ConnInfo>,
     timeout: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let sleep = tokio::time::sleep_until(state.idle_since.get() + timeout);
     tokio::pin!(sleep);
     let mut shutting_down = false;
+    let writes = state.writes.clone();
     loop {
         tokio::select! {
-            _ = sleep.as_mut() => {
-                let now = Instant::now();
-                let next = if state.busy.get() {
-                    now + timeout
-                } else {
-                    let wrote = state.born
-                        + Duration::from_nanos(state.last_write.load(Ordering::Relaxed));
-                    let due = state.idle_since.get().max(wrote) + timeout;
-                    if due <= now {
-                        state.expired.set(true);
-                        state.wake();
-                        return;
-                    }
-                    due
-                };
-                sleep.as_mut().reset(next);
-            }
+            _ = sleep.as_mut() => {}
+            _ = writes.blocks.notified() => {}
             r = shutdown.wait_for(|v| *v), if !shutting_down => {
                 shutting_down = true;
                 if r.is_ok() {
                     state.shutdown.set(true);
                     state.wake();
                 }
+                continue;
+            }
+        }
+        match due(&state, &conn, timeout, Instant::now()) {
+            Due::At(next) => sleep.as_mut().reset(next),
+            end => {
+                if let Due::Send = end {
+                    // nginx's line (at info: a client going away is not the server's fault).
+                    elog::log(
+                        Level::Info,
+                        Some(conn.id),
+                        &format!(
+                            "client timed out (110: Connection timed out) while sending response to client, client: {}",
+                            conn.remote.ip()
+                        ),
+                    );
+                }
+                state.expired.set(true);
+                state.wake();
+                return;
             }
         }
     }

@@ -244,6 +244,7 @@ async fn accept_loop(w: Rc<Worker>, listener: TcpListener) {
             remote: peer,
             local,
             requests: Cell::new(0),
+            send_timeout_ms: Cell::new(60_000),
         });
         w.active.set(w.active.get() + 1);
         let w2 = w.clone();
@@ -287,13 +288,12 @@ async fn serve_conn(w: &Rc<Worker>, conn: Rc<ConnInfo>, stream: tokio::net::TcpS
     // so it serves as keepalive_timeout (0 turns keep-alive off, as in nginx).
     let (keepalive_ms, half_close) = {
         let env = w.env.borrow();
-        let ka = env
-            .cfg
-            .http
-            .servers
-            .first()
-            .map(|s| s.conf.keepalive_timeout_ms)
-            .unwrap_or(75_000);
+        let first = env.cfg.http.servers.first();
+        let ka = first.map(|s| s.conf.keepalive_timeout_ms).unwrap_or(75_000);
+        // Until a response says which location it comes from (hyper's own error answers).
+        if let Some(s) = first {
+            conn.send_timeout_ms.set(s.conf.send_timeout_ms);
+        }
         (ka, !env.watch_client_abort)
     };
     let header_timeout = Duration::from_millis(keepalive_ms.max(1000));
@@ -301,6 +301,7 @@ async fn serve_conn(w: &Rc<Worker>, conn: Rc<ConnInfo>, stream: tokio::net::TcpS
     let state = ConnState::new();
     let _watchdog = conn::AbortOnDrop(tokio::task::spawn_local(conn::watchdog(
         state.clone(),
+        conn.clone(),
         header_timeout,
         w.shutdown.subscribe(),
     )));
