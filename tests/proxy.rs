@@ -912,6 +912,39 @@ fn send_timeout_when_the_upstream_stops_reading() {
 }
 
 #[test]
+fn proxy_buffer_size_limits_the_upstream_response_head() {
+    // A 6 KB header: over 4k, within the default (64 KB) and within 8k.
+    let o = Origin::start(|r, s| {
+        let h = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Big: {}\r\n\r\nok",
+            "v".repeat(6 * 1024)
+        );
+        let _ = s.write_all(h.as_bytes());
+        keep(r)
+    });
+    let s = server(&format!(
+        "location /small {{ proxy_buffer_size 4k; proxy_pass http://127.0.0.1:{p}; }}
+         location /eight {{ proxy_buffer_size 8k; proxy_pass http://127.0.0.1:{p}; }}
+         location / {{ proxy_pass http://127.0.0.1:{p}; }}",
+        p = o.port()
+    ));
+    let r = s.get("/small");
+    assert_eq!(r.status, 502, "{}", s.error_log());
+    let log = wait_log(&s, "too big header");
+    assert!(
+        log.contains("upstream sent too big header while reading response header from upstream"),
+        "{}",
+        log
+    );
+    for path in ["/eight", "/"] {
+        let r = s.get(path);
+        assert_eq!(r.status, 200, "{} {}", path, s.error_log());
+        assert_eq!(r.header("x-big").map(str::len), Some(6 * 1024), "{}", path);
+        assert_eq!(r.text(), "ok");
+    }
+}
+
+#[test]
 fn buffer_tuning_directives_load() {
     let o = Origin::echo();
     let s = server(&format!(

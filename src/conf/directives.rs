@@ -255,9 +255,9 @@ pub const PROXY: &[C] = &[
     C::new("proxy_next_upstream_timeout", HSL, Exactly(1)).unique(),
     C::new("proxy_next_upstream_backoff", HSL, Range(1, 2)).unique(),
     C::new("client_body_buffer_size", HSL, Exactly(1)).unique(),
+    C::new("proxy_buffer_size", HSL, Exactly(1)).unique(),
     // Buffer sizing and temp files: bodies stream here, nothing spills to disk.
     C::new("proxy_buffers", HSL, Exactly(2)).ignored(),
-    C::new("proxy_buffer_size", HSL, Exactly(1)).ignored(),
     C::new("proxy_busy_buffers_size", HSL, Exactly(1)).ignored(),
     C::new("proxy_max_temp_file_size", HSL, Exactly(1)).ignored(),
     C::new("proxy_temp_file_write_size", HSL, Exactly(1)).ignored(),

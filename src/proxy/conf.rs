@@ -214,6 +214,8 @@ pub struct ProxyConf {
     /// `proxy_next_upstream_backoff base=.. max=..` (ms); `None` when off.
     pub backoff: Option<(u64, u64)>,
     pub client_body_buffer_size: u64,
+    /// `proxy_buffer_size`: the largest response head taken from an upstream.
+    pub buffer_size: usize,
 }
 
 impl Default for ProxyConf {
@@ -242,6 +244,7 @@ impl Default for ProxyConf {
             backoff: None,
             // nginx's default on 64-bit platforms.
             client_body_buffer_size: 16 * 1024,
+            buffer_size: super::h1::HEAD_LIMIT,
         }
     }
 }
@@ -394,6 +397,10 @@ pub fn setting(
                 }
                 conf.backoff = Some((base.max(1), max.max(base)));
             }
+        }
+        "proxy_buffer_size" => {
+            let n = parse_size(a0).ok_or_else(|| ConfError::invalid_value(d, a0))?;
+            conf.buffer_size = usize::try_from(n).map_err(|_| ConfError::invalid_value(d, a0))?;
         }
         "client_body_buffer_size" => {
             conf.client_body_buffer_size =

@@ -4,9 +4,10 @@
 //!
 //! A request head (and a kept body) goes out in one write; a streamed body follows as it
 //! arrives, chunked when its length is unknown. The response head is parsed with `httparse`
-//! within [`HEAD_LIMIT`]; the body is framed by Content-Length, chunked (trailers dropped) or
-//! the connection's close, and none for HEAD, 204, 304. The connection goes back to the pool
-//! the moment the body's last byte was read, when both sides allow keep-alive.
+//! within `proxy_buffer_size` (default [`HEAD_LIMIT`]); the body is framed by Content-Length,
+//! chunked (trailers dropped) or the connection's close, and none for HEAD, 204, 304. The
+//! connection goes back to the pool the moment the body's last byte was read, when both sides
+//! allow keep-alive.
 
 use std::io;
 use std::time::Duration;
@@ -26,8 +27,9 @@ use super::headers;
 use super::pool::{self, Conn, Key, Limits};
 use super::retry::Failure;
 
-/// The largest response head accepted (nginx: proxy_buffer_size, 4k or 8k by default; we allow
-/// more, as the hyper client we replaced did).
+/// The largest response head accepted unless `proxy_buffer_size` says otherwise (nginx's
+/// default is one memory page, 4k; we allow more, as the hyper client we replaced did, so
+/// that a head nginx would take with a raised proxy_buffer_size is not refused here).
 pub const HEAD_LIMIT: usize = 64 * 1024;
 /// The most header lines in a response head.
 pub const MAX_HEADERS: usize = 100;
@@ -50,6 +52,14 @@ impl ExchangeError {
         ExchangeError {
             kind: Failure::InvalidHeader,
             msg: "upstream sent invalid header while reading response header from upstream".into(),
+            write: false,
+        }
+    }
+
+    fn too_big() -> ExchangeError {
+        ExchangeError {
+            kind: Failure::InvalidHeader,
+            msg: "upstream sent too big header while reading response header from upstream".into(),
             write: false,
         }
     }
@@ -340,15 +350,11 @@ pub async fn exchange(
     loop {
         let parsed = parse_head(&mut buf, head.method == Method::HEAD, keep, pc, &mut out)?;
         let Some(h) = parsed else {
-            if buf.len() >= HEAD_LIMIT {
-                return Err(ExchangeError {
-                    kind: Failure::InvalidHeader,
-                    msg: "upstream sent too big header while reading response header from upstream"
-                        .into(),
-                    write: false,
-                });
+            let limit = pc.buffer_size;
+            if buf.len() >= limit {
+                return Err(ExchangeError::too_big());
             }
-            buf.reserve(READ_SIZE.min(HEAD_LIMIT - buf.len()));
+            buf.reserve(READ_SIZE.min(limit - buf.len()));
             let n = match conn.io.read_buf(&mut buf).await {
                 Ok(n) => n,
                 Err(e) => return Err(failed.unwrap_or_else(|| ExchangeError::io(&e))),
@@ -453,6 +459,10 @@ fn parse_head(
         parsed = r.parse(&whole);
     }
     let len = match parsed {
+        // A head that came whole in one read may still be over the limit.
+        Ok(httparse::Status::Complete(n)) if n > pc.buffer_size => {
+            return Err(ExchangeError::too_big())
+        }
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => {
             *buf = BytesMut::from(whole);
