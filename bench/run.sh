@@ -35,7 +35,7 @@ fi
 if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-[ -x "$TIDEGATE" ] || (cd "$ROOT" && cargo build --release)
+[ -x "$TIDEGATE" ] || "$ROOT/scripts/build.sh"
 mkdir -p "$(dirname "$OUT")" "$RUN_DIR"
 
 # Redis for the scenarios that use it: pinned with wrk on CPU 0, seeded, stopped on exit.
