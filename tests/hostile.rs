@@ -740,41 +740,59 @@ fn a_slow_download_outlives_keepalive_timeout() {
     assert_alive(&s);
 }
 
-#[test]
-fn send_timeout_closes_a_connection_whose_client_stopped_reading() {
-    // 64 MB is more than the loopback socket buffers hold, so the server's writes block once
-    // the client stops reading; a second after that (send_timeout) the connection is closed
-    // and the client reads what was buffered, then the end. keepalive_timeout is long: it is
-    // not what cuts it.
-    let s = hostile_server(
-        "keepalive_timeout 60s; send_timeout 1s;\n        location = /huge { content_by_lua_block { ngx.print(string.rep('a', 64 * 1024 * 1024)) } }",
-    );
-    let want = 64 * 1024 * 1024;
+/// Request `path`, read a little, stop reading for 3 s, then read on: the bytes that came
+/// before the server closed the connection, and whether it did (EOF or reset within the
+/// read timeout; a read that times out means it is still open).
+fn stop_reading(s: &Server, path: &str) -> (usize, bool) {
     let mut c = TcpStream::connect(s.addr()).expect("connect");
-    c.set_read_timeout(Some(Duration::from_secs(10)))
+    c.set_read_timeout(Some(Duration::from_secs(5)))
         .expect("timeout");
-    c.write_all(b"GET /huge HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    c.write_all(format!("GET {} HTTP/1.1\r\nHost: localhost\r\n\r\n", path).as_bytes())
         .expect("write");
     let mut buf = vec![0u8; 64 * 1024];
     let mut got = c.read(&mut buf).expect("first read");
     std::thread::sleep(Duration::from_secs(3));
     let t0 = Instant::now();
-    let mut ended = false;
     while t0.elapsed() < Duration::from_secs(20) {
         match c.read(&mut buf) {
-            Ok(0) | Err(_) => {
-                ended = true;
-                break;
-            }
+            Ok(0) => return (got, true),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return (got, true),
+            Err(_) => return (got, false),
             Ok(n) => got += n,
         }
     }
-    assert!(ended, "the connection was still open after {} bytes", got);
-    assert!(
-        got < want,
-        "the whole body arrived ({} bytes): nothing was cut",
-        got
+    (got, false)
+}
+
+#[test]
+fn send_timeout_closes_a_connection_whose_client_stopped_reading() {
+    // 64 MB is more than the loopback socket buffers hold, so the server's writes block once
+    // the client stops reading; a second after that (send_timeout) the connection is closed
+    // and the client reads what was buffered, then the end. keepalive_timeout is long: it is
+    // not what cuts it. /huge hands hyper its whole body at once (the request is done, hyper
+    // is flushing); /stream is still being served (each chunk waits for ngx.flush).
+    let s = hostile_server(
+        "keepalive_timeout 60s; send_timeout 1s;
+        location = /huge { content_by_lua_block { ngx.print(string.rep('a', 64 * 1024 * 1024)) } }
+        location = /stream { content_by_lua_block {
+            local chunk = string.rep('b', 1024 * 1024)
+            for _ = 1, 64 do
+                ngx.print(chunk)
+                if not ngx.flush(true) then return end
+            end
+        } }",
     );
+    let want = 64 * 1024 * 1024;
+    for path in ["/huge", "/stream"] {
+        let (got, ended) = stop_reading(&s, path);
+        assert!(ended, "{}: still open after {} bytes", path, got);
+        assert!(
+            got < want,
+            "{}: the whole body arrived ({} bytes): nothing was cut",
+            path,
+            got
+        );
+    }
     let log = wait_log(&s, "while sending response to client");
     assert!(
         log.contains(
@@ -782,6 +800,51 @@ fn send_timeout_closes_a_connection_whose_client_stopped_reading() {
         ),
         "{}",
         log
+    );
+    assert_alive(&s);
+}
+
+#[test]
+fn an_idle_connection_after_a_stalled_write_closes_on_keepalive_timeout() {
+    // One stall (the client reads a 32 MB body, more than the loopback buffers hold, after a
+    // pause), then the connection is idle:
+    // keepalive_timeout (1s), not the longer send_timeout, closes it.
+    let s = hostile_server(
+        "keepalive_timeout 1s; send_timeout 30s;
+        location = /big { content_by_lua_block { ngx.print(string.rep('a', 32 * 1024 * 1024)) } }",
+    );
+    let mut c = TcpStream::connect(s.addr()).expect("connect");
+    c.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    c.write_all(b"GET /big HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .expect("write");
+    std::thread::sleep(Duration::from_millis(300));
+    let want = 32 * 1024 * 1024;
+    let (mut got, mut head, mut buf) = (0usize, Vec::new(), vec![0u8; 64 * 1024]);
+    let t0 = Instant::now();
+    while got.saturating_sub(head_len(&head)) < want && t0.elapsed() < Duration::from_secs(10) {
+        match c.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if head.len() < 4096 {
+                    head.extend_from_slice(&buf[..n.min(4096)]);
+                }
+                got += n;
+            }
+        }
+    }
+    assert_eq!(got.saturating_sub(head_len(&head)), want, "body cut short");
+    let idle = Instant::now();
+    let closed = match c.read(&mut buf) {
+        Ok(0) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        Ok(_) => false,
+    };
+    assert!(closed, "still open after {:?} idle", idle.elapsed());
+    assert!(
+        idle.elapsed() < Duration::from_secs(5),
+        "closed after {:?} idle: the send deadline, not keepalive_timeout",
+        idle.elapsed()
     );
     assert_alive(&s);
 }

@@ -945,6 +945,36 @@ fn proxy_buffer_size_limits_the_upstream_response_head() {
 }
 
 #[test]
+fn proxy_buffer_size_takes_a_head_that_fills_it_exactly() {
+    // Heads of exactly 4096 and 4097 bytes (padding in one header) under proxy_buffer_size 4k.
+    let o = Origin::start(|r, s| {
+        let total: usize = if r.target.ends_with("4097") {
+            4097
+        } else {
+            4096
+        };
+        let pre = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Pad: ";
+        let pad = "p".repeat(total - pre.len() - 4);
+        let h = format!("{pre}{pad}\r\n\r\nok");
+        assert_eq!(h.len() - 2, total);
+        let _ = s.write_all(h.as_bytes());
+        keep(r)
+    });
+    let s = server(&format!(
+        "location / {{ proxy_buffer_size 4k; proxy_pass http://127.0.0.1:{}; }}",
+        o.port()
+    ));
+    let r = s.get("/4096");
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (200, "ok"),
+        "{}",
+        s.error_log()
+    );
+    assert_eq!(s.get("/4097").status, 502);
+}
+
+#[test]
 fn buffer_tuning_directives_load() {
     let o = Origin::echo();
     let s = server(&format!(

@@ -18,7 +18,9 @@
 //! would block, or took part of its bytes), the connection is closed once no write made
 //! progress for that long, whether the request is still being served or hyper is flushing its
 //! last bytes. The socket wrapper tells the watchdog when a write blocks (a stored
-//! notification: nothing per unblocked write), so the deadline is exact.
+//! notification: nothing per unblocked write), so the send deadline is exact; while a write is
+//! blocked the watchdog also looks again once per keepalive timeout, never later than an idle
+//! deadline that can follow the stall (unblocked, response finished, plus that timeout).
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -100,8 +102,9 @@ impl ConnState {
 
 /// The client socket: records when a write last made progress (see the module doc). A write
 /// taken whole at once needs no clock: it happens while a request is served or right after
-/// its response finished (`idle_since`), and neither moves the deadline. Only once a write
-/// stalled (would block, or took part of its bytes) does each later progress read the clock.
+/// its response finished (`idle_since`), and neither moves the deadline. The clock is read
+/// when a write first blocks (would block, or took part of its bytes) and at each progress
+/// after that, until a write goes through whole.
 pub struct Tracked<S> {
     io: S,
     writes: Arc<WriteClock>,
@@ -296,8 +299,15 @@ fn due(state: &ConnState, conn: &ConnInfo, timeout: Duration, now: Instant) -> D
     let w = &state.writes;
     let wrote = state.born + Duration::from_nanos(w.at.load(Ordering::Relaxed));
     if w.blocked.load(Ordering::Relaxed) {
-        let at = wrote + Duration::from_millis(conn.send_timeout_ms.get());
-        return if at <= now { Due::Send } else { Due::At(at) };
+        let at = wrote.checked_add(Duration::from_millis(conn.send_timeout_ms.get()));
+        return match at {
+            Some(at) if at <= now => Due::Send,
+            // Looked at again within the keepalive timeout at the latest: the write may
+            // unblock and the response end (neither notifies), and the idle deadline that
+            // follows can come before the send deadline.
+            Some(at) => Due::At(at.min(now + timeout)),
+            None => Due::At(now + timeout),
+        };
     }
     if state.busy.get() {
         // Nothing can run out while a request is served and its writes go through; a write

@@ -308,8 +308,12 @@ async fn serve_conn(w: &Rc<Worker>, conn: Rc<ConnInfo>, stream: tokio::net::TcpS
     let w2 = w.clone();
     let c2 = conn.clone();
     let s2 = state.clone();
+    let send_timeout = conn.send_timeout_ms.get();
     let svc = service_fn(move |req| {
         s2.request_started();
+        // Until this request's response says which location answers (error answers made
+        // before that keep the server default, not the previous request's location).
+        c2.send_timeout_ms.set(send_timeout);
         let env = w2.env.borrow().clone();
         let head = crate::http::engine::serve(env, c2.clone(), req);
         let state = s2.clone();

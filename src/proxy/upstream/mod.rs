@@ -808,8 +808,11 @@ impl Picker {
         let st = &slot.st;
         let mut disabled = false;
         // A success with no failures to forget changes nothing: no lock (it is shared by
-        // every worker and was taken on every response).
-        if failed || st.accessed.load(Relaxed) < st.checked.load(Relaxed) {
+        // every worker and was taken on every response). `checked` moves on picks once
+        // fail_timeout has passed, so `fails` is what says whether there is anything to reset.
+        if failed
+            || (st.fails.load(Relaxed) != 0 && st.accessed.load(Relaxed) < st.checked.load(Relaxed))
+        {
             let _g = lock(&up.lock);
             if failed {
                 let fails = st.fails.fetch_add(1, Relaxed) + 1;
