@@ -708,25 +708,13 @@ fn a_slow_download_outlives_keepalive_timeout() {
     c.write_all(b"GET /big HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .expect("write");
     let want = 8 * 1024 * 1024;
-    let (t0, mut got, mut buf) = (Instant::now(), 0usize, vec![0u8; 64 * 1024]);
-    let mut head = Vec::new();
-    while t0.elapsed() < Duration::from_secs(20) {
-        match c.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                if head.len() < 4096 {
-                    head.extend_from_slice(&buf[..n.min(4096)]);
-                }
-                got += n;
-            }
-        }
-        let body = got.saturating_sub(head_len(&head));
-        if body >= want {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    let body = got.saturating_sub(head_len(&head));
+    let t0 = Instant::now();
+    let body = read_body(
+        &mut c,
+        want,
+        Duration::from_millis(25),
+        Duration::from_secs(20),
+    );
     assert!(
         body >= want,
         "connection cut after {:?} with {} body bytes read",
@@ -820,21 +808,10 @@ fn an_idle_connection_after_a_stalled_write_closes_on_keepalive_timeout() {
         .expect("write");
     std::thread::sleep(Duration::from_millis(300));
     let want = 32 * 1024 * 1024;
-    let (mut got, mut head, mut buf) = (0usize, Vec::new(), vec![0u8; 64 * 1024]);
-    let t0 = Instant::now();
-    while got.saturating_sub(head_len(&head)) < want && t0.elapsed() < Duration::from_secs(10) {
-        match c.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                if head.len() < 4096 {
-                    head.extend_from_slice(&buf[..n.min(4096)]);
-                }
-                got += n;
-            }
-        }
-    }
-    assert_eq!(got.saturating_sub(head_len(&head)), want, "body cut short");
+    let body = read_body(&mut c, want, Duration::ZERO, Duration::from_secs(10));
+    assert_eq!(body, want, "body cut short");
     let idle = Instant::now();
+    let mut buf = [0u8; 1024];
     let closed = match c.read(&mut buf) {
         Ok(0) => true,
         Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
@@ -847,6 +824,29 @@ fn an_idle_connection_after_a_stalled_write_closes_on_keepalive_timeout() {
         idle.elapsed()
     );
     assert_alive(&s);
+}
+
+/// Read a response until `want` body bytes came, the connection ended or `limit` passed,
+/// pausing after each read; the body bytes read.
+fn read_body(c: &mut TcpStream, want: usize, pause: Duration, limit: Duration) -> usize {
+    let (t0, mut got, mut buf) = (Instant::now(), 0usize, vec![0u8; 64 * 1024]);
+    let mut head = Vec::new();
+    while t0.elapsed() < limit {
+        match c.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if head.len() < 4096 {
+                    head.extend_from_slice(&buf[..n.min(4096)]);
+                }
+                got += n;
+            }
+        }
+        if got.saturating_sub(head_len(&head)) >= want {
+            break;
+        }
+        std::thread::sleep(pause);
+    }
+    got.saturating_sub(head_len(&head))
 }
 
 fn head_len(b: &[u8]) -> usize {
