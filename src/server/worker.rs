@@ -286,16 +286,15 @@ impl Drop for Adopting {
 async fn serve_conn(w: &Rc<Worker>, conn: Rc<ConnInfo>, stream: tokio::net::TcpStream) {
     // The header timer also runs while a keep-alive connection waits for its next request,
     // so it serves as keepalive_timeout (0 turns keep-alive off, as in nginx).
-    let (keepalive_ms, half_close) = {
+    let (keepalive_ms, send_timeout, half_close) = {
         let env = w.env.borrow();
-        let first = env.cfg.http.servers.first();
-        let ka = first.map(|s| s.conf.keepalive_timeout_ms).unwrap_or(75_000);
-        // Until a response says which location it comes from (hyper's own error answers).
-        if let Some(s) = first {
-            conn.send_timeout_ms.set(s.conf.send_timeout_ms);
-        }
-        (ka, !env.watch_client_abort)
+        let first = env.cfg.http.servers.first().map(|s| &s.conf);
+        let ka = first.map(|c| c.keepalive_timeout_ms).unwrap_or(75_000);
+        let send = first.map(|c| c.send_timeout_ms).unwrap_or(60_000);
+        (ka, send, !env.watch_client_abort)
     };
+    // The server default, until a response says which location answers it.
+    conn.send_timeout_ms.set(send_timeout);
     let header_timeout = Duration::from_millis(keepalive_ms.max(1000));
     let keepalive = keepalive_ms > 0;
     let state = ConnState::new();
@@ -308,7 +307,6 @@ async fn serve_conn(w: &Rc<Worker>, conn: Rc<ConnInfo>, stream: tokio::net::TcpS
     let w2 = w.clone();
     let c2 = conn.clone();
     let s2 = state.clone();
-    let send_timeout = conn.send_timeout_ms.get();
     let svc = service_fn(move |req| {
         s2.request_started();
         // Until this request's response says which location answers (error answers made
